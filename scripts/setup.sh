@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Set up quantune on a fresh Debian machine: system packages (apt), then the project virtualenv (.venv)
+# with the pinned CPU stack (requirements.lock). Safe to run again: it only adds what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(fortunes-zh)   # Chinese text for the tiny world (Debian's fortunes-zh)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first and exactly 2.13.0: on the CPU machines that is a local CPU wheel, never a CUDA build
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -c requirements.lock -e ".[quantize,metrics,dev]"
+.venv/bin/python -c "import torch; assert not torch.version.cuda, 'a CUDA torch was installed on the CPU side'" 
+echo "quantune: set up in $(pwd)/.venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

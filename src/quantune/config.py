@@ -1,0 +1,281 @@
+"""The one place that validates the workflow config and the recipes, and resolves logical names.
+
+A recipe is a YAML file under recipes/: real-scale values at the top level, and an optional `tiny:` block
+(the recipe's tiny scale profile) whose keys replace top-level keys when the workflow runs at scale tiny.
+Every recipe names its `stage`; `config/schemas/recipes/<stage>.schema.yaml` fixes the keys that stage reads.
+
+    python -m quantune.config check [--config config/config.yaml] [--set scale=full]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .common import QuantuneError, fail, run_cli
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_DIR = ROOT / "config" / "schemas"
+SCALES = ("tiny", "full")
+
+
+# ---------------------------------------------------------------- loading
+
+def load_yaml(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise fail(str(path), "file not found", "check the path (relative to the workflow directory)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise fail(where, f"invalid YAML ({getattr(e, 'problem', e)})", "fix the YAML syntax") from None
+
+
+@lru_cache(maxsize=None)
+def _schema(name: str) -> dict:
+    return load_yaml(SCHEMA_DIR / name)
+
+
+def _key_path(err) -> str:
+    parts = [str(p) for p in err.absolute_path]
+    return ".".join(parts) if parts else "(top level)"
+
+
+def _explain(err) -> tuple[str, str]:
+    """Turn a jsonschema error into (what, fix) for the one-line message."""
+    v = err.validator
+    if v == "additionalProperties":
+        extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+        known = sorted(err.schema.get("properties", {}))
+        return (f"unknown key {extra[0]!r}" if extra else err.message,
+                f"remove it or use one of: {', '.join(known)}" if known else "remove it")
+    if v == "required":
+        return err.message, "add the key"
+    if v == "enum":
+        return f"value {err.instance!r} is not allowed", f"use one of: {', '.join(map(str, err.validator_value))}"
+    if v == "propertyNames":
+        return f"unknown name {err.instance!r}", "use one of the names the schema lists"
+    if v == "type":
+        return f"value {err.instance!r} has the wrong type", f"give a {err.validator_value}"
+    return err.message, "see the schema in config/schemas/"
+
+
+def validate(obj: Any, schema_name: str, source: str) -> None:
+    import jsonschema
+
+    schema = _schema(schema_name)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(obj), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        err = errors[0]
+        # prefer the deepest error: it names the key a user has to change
+        err = max(errors, key=lambda e: len(e.absolute_path))
+        what, fix = _explain(err)
+        key = _key_path(err)
+        if err.validator == "additionalProperties":
+            extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+            if extra:
+                key = ".".join([*map(str, err.absolute_path), extra[0]])
+        raise fail(f"{source}: key {key}", what, fix)
+
+
+# ---------------------------------------------------------------- config
+
+def check_config(cfg: dict, source: str = "config/config.yaml") -> dict:
+    """Validate the workflow config (after --config overrides) and cross-check its references."""
+    validate(cfg, "config.schema.yaml", source)
+    fams = cfg["tiny_world"]["families"]
+    for name, fam in fams.items():
+        if fam["model_type"] != name:
+            raise fail(f"{source}: key tiny_world.families.{name}.model_type",
+                       f"{fam['model_type']!r} differs from the family name", f"set it to {name!r}")
+    for name, m in cfg["models"].items():
+        if m["tiny"] not in fams:
+            raise fail(f"{source}: key models.{name}.tiny", f"family {m['tiny']!r} is not in tiny_world.families",
+                       "add the family or pick another")
+        if m.get("path") and not Path(m["path"]).exists():
+            raise fail(f"{source}: key models.{name}.path", f"{m['path']} does not exist",
+                       "point it at a local model directory or remove the key to use the hub id")
+        if cfg["scale"] == "full" and not m.get("path") and not m.get("hub"):
+            raise fail(f"{source}: key models.{name}", "neither hub nor path is set", "set one of them")
+    for name, d in cfg["datasets"].items():
+        if d.get("path") and not Path(d["path"]).exists():
+            raise fail(f"{source}: key datasets.{name}.path", f"{d['path']} does not exist",
+                       "point it at a local JSON/JSONL file or directory, or remove the key to use the hub id")
+    return cfg
+
+
+def load_config(path: str | os.PathLike = ROOT / "config" / "config.yaml", overrides: dict | None = None) -> dict:
+    cfg = load_yaml(path) or {}
+    for k, v in (overrides or {}).items():
+        _set_dotted(cfg, k, v)
+    return check_config(cfg, str(path))
+
+
+def _set_dotted(cfg: dict, key: str, value: Any) -> None:
+    """Set a dotted key; a name that itself holds dots (models.opt-2.7b.path) matches the existing key."""
+    node, rest = cfg, key
+    while "." in rest:
+        head = next((k for k in sorted(node, key=len, reverse=True)
+                     if isinstance(k, str) and rest.startswith(k + ".")), rest.split(".", 1)[0])
+        node = node.setdefault(head, {})
+        rest = rest[len(head) + 1:]
+    node[rest] = value
+
+
+def results_dir(cfg: dict) -> str:
+    return cfg["results"][cfg["scale"]]
+
+
+def tiny_world_dir(cfg: dict) -> str:
+    return f"{cfg['results']['tiny']}/tiny_world"
+
+
+def resolve_model(cfg: dict, name: str, where: str = "recipe", key: str = "model") -> dict:
+    """Logical model name -> {source, family, trust_remote_code, local}. A local path always wins."""
+    if name not in cfg["models"]:
+        raise fail(f"{where}: key {key}", f"unknown model {name!r}",
+                   f"use one of: {', '.join(sorted(cfg['models']))} (or add it to config/config.yaml models)")
+    m = cfg["models"][name]
+    trust = bool(m.get("trust_remote_code", False))
+    if m.get("path"):
+        return {"source": m["path"], "family": m["tiny"], "trust_remote_code": trust, "local": True}
+    if cfg["scale"] == "tiny":
+        return {"source": f"{tiny_world_dir(cfg)}/models/{m['tiny']}", "family": m["tiny"],
+                "trust_remote_code": False, "local": True}
+    return {"source": m["hub"], "family": m["tiny"], "trust_remote_code": trust, "local": False}
+
+
+def resolve_dataset(cfg: dict, name: str, where: str = "recipe", key: str = "dataset") -> dict:
+    """Logical data set name -> {source, format, hub_config, data_files, local}."""
+    if name not in cfg["datasets"]:
+        raise fail(f"{where}: key {key}", f"unknown data set {name!r}",
+                   f"use one of: {', '.join(sorted(cfg['datasets']))} (or add it to config/config.yaml datasets)")
+    d = cfg["datasets"][name]
+    out = {"format": d["format"], "hub_config": d.get("hub_config"), "data_files": d.get("data_files")}
+    if d.get("path"):
+        return {**out, "source": d["path"], "local": True, "hub_config": None, "data_files": None}
+    if cfg["scale"] == "tiny":
+        return {**out, "source": f"{tiny_world_dir(cfg)}/data/{d['tiny']}", "local": True,
+                "hub_config": None, "data_files": None}
+    if not d.get("hub"):
+        raise fail(f"config/config.yaml: key datasets.{name}", "no hub id and no path at scale full",
+                   f"set datasets.{name}.path to a local file")
+    return {**out, "source": d["hub"], "local": False}
+
+
+# ---------------------------------------------------------------- recipes
+
+def recipe_schema_name(stage: str) -> str:
+    return f"recipes/{stage}.schema.yaml"
+
+
+def known_stages() -> list[str]:
+    return sorted(p.name.split(".")[0] for p in (SCHEMA_DIR / "recipes").glob("*.schema.yaml"))
+
+
+def load_recipe(path: str | os.PathLike, cfg: dict) -> dict:
+    """Load, validate and scale one recipe. Returns the recipe as the step will run it."""
+    path = Path(path)
+    raw = load_yaml(path)
+    if not isinstance(raw, dict):
+        raise fail(str(path), "a recipe must be a mapping", "start the file with `stage: <stage>`")
+    stage = raw.get("stage")
+    if stage not in known_stages():
+        raise fail(f"{path}: key stage", f"unknown stage {stage!r}", f"use one of: {', '.join(known_stages())}")
+    tiny = raw.get("tiny") or {}
+    if not isinstance(tiny, dict):
+        raise fail(f"{path}: key tiny", "must be a mapping of keys to replace at tiny scale", "indent its keys")
+    base = {k: v for k, v in raw.items() if k != "tiny"}
+    validate(base, recipe_schema_name(stage), str(path))
+    scaled = copy.deepcopy(base)
+    for k, v in tiny.items():
+        if k in ("stage", "name"):
+            raise fail(f"{path}: key tiny.{k}", "cannot change at tiny scale", "move it out of the tiny block")
+        scaled[k] = v
+    # the tiny profile must itself produce a valid recipe (catches unknown keys and wrong types inside it)
+    validate(scaled, recipe_schema_name(stage), f"{path} (tiny block)")
+    recipe = scaled if cfg["scale"] == "tiny" else base
+    recipe["name"] = recipe.get("name") or path.stem
+    if recipe["name"] != path.stem:
+        raise fail(f"{path}: key name", f"{recipe['name']!r} differs from the file name", f"set it to {path.stem!r}")
+    for key in ("model", "base_model"):
+        if key in recipe:
+            resolve_model(cfg, recipe[key], where=str(path), key=key)
+    for key in ("dataset", "eval_dataset", "calibration_dataset"):
+        if key in recipe:
+            resolve_dataset(cfg, recipe[key], where=str(path), key=key)
+    recipe["scale"] = cfg["scale"]
+    return recipe
+
+
+def load_recipes(cfg: dict, recipes_dir: str | os.PathLike | None = None) -> dict[str, dict]:
+    rdir = Path(recipes_dir or (ROOT / cfg["recipes_dir"]))
+    out = {}
+    for p in sorted(rdir.glob("*.yaml")):
+        out[p.stem] = load_recipe(p, cfg)
+    return out
+
+
+# ---------------------------------------------------------------- CLI
+
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise fail("--set", f"{item!r} is not KEY=VALUE", "write e.g. --set scale=full")
+        k, v = item.split("=", 1)
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """The config options every stage command takes (Snakemake passes --config-json)."""
+    p.add_argument("--config", default=str(ROOT / "config" / "config.yaml"), help="config file")
+    p.add_argument("--config-json", default=None, help="the effective config as JSON (what Snakemake passes)")
+    p.add_argument("--set", action="append", default=[], help="KEY=VALUE override (dotted keys)")
+
+
+def config_from_args(a) -> dict:
+    import json
+
+    if a.config_json:
+        cfg = json.loads(a.config_json)
+        for k, v in _parse_set(a.set).items():
+            _set_dotted(cfg, k, v)
+        return check_config(cfg, "--config-json")
+    return load_config(a.config, _parse_set(a.set))
+
+
+def _cmd_check(args) -> None:
+    cfg = config_from_args(args)
+    recipes = load_recipes(cfg, args.recipes)
+    print(f"ok: {args.config} (scale {cfg['scale']}) and {len(recipes)} recipes are valid")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m quantune.config", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers()
+    c = sub.add_parser("check", help="validate config and every recipe")
+    add_config_args(c)
+    c.add_argument("--recipes", default=None)
+    c.set_defaults(func=_cmd_check)
+    return p
+
+
+def main(argv=None) -> int:
+    return run_cli(build_parser, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+__all__ = ["QuantuneError", "load_config", "load_recipe", "load_recipes", "resolve_model", "resolve_dataset"]

@@ -1,0 +1,198 @@
+"""Training. `pretrain` gives each tiny base model real structure: a short causal-LM (or, for the
+seq2seq family, prefix -> continuation) run on the tiny corpus, checkpointed and resumable.
+
+    python -m quantune.train pretrain --family opt --tokenizer DIR --corpus DIR --out DIR [--config-json JSON]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from .common import atomic_dir, fail, run_cli, seed_everything, write_metrics
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class Checkpointer:
+    """Saves model + optimizer + step + RNG state atomically; a rerun resumes from the last save."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def save(self, step: int, model, optim, gen=None) -> None:
+        import torch
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({"step": step, "model": model.state_dict(), "optim": optim.state_dict(),
+                    "rng": torch.get_rng_state(), "gen": gen.get_state() if gen is not None else None}, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self, model, optim, gen=None) -> int:
+        import torch
+
+        if not self.path.is_file():
+            return 0
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optim.load_state_dict(state["optim"])
+        torch.set_rng_state(state["rng"])
+        if gen is not None and state.get("gen") is not None:
+            gen.set_state(state["gen"])
+        return int(state["step"])
+
+    def clear(self) -> None:
+        if self.path.is_file():
+            self.path.unlink()
+
+
+def _stream(tokenizer, texts: list[str]):
+    import torch
+
+    ids: list[int] = []
+    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    for e in enc:
+        ids.extend(e)
+        ids.append(tokenizer.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _heldout_ppl(model, ids, seq_len: int, seq2seq: bool) -> float:
+    from .evaluate import perplexity, seq2seq_perplexity
+
+    return (seq2seq_perplexity(model, ids, seq_len) if seq2seq else perplexity(model, ids, seq_len, seq_len))["ppl"]
+
+
+def pretrain(family: str, spec: dict, hp: dict, tokenizer_dir: str, corpus_dir: str, out: str,
+             stop_after: int | None = None) -> dict:
+    import torch
+
+    from .models import SEQ2SEQ_FAMILIES, corpus_texts, count_parameters, init_model
+    from .tb import TBWriter, peak_memory_mb
+
+    seed_everything(hp["seed"])
+    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 2)))
+    model, tok = init_model(family, spec, tokenizer_dir, seed=hp["seed"])
+    seq2seq = family in SEQ2SEQ_FAMILIES
+    train_ids = _stream(tok, corpus_texts(corpus_dir, "train"))
+    test_ids = _stream(tok, corpus_texts(corpus_dir, "test"))[: hp["eval_tokens"]]
+    val_ids = _stream(tok, corpus_texts(corpus_dir, "validation"))[: hp["eval_tokens"] // 4]
+    seq, bs, steps = hp["seq_len"], hp["batch_size"], hp["steps"]
+    if train_ids.numel() < seq * bs + 1:
+        raise fail(corpus_dir, "training corpus is shorter than one batch", "lower seq_len or batch_size")
+
+    ppl_untrained = _heldout_ppl(model, test_ids, seq, seq2seq)
+    optim = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=0.01, betas=(0.9, 0.95))
+    ckpt = Checkpointer(Path(out).parent / ".checkpoints" / f"{Path(out).name}.pt")
+    gen = torch.Generator().manual_seed(hp["seed"])
+    start = ckpt.load(model, optim, gen)
+    if start:
+        print(f"resuming {family} from step {start}")
+    tb = TBWriter(Path(out).parent / ".tb" / Path(out).name)
+    t0, tokens_seen, loss_first, loss_last = time.time(), 0, None, None
+    model.train()
+    for step in range(start, steps):
+        lr = lr_at(step, steps, hp["warmup_steps"], hp["lr"])
+        for g in optim.param_groups:
+            g["lr"] = lr
+        starts = torch.randint(0, train_ids.numel() - seq - 1, (bs,), generator=gen)
+        batch = torch.stack([train_ids[s:s + seq] for s in starts])
+        if seq2seq:
+            half = seq // 2
+            loss = model(input_ids=batch[:, :half].contiguous(), labels=batch[:, half:].contiguous()).loss
+        else:
+            loss = model(input_ids=batch, labels=batch).loss
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
+        optim.step()
+        tokens_seen += batch.numel()
+        loss_first = loss.item() if loss_first is None else loss_first
+        loss_last = loss.item()
+        if step % 10 == 0 or step == steps - 1:
+            el = time.time() - t0
+            tb.scalars({"train/loss": loss_last, "train/lr": lr, "train/grad_norm": gnorm,
+                        "system/tokens_per_s": tokens_seen / max(el, 1e-9)}, step)
+        if (step + 1) % 100 == 0 or step == steps - 1:
+            val = _heldout_ppl(model, val_ids, seq, seq2seq)
+            tb.scalars({"eval/ppl": val, "eval/loss": math.log(val)}, step)
+            model.train()
+        if (step + 1) % hp["checkpoint_every"] == 0 and step + 1 < steps:
+            ckpt.save(step + 1, model, optim, gen)
+        if stop_after is not None and step + 1 >= stop_after:  # used by the resume test
+            tb.close()
+            return {"stopped_at": step + 1}
+    train_s = time.time() - t0
+    ppl = _heldout_ppl(model, test_ids, seq, seq2seq)
+    metrics = {"target": f"tiny_{family}", "stage": "pretrain", "family": family, "steps": steps,
+               "resumed_from_step": start, "seq_len": seq, "batch_size": bs, "lr": hp["lr"],
+               "train_loss_first": loss_first, "train_loss_last": loss_last,
+               "ppl_heldout_untrained": ppl_untrained, "ppl_heldout": ppl,
+               "heldout_tokens": int(test_ids.numel()), "train_seconds": train_s,
+               "tokens_per_s": tokens_seen / max(train_s, 1e-9), "peak_mem_mb": peak_memory_mb(),
+               "vocab_size": len(tok), **count_parameters(model)}
+    tb.final(metrics, steps)
+    tb.close()
+    model.eval()
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        write_metrics(tmp / "metrics.json", metrics)
+        # TensorBoard run lives with the model: results/tiny_world/models/<family>/tb
+        os.replace(Path(out).parent / ".tb" / Path(out).name, tmp / "tb")
+    ckpt.clear()
+    return metrics
+
+
+def _cmd_pretrain(a) -> None:
+    if a.spec_json:  # what Snakemake passes: only this family's spec and the pretrain settings
+        spec = json.loads(a.spec_json)
+        fam, hp = spec["family"], dict(spec["pretrain"])
+    else:
+        from .config import config_from_args
+
+        tw = config_from_args(a)["tiny_world"]
+        if a.family not in tw["families"]:
+            raise fail("config/config.yaml: key tiny_world.families", f"no family {a.family!r}",
+                       f"use one of: {', '.join(tw['families'])}")
+        fam, hp = tw["families"][a.family], dict(tw["pretrain"])
+    if a.steps:
+        hp["steps"] = a.steps
+    m = pretrain(a.family, fam, hp, a.tokenizer, a.corpus, a.out, a.stop_after)
+    print(json.dumps({k: v for k, v in m.items() if not k.startswith("version_")}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import add_config_args
+
+    p = argparse.ArgumentParser(prog="python -m quantune.train", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers()
+    t = sub.add_parser("pretrain", help="pretrain one tiny base model")
+    t.add_argument("--family", required=True)
+    t.add_argument("--tokenizer", required=True)
+    t.add_argument("--corpus", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--steps", type=int, default=None, help="override tiny_world.pretrain.steps")
+    t.add_argument("--spec-json", default=None, help='{"family": {...}, "pretrain": {...}}')
+    t.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    add_config_args(t)
+    t.set_defaults(func=_cmd_pretrain)
+    return p
+
+
+def main(argv=None) -> int:
+    return run_cli(build_parser, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""Shared fixtures. `tiny_world` builds the real tiny world once per test session through Snakemake,
+into a temporary results directory (or QUANTUNE_TEST_RESULTS when set, to reuse a build)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def snakemake(*args: str, results: str | Path | None = None, check: bool = True, timeout: int = 3000):
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
+    if results is not None:
+        cmd += ["--config", f"results={json.dumps({'tiny': str(results), 'full': str(Path(results) / 'full')})}"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    return r
+
+
+@pytest.fixture(scope="session")
+def results_root(tmp_path_factory) -> Path:
+    env = os.environ.get("QUANTUNE_TEST_RESULTS")
+    return Path(env) if env else tmp_path_factory.mktemp("results")
+
+
+@pytest.fixture(scope="session")
+def tiny_world(results_root) -> Path:
+    """Build the tiny world for real (tokenizers, corpus, data sets, six pretrained base models)."""
+    snakemake("tiny_world", results=results_root)
+    return results_root / "tiny_world"
+
+
+@pytest.fixture()
+def cfg():
+    from quantune.config import load_config
+
+    return load_config()

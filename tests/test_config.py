@@ -1,0 +1,93 @@
+import copy
+import shutil
+
+import pytest
+import yaml
+
+from quantune.common import QuantuneError
+from quantune.config import (ROOT, check_config, load_config, load_recipe, load_recipes, resolve_dataset,
+                             resolve_model, _set_dotted)
+
+
+def test_shipped_config_and_recipes_are_valid_at_both_scales():
+    for scale in ("tiny", "full"):
+        cfg = load_config(overrides={"scale": scale})
+        recipes = load_recipes(cfg)
+        assert recipes, "no recipes found"
+        assert all(r["scale"] == scale for r in recipes.values())
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("scale", "huge", r"key scale: value 'huge' is not allowed; fix: use one of: tiny, full"),
+    ("tiny_world.pretrain.stepz", 3, r"key tiny_world\.pretrain\.stepz: unknown key 'stepz'"),
+    ("tiny_world.pretrain.steps", "many", r"key tiny_world\.pretrain\.steps: value 'many' has the wrong type"),
+    ("models.opt-2.7b.path", "/no/such/dir", r"key models\.opt-2\.7b\.path: /no/such/dir does not exist"),
+    ("models.opt-2.7b.tiny", "bert", r"key models\.opt-2\.7b\.tiny: value 'bert' is not allowed"),
+])
+def test_bad_config_is_one_clear_line(cfg, key, value, message):
+    bad = copy.deepcopy(cfg)
+    _set_dotted(bad, key, value)
+    with pytest.raises(QuantuneError, match=message) as e:
+        check_config(bad, "config/config.yaml")
+    assert "\n" not in str(e.value) and "fix:" in str(e.value)
+
+
+def _recipe(tmp_path, name, text):
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = (ROOT / "recipes" / "eval_opt67b.yaml").read_text()
+
+
+def test_recipe_tiny_block_scales_the_same_recipe(cfg, tmp_path):
+    p = _recipe(tmp_path, "eval_x", BASE)
+    tiny = load_recipe(p, cfg)
+    full = load_recipe(p, {**cfg, "scale": "full"})
+    assert tiny["context"] == 128 and full["context"] == 2048
+    assert tiny["name"] == full["name"] == "eval_x"
+
+
+@pytest.mark.parametrize("extra,message", [
+    ("foo: 1\n", r"eval_x\.yaml: key foo: unknown key 'foo'"),
+    ("max_eval_tokens: lots\n", r"key max_eval_tokens: value 'lots' has the wrong type"),
+])
+def test_bad_recipe_key_is_one_clear_line(cfg, tmp_path, extra, message):
+    p = _recipe(tmp_path, "eval_x", BASE.replace("tiny:\n", extra + "tiny:\n"))
+    with pytest.raises(QuantuneError, match=message):
+        load_recipe(p, cfg)
+
+
+def test_unknown_key_inside_tiny_block_is_caught(cfg, tmp_path):
+    p = _recipe(tmp_path, "eval_x", BASE + "  contxt: 64\n")
+    with pytest.raises(QuantuneError, match=r"\(tiny block\): key contxt: unknown key"):
+        load_recipe(p, cfg)
+
+
+def test_unknown_stage_and_model_are_named(cfg, tmp_path):
+    with pytest.raises(QuantuneError, match=r"key stage: unknown stage 'evaluat'"):
+        load_recipe(_recipe(tmp_path, "a", BASE.replace("stage: evaluate", "stage: evaluat")), cfg)
+    with pytest.raises(QuantuneError, match=r"b\.yaml: key model: unknown model 'opt-9b'"):
+        load_recipe(_recipe(tmp_path, "b", BASE.replace("model: opt-6.7b", "model: opt-9b")), cfg)
+
+
+def test_broken_yaml_names_the_line(cfg, tmp_path):
+    with pytest.raises(QuantuneError, match=r"c\.yaml:\d+: invalid YAML"):
+        load_recipe(_recipe(tmp_path, "c", "stage: evaluate\n  bad: [\n"), cfg)
+
+
+def test_logical_names_resolve_per_scale_and_local_path_wins(cfg, tmp_path):
+    tiny = resolve_model(cfg, "opt-6.7b")
+    assert tiny["source"].endswith("tiny_world/models/opt") and tiny["local"]
+    full = resolve_model({**cfg, "scale": "full"}, "opt-6.7b")
+    assert full == {"source": "facebook/opt-6.7b", "family": "opt", "trust_remote_code": False, "local": False}
+    assert resolve_model({**cfg, "scale": "full"}, "chatglm3-6b")["trust_remote_code"] is True
+    assert resolve_model(cfg, "chatglm3-6b")["trust_remote_code"] is False  # only the real model needs it
+    local = copy.deepcopy(cfg)
+    local["models"]["opt-6.7b"]["path"] = str(tmp_path)
+    for scale in ("tiny", "full"):
+        assert resolve_model({**local, "scale": scale}, "opt-6.7b")["source"] == str(tmp_path)
+    ds = resolve_dataset({**cfg, "scale": "full"}, "wikitext2")
+    assert ds["source"] == "Salesforce/wikitext" and ds["hub_config"] == "wikitext-2-raw-v1"
+    assert resolve_dataset(cfg, "advertisegen")["source"].endswith("tiny_world/data/advertisegen")
