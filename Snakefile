@@ -13,6 +13,12 @@ configfile: "config/config.yaml"
 include: "rules/common.smk"
 include: "rules/tiny.smk"
 include: "rules/evaluate.smk"
+include: "rules/quantize.smk"
+include: "rules/finetune.smk"
+include: "rules/data.smk"
+include: "rules/sft.smk"
+include: "rules/gguf.smk"
+include: "rules/report.smk"
 
 
 rule all:

@@ -1,6 +1,8 @@
 # Shared set-up: config and recipe validation (before any job runs), logical-name resolution, and the
 # input functions every stage uses.
+import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +36,31 @@ ENVS = str(Path(workflow.basedir) / "envs")
 shell.prefix(
     f"set -euo pipefail; export PYTHONPATH={Path(workflow.basedir) / 'src'}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
 )
+
+# Issue 8, per-job GPUs: the shell command of a step starts with GPU_RUN (see rules/evaluate.smk). The step
+# replaces the shell (exec: SLURM's SIGTERM at a time limit or preemption reaches it, not a shell in between)
+# and sees exactly the GPUs it holds in CUDA_VISIBLE_DEVICES: locally the wrapper takes resources.gpu free
+# GPUs of the host (file locks; none for gpu=0), under SLURM it keeps SLURM's choice (src/quantune/gpus.py).
+from quantune.gpus import GPU_RUN  # "exec python -m quantune.gpus run --gpus {resources.gpu} -- "
+
+
+def image_of(env):
+    """A rule's container (issue 8), built from envs/<env>.yaml by containers/generate.py: a local
+    containers/<env>.sif when one was built, else <registry>/quantune-<env>:<tag>, tag = the generated
+    Dockerfile's content hash (QUANTUNE_IMAGE_REGISTRY, default ghcr.io/quantune). Use with --sdm apptainer."""
+    base = Path(workflow.basedir) / "containers"
+    if (base / f"{env}.sif").is_file():
+        return str(base / f"{env}.sif")
+    dockerfile = base / f"{env}.Dockerfile"
+    if not dockerfile.is_file():
+        sys.stderr.write(
+            f"quantune: error: {dockerfile}: no container recipe for envs/{env}.yaml; "
+            "fix: python containers/generate.py\n"
+        )
+        sys.exit(1)
+    tag = hashlib.sha256(dockerfile.read_bytes()).hexdigest()[:12]
+    registry = os.environ.get("QUANTUNE_IMAGE_REGISTRY", "ghcr.io/quantune").rstrip("/")
+    return f"docker://{registry}/quantune-{env}:{tag}"
 
 
 wildcard_constraints:
@@ -81,6 +108,6 @@ for _name in sorted(RECIPES):
     rule:
         name:
             _name
-        localrule: True
         input:
             f"{RES}/{_name}/metrics.json",
+        localrule: True

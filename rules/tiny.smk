@@ -5,20 +5,22 @@
 rule tiny_corpus:
     output:
         directory(f"{TW}/data/tiny_text"),
-    params:
-        pydoc="--pydoc" if CFG["tiny_world"]["corpus"]["pydoc_topics"] else "",
-        fortunes=CFG["tiny_world"]["corpus"]["fortunes_zh"],
-        heldout=CFG["tiny_world"]["corpus"]["heldout_fraction"],
-        validation=CFG["tiny_world"]["corpus"]["validation_fraction"],
     log:
         f"{TW}/logs/tiny_corpus.log",
     benchmark:
         f"{TW}/benchmarks/tiny_corpus.tsv"
     conda:
         f"{ENVS}/train.yaml"
+    container:
+        image_of("train")
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        pydoc="--pydoc" if CFG["tiny_world"]["corpus"]["pydoc_topics"] else "",
+        fortunes=CFG["tiny_world"]["corpus"]["fortunes_zh"],
+        heldout=CFG["tiny_world"]["corpus"]["heldout_fraction"],
+        validation=CFG["tiny_world"]["corpus"]["validation_fraction"],
     shell:
         "python -m quantune.data corpus --out {output} {params.pydoc} --fortunes {params.fortunes}"
         " --heldout {params.heldout} --validation {params.validation} > {log} 2>&1"
@@ -27,18 +29,20 @@ rule tiny_corpus:
 rule tiny_dataset:
     output:
         directory(f"{TW}/data/{{kind}}"),
-    params:
-        n=lambda w: CFG["tiny_data"][w.kind],
-        seed=CFG["tiny_data"]["seed"],
     log:
         f"{TW}/logs/tiny_dataset_{{kind}}.log",
     benchmark:
         f"{TW}/benchmarks/tiny_dataset_{{kind}}.tsv"
     conda:
         f"{ENVS}/train.yaml"
+    container:
+        image_of("train")
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        n=lambda w: CFG["tiny_data"][w.kind],
+        seed=CFG["tiny_data"]["seed"],
     shell:
         "python -m quantune.data generate {wildcards.kind} --out {output} --train {params.n[train]}"
         " --validation {params.n[validation]} --test {params.n[test]} --seed {params.seed} > {log} 2>&1"
@@ -49,18 +53,20 @@ rule tiny_tokenizer:
         rules.tiny_corpus.output,
     output:
         directory(f"{TW}/tokenizers/{{tok}}"),
-    params:
-        vocab=CFG["tiny_world"]["tokenizer"]["vocab_size"],
-        minf=CFG["tiny_world"]["tokenizer"]["min_frequency"],
     log:
         f"{TW}/logs/tiny_tokenizer_{{tok}}.log",
     benchmark:
         f"{TW}/benchmarks/tiny_tokenizer_{{tok}}.tsv"
     conda:
         f"{ENVS}/train.yaml"
+    container:
+        image_of("train")
     resources:
         mem_mb=4000,
         runtime=20,
+    params:
+        vocab=CFG["tiny_world"]["tokenizer"]["vocab_size"],
+        minf=CFG["tiny_world"]["tokenizer"]["min_frequency"],
     shell:
         "python -m quantune.models tokenizer --kind {wildcards.tok} --corpus {input} --out {output}"
         " --vocab-size {params.vocab} --min-frequency {params.minf} > {log} 2>&1"
@@ -72,6 +78,18 @@ rule tiny_pretrain:
         corpus=rules.tiny_corpus.output,
     output:
         directory(f"{TW}/models/{{family}}"),
+    log:
+        f"{TW}/logs/tiny_pretrain_{{family}}.log",
+    benchmark:
+        f"{TW}/benchmarks/tiny_pretrain_{{family}}.tsv"
+    conda:
+        f"{ENVS}/train.yaml"
+    container:
+        image_of("train")
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
     params:
         spec=lambda w: json.dumps(
             {
@@ -80,18 +98,9 @@ rule tiny_pretrain:
             },
             sort_keys=True,
         ),
-    threads: 2
-    log:
-        f"{TW}/logs/tiny_pretrain_{{family}}.log",
-    benchmark:
-        f"{TW}/benchmarks/tiny_pretrain_{{family}}.tsv"
-    conda:
-        f"{ENVS}/train.yaml"
-    resources:
-        mem_mb=4000,
-        runtime=60,
+    # exec: SIGTERM (SLURM's time limit, preemption) reaches the trainer: it checkpoints, exits 143, the rerun resumes
     shell:
-        "OMP_NUM_THREADS={threads} python -m quantune.train pretrain --family {wildcards.family}"
+        "OMP_NUM_THREADS={threads} exec python -m quantune.train pretrain --family {wildcards.family}"
         " --tokenizer {input.tokenizer} --corpus {input.corpus} --out {output} --spec-json {params.spec:q}"
         " > {log} 2>&1"
 
@@ -109,6 +118,8 @@ rule tiny_world:
         f"{TW}/benchmarks/tiny_world.tsv"
     conda:
         f"{ENVS}/train.yaml"
+    container:
+        image_of("train")
     resources:
         mem_mb=1000,
         runtime=5,

@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 def snakemake(*args: str, results: str | Path | None = None, check: bool = True, timeout: int = 3000):
-    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--nolock", *args]
     if results is not None:
         cmd += ["--config", f"results={json.dumps({'tiny': str(results), 'full': str(Path(results) / 'full')})}"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -33,7 +33,8 @@ def results_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_world(results_root) -> Path:
     """Build the tiny world for real (tokenizers, corpus, data sets, six pretrained base models)."""
-    snakemake("tiny_world", results=results_root)
+    # code-change triggers would rebuild a reused tiny world whenever a rule is edited; mtime/params/input suffice
+    snakemake("tiny_world", "--rerun-triggers", "mtime", "params", "input", results=results_root)
     return results_root / "tiny_world"
 
 

@@ -152,6 +152,16 @@ def run_cli(build: Callable[[], argparse.ArgumentParser], argv: list[str] | None
     return 0
 
 
+def progress(iterable=None, *, total: int | None = None, initial: int = 0, desc: str = "", unit: str = "it"):
+    """A tqdm progress bar on stderr (a step's log under Snakemake), redrawn at most every
+    QUANTUNE_PROGRESS_INTERVAL seconds (default 5) so logs stay short; QUANTUNE_PROGRESS=0 turns it off."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, ascii=True,
+                ncols=100, mininterval=float(os.environ.get("QUANTUNE_PROGRESS_INTERVAL", "5")),
+                disable=os.environ.get("QUANTUNE_PROGRESS", "1") == "0")
+
+
 def seed_everything(seed: int) -> None:
     import random
 

@@ -10,7 +10,7 @@ import math
 import time
 from pathlib import Path
 
-from .common import fail, run_cli, write_metrics
+from .common import fail, progress, run_cli, write_metrics
 
 
 def token_stream(tokenizer, text: str, max_tokens: int | None = None):
@@ -37,7 +37,8 @@ def perplexity(model, input_ids, context: int, stride: int, device: str | None =
     n = input_ids.numel()
     nll, count, prev_end = 0.0, 0, 0
     model.eval()
-    with torch.no_grad():
+    windows = 1 + max(0, math.ceil((n - context) / stride))
+    with torch.no_grad(), progress(total=windows, desc="perplexity", unit="window") as bar:
         for begin in range(0, n, stride):
             end = min(begin + context, n)
             trg = end - max(prev_end, begin + 1)  # tokens newly scored in this window
@@ -49,6 +50,7 @@ def perplexity(model, input_ids, context: int, stride: int, device: str | None =
                 nll += losses[-trg:].sum().item()
                 count += trg
             prev_end = end
+            bar.update(1)
             if end == n:
                 break
     mean = nll / max(count, 1)

@@ -27,7 +27,12 @@ def peak_memory_mb() -> float:
 
 
 class TBWriter:
-    """A thin wrapper over torch's SummaryWriter that adds wall time and peak memory to every log."""
+    """A thin wrapper over torch's SummaryWriter that adds wall time and peak memory to every log.
+
+    TensorBoard names a run by its directory relative to --logdir (`tensorboard --logdir results` shows
+    e.g. `eval_opt67b/tb`, `tiny_world/models/opt/tb`, `gguf_eval/tb/gguf_q4_0`): put each run in its own
+    directory under results/<target>/tb. `run_name` does not rename it (SummaryWriter ignores its comment
+    when log_dir is given); it is kept for callers' readability."""
 
     def __init__(self, log_dir: str | Path, run_name: str | None = None):
         from torch.utils.tensorboard import SummaryWriter

@@ -9,10 +9,11 @@ import argparse
 import json
 import math
 import os
+import signal
 import time
 from pathlib import Path
 
-from .common import atomic_dir, fail, run_cli, seed_everything, write_metrics
+from .common import atomic_dir, fail, progress, run_cli, seed_everything, write_metrics
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -54,6 +55,33 @@ class Checkpointer:
     def clear(self) -> None:
         if self.path.is_file():
             self.path.unlink()
+
+
+class StopOnSignal:
+    """SIGTERM (SLURM's time limit, preemption, scancel) becomes a request to stop after the current step:
+    the loop saves a checkpoint and exits 143 (128 + SIGTERM), and the rerun resumes from that checkpoint."""
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self.received = None
+        self._old = {s: signal.signal(s, self._handle) for s in signals}
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+    def checkpoint_and_exit(self, step: int, start: int, steps: int, ckpt, model, optim, gen, tb) -> None:
+        if step > start:
+            ckpt.save(step, model, optim, gen)
+        tb.close()
+        self.restore()
+        held = step if step > start else start
+        print(f"{self.received} at step {step}/{steps}: " + (f"checkpoint {ckpt.path} holds step {held}; the rerun "
+              "resumes from it" if held else "no step done yet, nothing to save"), flush=True)
+        raise SystemExit(143)
 
 
 def _stream(tokenizer, texts: list[str]):
@@ -101,7 +129,11 @@ def pretrain(family: str, spec: dict, hp: dict, tokenizer_dir: str, corpus_dir: 
     tb = TBWriter(Path(out).parent / ".tb" / Path(out).name)
     t0, tokens_seen, loss_first, loss_last = time.time(), 0, None, None
     model.train()
-    for step in range(start, steps):
+    bar = progress(range(start, steps), total=steps, initial=start, desc=f"pretrain {family}", unit="step")
+    stop = StopOnSignal()  # SIGTERM: checkpoint now, exit 143; the rerun resumes
+    for step in bar:
+        if stop.received:
+            stop.checkpoint_and_exit(step, start, steps, ckpt, model, optim, gen, tb)
         lr = lr_at(step, steps, hp["warmup_steps"], hp["lr"])
         for g in optim.param_groups:
             g["lr"] = lr
@@ -123,6 +155,7 @@ def pretrain(family: str, spec: dict, hp: dict, tokenizer_dir: str, corpus_dir: 
             el = time.time() - t0
             tb.scalars({"train/loss": loss_last, "train/lr": lr, "train/grad_norm": gnorm,
                         "system/tokens_per_s": tokens_seen / max(el, 1e-9)}, step)
+            bar.set_postfix(loss=f"{loss_last:.3f}", refresh=False)
         if (step + 1) % 100 == 0 or step == steps - 1:
             val = _heldout_ppl(model, val_ids, seq, seq2seq)
             tb.scalars({"eval/ppl": val, "eval/loss": math.log(val)}, step)
@@ -130,8 +163,10 @@ def pretrain(family: str, spec: dict, hp: dict, tokenizer_dir: str, corpus_dir: 
         if (step + 1) % hp["checkpoint_every"] == 0 and step + 1 < steps:
             ckpt.save(step + 1, model, optim, gen)
         if stop_after is not None and step + 1 >= stop_after:  # used by the resume test
+            stop.restore()
             tb.close()
             return {"stopped_at": step + 1}
+    stop.restore()
     train_s = time.time() - t0
     ppl = _heldout_ppl(model, test_ids, seq, seq2seq)
     metrics = {"target": f"tiny_{family}", "stage": "pretrain", "family": family, "steps": steps,

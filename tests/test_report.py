@@ -1,0 +1,210 @@
+"""The report stage (issue 9): REPORT.md and the HTML page from whatever is built.
+
+Synthetic result directories (in a temp dir) test only the layout: which section a target lands in, "not
+built" for targets without a metrics.json, "not measured" in seed 001's table, the HTML page. The numbers
+the report shows for real targets are checked against the targets built now (the `tiny_world` fixture and
+whatever else exists under the test results directory)."""
+from __future__ import annotations
+
+import base64
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, snakemake
+from quantune.report import build_report, fmt, recipe_stages
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def write(d: Path, name: str, metrics: dict, **files: str) -> Path:
+    t = d / name
+    t.mkdir(parents=True, exist_ok=True)
+    (t / "metrics.json").write_text(json.dumps({"target": name, "scale": "tiny", "git_commit": "abc123",
+                                                "version_torch": "2.13.0+cpu", **metrics}))
+    for fname, text in files.items():
+        (t / fname.replace("__", ".")).write_text(text)
+    return t
+
+
+@pytest.fixture()
+def synthetic(tmp_path) -> Path:
+    """Result dirs shaped like the stages' outputs, with made-up numbers (layout only)."""
+    from quantune.tb import TBWriter
+
+    res = tmp_path / "results"
+    common = {"model": "opt-6.7b", "dataset": "wikitext2", "split": "test", "eval_context": 128, "eval_stride": 128}
+    write(res, "eval_opt67b", {"stage": "evaluate", "eval_ppl": 200.0, **common})
+    write(res, "gptq_opt67b", {"stage": "quantize", "method": "gptq", "bits": 4, "eval_ppl": 212.5,
+                               "model_size_mb": 3.25, **common})
+    # the field names of quantize.py's metrics.json (the target records its own baseline)
+    write(res, "bnb_int8_opt27b", {"stage": "quantize", "method": "bnb_int8", "bits": 8, "model": "opt-2.7b",
+                                   "ppl_base": 100.0, "ppl_quant": 101.5, "ppl_delta": 1.5, "size_bytes": 2**21,
+                                   "size_bytes_base": 2**22, "size_ratio": 0.5, "quant_peak_mem_mb": 512.0})
+    write(res, "quant_compare", {"stage": "quant_compare", "n_targets": 2},
+          compare__md="# Quantization comparison (tiny scale)\n\n| model | ppl |\n| --- | --- |\n| x | 1.5 |\n",
+          compare__csv="target,ppl\nx,1.5\n")
+    for name, sched, last in [("qlora_chatglm_linear", "linear", 2.25), ("qlora_chatglm_cosine", "cosine", 2.5)]:
+        t = write(res, name, {"stage": "lora_sft", "quantization": "nf4", "lr_scheduler_type": sched,
+                              "train_loss_first": 3.5, "train_loss_last": last, "eval_ppl": 9.875,
+                              "params_trainable_pct": 1.5, "params_total": 1000})
+        with TBWriter(t / "tb") as tb:
+            for step in range(0, 40, 10):
+                tb.scalars({"train/loss": 3.5 - step / 40, "train/lr": 1e-3 * (1 - step / 40)}, step)
+    rows = [{"prompt": "类型#裙*颜色#黑色", "reference": "一条黑色的裙子",
+             "generations": {s: {"greedy": {"text": f"{s} greedy text"}, "sampled": {"text": f"{s} sampled"}}
+                             for s in ("base", "linear", "cosine")}}]
+    write(res, "qlora_compare", {"stage": "lora_compare", "num_prompts": 1, "dataset": "advertisegen",
+                                 "adapters": "linear=qlora_chatglm_linear,cosine=qlora_chatglm_cosine",
+                                 "base_greedy_bleu4": 1.25, "linear_greedy_bleu4": 7.125, "cosine_greedy_bleu4": 6.5,
+                                 "linear_greedy_rougeL": 20.5},
+          comparison__json=json.dumps({"rows": rows}))
+    write(res, "qwen3_deepspeed_sft", {"stage": "sft", "eval_loss_epoch0": 3.0, "eval_ppl_epoch0": 20.09,
+                                       "eval_loss_epoch1": 2.5, "eval_ppl_epoch1": 12.18, "best_epoch": 1})
+    write(res, "gguf_eval", {"stage": "gguf_eval", "hf_ppl": 50.0, "gguf_f16_qwen_file_bytes": 4 * 2**20,
+                             "gguf_f16_qwen_ppl": 50.25, "gguf_q4_0_file_bytes": 2**20, "gguf_q4_0_ppl": 61.5,
+                             "gguf_q4_0_ppl_ratio_vs_gguf_f16_qwen": 1.224, "gguf_f16_qwen_ppl_ratio_vs_hf": 1.005,
+                             "gguf_q4_0_tg_tokens_per_s": 333.0})
+    write(res, "distill_x", {"stage": "distill", "kl": 0.125})  # a stage the report has no section for
+    (res / "qlora_chatglm_steps100").mkdir()  # started, no metrics.json yet
+    (res / "broken").mkdir()
+    (res / "broken" / "metrics.json").write_text("{not json")
+    return res
+
+
+def md_row(md: str, target: str) -> list[str]:
+    lines = [ln for ln in md.splitlines() if ln.startswith(f"| `{target}` |")]
+    assert lines, f"no table row for {target}"
+    return [c.strip() for c in lines[0].strip("|").split(" | ")]
+
+
+class Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.ids, self.imgs, self.missing_cells, self._td = [], [], 0, False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "id" in a:
+            self.ids.append(a["id"])
+        if tag == "img":
+            self.imgs.append(a.get("src", ""))
+        if tag == "td" and a.get("class") == "missing":
+            self.missing_cells += 1
+
+
+def test_layout_sections_not_built_and_html_from_synthetic_results(synthetic, tmp_path):
+    stages = recipe_stages(ROOT / "recipes")
+    stages["qlora_chatglm_steps100"] = "lora_sft"
+    out = build_report(synthetic, stages, tmp_path / "REPORT.md", tmp_path / "report" / "index.html",
+                       tmp_path / "report" / "figures")
+    sec = out["sections"]
+    assert "gptq_opt67b" in sec["quantization"] and "eval_opt67b" in sec["evaluate"]
+    assert {"qlora_chatglm_linear", "qlora_chatglm_cosine", "qlora_compare"} <= set(sec["qlora"])
+    assert "gguf_eval" in sec["gguf"] and "qwen3_deepspeed_sft" in sec["sft"]
+    assert {"distill_x", "broken"} <= set(sec["other"])
+    assert "awq_opt67b" in out["not_built"] and "broken" in out["not_built"]
+    md = (tmp_path / "REPORT.md").read_text()
+
+    # a target without metrics.json is "not built", with empty cells: never a zero
+    for name in ("awq_opt67b", "bnb_nf4_opt27b", "lora_rank_sweep"):
+        row = md_row(md, name)
+        assert row[1].startswith("not built") and all(c == "" for c in row[2:]), row
+    assert md_row(md, "qlora_chatglm_steps100")[1].startswith("not built (no metrics.json yet")
+    assert md_row(md, "broken")[1].startswith("unreadable")
+
+    # Δppl computed against the evaluate target with the same model, data, context and stride
+    gptq = md_row(md, "gptq_opt67b")
+    assert gptq[2:8] == ["gptq", "4", "—", "212.5", "200", "12.5"], gptq
+    assert "vs `eval_opt67b`" in gptq[-1]
+
+    # seed 001's table: measured where a built target measures it, "not measured" elsewhere
+    seed = md[md.index("## Seed 001"):md.index("## The tiny world")]
+    gptq_line = next(ln for ln in seed.splitlines() if ln.startswith("| GPTQ"))
+    assert "`gptq_opt67b` (4-bit)" in gptq_line and "ppl 212.5 (Δ 12.5 vs baseline 200)" in gptq_line
+    assert "3.25 MiB" in gptq_line
+    for meth in ("SmoothQuant", "Pruning + quantization"):
+        line = next(ln for ln in seed.splitlines() if ln.startswith(f"| {meth}"))
+        assert "not measured (no target in this project)" in line
+    awq = next(ln for ln in seed.splitlines() if ln.startswith("| AutoAWQ"))
+    assert "not measured (its targets are not built" in awq and "`awq_opt67b`, `awq_opt67b_w3` (not built)" in awq
+    int8 = next(ln for ln in seed.splitlines() if ln.startswith("| LLM.int8"))
+    assert "`bnb_int8_opt27b` (8-bit)" in int8 and "ppl 101.5 (Δ 1.5 vs baseline 100)" in int8
+    assert "2 MiB, ratio 0.5" in int8 and "peak 512 MiB" in int8
+    assert md_row(md, "bnb_int8_opt27b")[2:8] == ["bnb_int8", "8", "—", "101.5", "100", "1.5"]
+
+    # quant_compare's own table is embedded (headings moved down), its CSV linked
+    assert "#### Quantization comparison (tiny scale)" in md and "| x | 1.5 |" in md
+    assert "[`compare.csv`](results/quant_compare/compare.csv)" in md  # relative to REPORT.md
+    qlora = [ln for ln in seed.splitlines() if ln.startswith("| QLoRA")]
+    assert len(qlora) == 2 and any("BLEU-4 7.125" in ln for ln in qlora)
+
+    # QLoRA comparison: scores, side-by-side generations; SFT per epoch; GGUF table; other stages in full
+    assert re.search(r"\| linear \| greedy \| 7\.125 \| — \| — \| 20\.5 \|", md)
+    assert "linear greedy text" in md and "一条黑色的裙子" in md
+    assert re.search(r"\| 1 \| 2\.5 \| 12\.18 \|", md)
+    assert re.search(r"\| `gguf_q4_0` \| 1 \| 61\.5 \| 1\.224 \| — \| 333 \|", md)
+    assert "| kl | 0.125 |" in md
+
+    # figures the report drew from the targets' numbers and TensorBoard events
+    figs = {Path(f).name for f in out["figures"]}
+    assert {"lora_train_loss.png", "lora_train_lr.png", "sft_eval_ppl.png", "gguf_eval_ppl_vs_size.png"} <= figs
+    for f in out["figures"]:
+        assert Path(f).read_bytes().startswith(PNG)
+        assert f"]({Path(f).relative_to(tmp_path)})" in md  # linked relative to REPORT.md
+
+    # the HTML page: self-contained (images embedded), one anchor per section, "not built" cells marked
+    page = Page()
+    page.feed((tmp_path / "report" / "index.html").read_text())
+    assert {"overview", "seed001", "quantization", "qlora", "sft", "gguf", "other", "provenance"} <= set(page.ids)
+    assert len(page.imgs) == len(out["figures"]) and all(s.startswith("data:image/png;base64,") for s in page.imgs)
+    assert base64.b64decode(page.imgs[0].split(",", 1)[1]).startswith(PNG)
+    assert page.missing_cells >= len(out["not_built"])
+
+
+def test_report_rule_builds_nothing_else_and_reruns_when_results_change(tmp_path):
+    res = tmp_path / "results"
+    write(res, "eval_opt67b", {"stage": "evaluate", "eval_ppl": 200.0})
+    r = snakemake("report", results=res)
+    out = r.stdout + r.stderr
+    assert re.search(r"^(local)?rule report:", out, re.M)
+    jobs = set(re.findall(r"^(?:local)?rule (\w+):", out, re.M))
+    assert jobs == {"report"}, f"asking for the report ran {jobs}"
+    md = (res / "REPORT.md").read_text()
+    assert md_row(md, "eval_opt67b")[1] == "built" and "| 200 |" in md
+    assert md_row(md, "tiny_world")[1].startswith("not built")
+    assert (res / "report" / "index.html").is_file()
+    assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake("-n", "report", results=res))
+    write(res, "eval_opt67b", {"stage": "evaluate", "eval_ppl": 201.0})  # a target rebuilt
+    r = snakemake("-n", "report", results=res)
+    assert re.search(r"^(local)?rule report:", r.stdout, re.M) and "Updated input files" in r.stdout, r.stdout
+
+
+@pytest.mark.slow
+def test_report_on_the_targets_built_now(tiny_world, results_root):
+    """`snakemake report` on the real results: every built target is reported with its own numbers, every
+    recipe without a metrics.json is "not built", and a rerun has nothing to do."""
+    r = snakemake("report", results=results_root)
+    assert "rule tiny_pretrain" not in r.stdout + r.stderr
+    md = (results_root / "REPORT.md").read_text()
+    tw = json.loads((tiny_world / "metrics.json").read_text())
+    for fam in ("opt", "glm", "qwen3", "llama", "mt5", "gpt2"):
+        assert f"| {fam} | {fmt(tw[f'{fam}_params_total'])} | {fmt(tw[f'{fam}_ppl_heldout_untrained'])} | " \
+               f"{fmt(tw[f'{fam}_ppl_heldout'])} |" in md
+    built = [d for d in results_root.iterdir() if (d / "metrics.json").is_file()]
+    for d in built:
+        m = json.loads((d / "metrics.json").read_text())
+        row = [ln for ln in md.splitlines() if ln.startswith(f"| `{d.name}` | ")]
+        assert row, f"{d.name} is built but not in the report"
+        if m.get("stage") == "evaluate":
+            assert fmt(m["eval_ppl"]) in md_row(md, d.name), (d.name, m["eval_ppl"])
+    for name in recipe_stages(ROOT / "recipes"):
+        if not (results_root / name / "metrics.json").is_file():
+            assert md_row(md, name)[1].startswith("not built"), name
+    html = (results_root / "report" / "index.html").read_text()
+    assert html.count("data:image/png;base64,") >= 1  # at least the tiny world's pretraining curves
+    r = snakemake("-n", "report", results=results_root)
+    assert "Nothing to be done" in r.stdout + r.stderr

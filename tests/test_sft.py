@@ -1,0 +1,308 @@
+"""The sft stage (issue 5, seed 003): DeepSpeed SFT of the tiny Qwen3. Labels and padding (padding never reaches
+the loss), the 90/10 split, one-line errors before any process starts, the target built for real through
+Snakemake (eval perplexity falls every epoch, the output reloads with transformers), resume after a kill under
+ZeRO-3 (shards consolidated), and the LoRA switch."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, snakemake
+
+RECIPE = ROOT / "recipes" / "qwen3_deepspeed_sft.yaml"
+
+
+def cfg_for(results_root: Path) -> dict:
+    from quantune.config import load_config
+
+    return load_config(overrides={"results": {"tiny": str(results_root), "full": str(results_root / "full")}})
+
+
+def recipe_copy(tmp_path: Path, tiny: dict | None = None, top: dict | None = None) -> Path:
+    """The real recipe with some keys changed, saved under the target's name (a recipe's name is its file)."""
+    raw = yaml.safe_load(RECIPE.read_text())
+    raw.update(top or {})
+    raw["tiny"] = {**raw.get("tiny", {}), **(tiny or {})}
+    d = tmp_path / "recipes"
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / RECIPE.name
+    p.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return p
+
+
+def sft_cmd(recipe: Path, out: Path, results_root: Path) -> list[str]:
+    return [sys.executable, "-m", "quantune.sft", "--recipe", str(recipe), "--out", str(out),
+            "--set", f"results.tiny={results_root}"]
+
+
+def sft_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3(tiny_world, results_root):
+    from quantune.config import load_recipe
+    from quantune.data import load_split
+    from quantune.models import load_model
+    from quantune.sft import with_defaults
+
+    cfg = cfg_for(results_root)
+    recipe = with_defaults(load_recipe(RECIPE, cfg))
+    model, tok = load_model(str(tiny_world / "models" / "qwen3"))
+    tok.padding_side = "right"
+    rows = load_split({"format": "pref", "source": str(tiny_world / "data" / "summary_pref"), "local": True}, "train")
+    return cfg, recipe, model, tok, rows
+
+
+# ---------------------------------------------------------------- labels, padding, split (in process, seconds)
+
+def test_padding_never_reaches_the_loss(tiny_qwen3):
+    import torch
+
+    from quantune.sft import IGNORE, collator, encode_pair
+
+    _, recipe, model, tok, rows = tiny_qwen3
+    feats = [encode_pair(tok, r["prompt"], r["chosen"], recipe["prompt_template"], 96, False) for r in rows[:6]]
+    feats = [{k: v for k, v in f.items() if k != "truncated"} for f in feats]
+    # different lengths, so the dynamic padding already pads some rows
+    lengths = sorted({len(f["input_ids"]) for f in feats})
+    longest = lengths[-1]
+    tight = collator(tok)(feats)
+    wide = collator(tok, pad_to_multiple_of=longest + 37)(feats)  # 37 extra pad columns on every row
+    assert tight["input_ids"].shape[1] == longest and wide["input_ids"].shape[1] == longest + 37
+    for b in (tight, wide):
+        pad = b["attention_mask"] == 0
+        assert (b["labels"][pad] == IGNORE).all(), "a padded position has a label"
+        assert (b["input_ids"][pad] == tok.pad_token_id).all()
+        assert (b["labels"][~pad] != IGNORE).all(), "mask_prompt off: every real token is a target"
+    assert int((wide["attention_mask"] == 0).sum()) >= 6 * 37
+    model.eval()
+    with torch.no_grad():
+        loss_tight = model(**tight).loss.item()
+        loss_wide = model(**wide).loss.item()
+        # the seed's bug (pads left in the labels) would change the loss with the padding
+        leaky = dict(wide, labels=wide["input_ids"].clone())
+        loss_leaky = model(**leaky).loss.item()
+    assert abs(loss_tight - loss_wide) < 1e-5, f"per-token loss moved with padding: {loss_tight:.6f} -> {loss_wide:.6f}"
+    assert abs(loss_leaky - loss_wide) > 1e-2, f"control: unmasked padding should move the loss ({loss_leaky:.4f})"
+
+
+def test_prompt_mask_switch_truncation_and_eos(tiny_qwen3):
+    from quantune.sft import IGNORE, collator, encode_pair
+
+    _, recipe, model, tok, rows = tiny_qwen3
+    tmpl = recipe["prompt_template"]
+    assert tmpl == "Human: {prompt} \n Assistant: "
+    row = max(rows, key=lambda r: len(r["prompt"]))  # long: the prompt must be cut, the response kept
+    tail = tok(" \n Assistant: ", add_special_tokens=False)["input_ids"]
+    resp = tok(row["chosen"], add_special_tokens=False)["input_ids"]
+    for mask in (False, True):
+        e = encode_pair(tok, row["prompt"], row["chosen"], tmpl, 64, mask)
+        ids, labels = e["input_ids"], e["labels"]
+        assert len(ids) == 64 and e["truncated"] == 1
+        n_prompt = next(i for i in range(len(ids)) if ids[i:i + len(tail)] == tail) + len(tail)
+        assert 64 - n_prompt >= (64 - len(tail)) // 2, f"the response kept only {64 - n_prompt} of 64 tokens"
+        assert ids[n_prompt:] == resp[:64 - n_prompt], "the response is the chosen text's first tokens"
+        if mask:
+            assert labels[:n_prompt] == [IGNORE] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
+        else:
+            assert labels == ids
+    short = min(rows, key=lambda r: len(r["prompt"]) + len(r["chosen"]))
+    e = encode_pair(tok, short["prompt"], short["chosen"], tmpl, 512, True)
+    assert e["truncated"] == 0 and e["input_ids"][-1] == tok.eos_token_id and e["labels"][-1] == tok.eos_token_id
+    # padding is masked by position, not by id: with pad == eos (as in many chat models) the real eos stays a
+    # target, where the seed's `labels[ids == pad] = -100` would drop it
+    tok_pe = tok.__class__.from_pretrained(tok.name_or_path)
+    tok_pe.pad_token = tok_pe.eos_token
+    tok_pe.padding_side = "right"
+    feats = [{k: v for k, v in encode_pair(tok_pe, r["prompt"], r["chosen"], tmpl, 512, False).items()
+              if k != "truncated"} for r in (short, rows[0])]
+    b = collator(tok_pe)(feats)
+    n = len(feats[0]["input_ids"])
+    assert b["labels"][0, n - 1].item() == tok_pe.eos_token_id and (b["labels"][0, n:] == IGNORE).all()
+
+
+def test_split_is_90_10_with_the_recipe_seed(tiny_qwen3):
+    from quantune.sft import dedupe_pairs, split_rows
+
+    _, recipe, _, _, loaded = tiny_qwen3
+    assert recipe["seed"] == 42 and recipe["eval_fraction"] == 0.1 and recipe["dedupe"] is True
+    rows = dedupe_pairs(loaded)  # the generated set repeats (prompt, chosen) with other rejected answers
+    assert len(rows) == len({(r["prompt"], r["chosen"]) for r in loaded}) < len(loaded) == 300
+    tr, ev = split_rows(rows, 0.1, 42)
+    tr2, ev2 = split_rows(rows, 0.1, 42)
+    _, ev_other = split_rows(rows, 0.1, 7)
+    assert len(ev) == math.ceil(0.1 * len(rows)) and len(tr) + len(ev) == len(rows), (len(tr), len(ev))
+    key = lambda d: sorted(json.dumps(r, sort_keys=True) for r in d)  # noqa: E731
+    assert key(ev) == key(ev2), "the split must be fixed by the seed"
+    assert key(ev) != key(ev_other)
+    assert sorted(key(ev) + key(tr)) == key(rows), "the two parts must be the split's rows, each once"
+    pairs = lambda d: {(r["prompt"], r["chosen"]) for r in d}  # noqa: E731
+    assert not pairs(tr) & pairs(ev), "an eval example is also a train example"
+
+
+def test_real_keys_keep_the_seed_values(tmp_path):
+    from quantune.config import load_config, load_recipe
+
+    full = load_recipe(RECIPE, load_config(overrides={"scale": "full"}))
+    seed = {"per_device_train_batch_size": 8, "per_device_eval_batch_size": 4, "gradient_accumulation_steps": 4,
+            "num_train_epochs": 10, "learning_rate": 5e-6, "max_seq_len": 512, "seed": 42, "bf16": True,
+            "gradient_checkpointing": True, "lora_dim": 8, "lora_lr": 1e-4, "only_optimize_lora": False}
+    assert {k: full[k] for k in seed} == seed
+    assert full["deepspeed_config"] == "recipes/deepspeed/zero2.json" and full["early_stopping_patience"] >= 1
+    for name in ("zero2.json", "zero3.json", "zero3_offload.json"):
+        ds = json.loads((ROOT / "recipes" / "deepspeed" / name).read_text())
+        assert ds["bf16"]["enabled"] == "auto" and ds["train_micro_batch_size_per_gpu"] == "auto"
+    z3 = json.loads((ROOT / "recipes" / "deepspeed" / "zero3.json").read_text())["zero_optimization"]
+    assert z3["stage"] == 3 and z3["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+# ---------------------------------------------------------------- bad input: one line, before any launch
+
+@pytest.mark.parametrize("case", ["missing_zero_file", "zero_disagrees", "unknown_key", "wrong_format"])
+def test_bad_input_is_one_line_before_any_launch(case, tmp_path, tiny_world, results_root):
+    if case == "missing_zero_file":
+        p, want = recipe_copy(tmp_path, top={"deepspeed_config": "recipes/deepspeed/zero9.json"}), \
+            "key deepspeed_config: "
+        fix = "fix: name a file under recipes/deepspeed/"
+    elif case == "zero_disagrees":
+        z = tmp_path / "z.json"
+        z.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
+        p, want, fix = recipe_copy(tmp_path, top={"deepspeed_config": str(z)}), \
+            f"{z}: key bf16.enabled: True disagrees with the recipe's False", 'fix: set it to "auto"'
+    elif case == "unknown_key":
+        p, want, fix = recipe_copy(tmp_path, tiny={"lora_rank": 8}), "(tiny block): key lora_rank: unknown key", \
+            "fix: remove it or use one of:"
+    else:
+        p, want, fix = recipe_copy(tmp_path, top={"dataset": "wikitext2"}), \
+            "key dataset: 'wikitext2' has format 'text'", "fix: use a data set of format pref"
+    r = subprocess.run(sft_cmd(p, tmp_path / "out", results_root), cwd=ROOT, env=sft_env(),
+                       capture_output=True, text=True, timeout=120)
+    err = [l for l in r.stderr.splitlines() if l.startswith("quantune: error:")]
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert len(err) == 1 and want in err[0] and fix in err[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "launch:" not in r.stdout, "nothing may start before the checks"
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- built for real (slow)
+
+@pytest.mark.slow
+def test_sft_target_builds_on_the_tiny_world(tiny_world, results_root):
+    from transformers import AutoModelForCausalLM
+
+    from quantune.tb import read_scalars
+
+    # mtime only: a reused tiny world (QUANTUNE_TEST_RESULTS) is not rebuilt because someone edited its rules
+    snakemake("qwen3_deepspeed_sft", "--rerun-triggers", "mtime", results=results_root)
+    out = results_root / "qwen3_deepspeed_sft"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["scale"] == "tiny" and m["launcher"] == "deepspeed" and m["world_size"] == 1
+    assert m["zero_stage"] == 2 and m["device"] == "cpu" and m["gradient_checkpointing"] == 1
+    assert m["rows_split"] == 300 and m["rows_train"] + m["rows_eval"] == 300 - m["rows_duplicate_pairs_dropped"]
+    assert m["rows_eval"] == math.ceil(0.1 * (m["rows_train"] + m["rows_eval"]))
+    epochs = m["epochs_planned"]
+    ppl = [m[f"eval_ppl_epoch{e}"] for e in range(epochs + 1)]
+    for e in range(epochs):  # epoch 0 is the model before training (the seed's first eval)
+        assert ppl[e + 1] < ppl[e], f"eval ppl did not fall at epoch {e + 1}: {[round(p, 2) for p in ppl]}"
+    assert ppl[-1] < 0.5 * ppl[0], f"eval ppl {ppl[0]:.1f} -> {ppl[-1]:.1f}: less than halved"
+    for e in range(epochs + 1):
+        assert math.isclose(m[f"eval_ppl_epoch{e}"], math.exp(m[f"eval_loss_epoch{e}"]), rel_tol=1e-9)
+    assert m["best_epoch"] == min(range(1, epochs + 1), key=lambda e: m[f"eval_loss_epoch{e}"])
+    # the output reloads with transformers and scores the eval split as the best epoch did
+    assert abs(m["saved_model_eval_loss"] - m["best_eval_loss"]) < 1e-4, (m["saved_model_eval_loss"], m["best_eval_loss"])
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert model.config.model_type == "qwen3" and (out / "model" / "tokenizer.json").is_file()
+    assert not (out / "checkpoints").exists(), "checkpoints are removed after success (model/ is the best)"
+    tags = read_scalars(out / "tb")
+    assert {"train/loss", "train/lr", "train/grad_norm", "eval/loss", "eval/ppl", "system/tokens_per_s",
+            "final/best_eval_ppl"} <= set(tags), sorted(tags)
+    assert len(tags["eval/ppl"]) == epochs + 1
+    r = snakemake("-n", "qwen3_deepspeed_sft", "--rerun-triggers", "mtime", results=results_root)
+    assert "Nothing to be done" in r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_zero3_run_resumes_after_a_kill(tiny_world, results_root, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from quantune.sft import complete_checkpoints
+
+    recipe = recipe_copy(tmp_path, tiny={"deepspeed_config": str(ROOT / "recipes/deepspeed/zero3.json"),
+                                         "num_train_epochs": 3, "max_rows": 120, "max_seq_len": 64,
+                                         "gradient_checkpointing": False, "logging_steps": 1})
+    out = tmp_path / "out"
+    log1 = open(tmp_path / "run1.log", "w")
+    proc = subprocess.Popen(sft_cmd(recipe, out, results_root), cwd=ROOT, env=sft_env(), stdout=log1,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    first = None
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            done = complete_checkpoints(out / "checkpoints")
+            if done:
+                first = done[0]
+                os.killpg(proc.pid, signal.SIGKILL)  # the launcher, its launch.py and the rank: all ours
+                break
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log1.close()
+    assert first is not None, (tmp_path / "run1.log").read_text()[-3000:]
+    assert not (out / "metrics.json").exists(), "killed after the first epoch, the run must not have finished"
+    step1 = int(first.name.split("-")[1])
+    r = subprocess.run(sft_cmd(recipe, out, results_root), cwd=ROOT, env=sft_env(), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resuming from" in r.stdout, r.stdout[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["zero_stage"] == 3 and m["resumed_from_step"] >= step1 > 0, (m["resumed_from_step"], step1)
+    assert m["epochs_run"] == 3 and m["global_step"] == 3 * step1, (m["global_step"], step1)
+    # the history before the kill came back with the checkpoint: every epoch's eval is there
+    ppl = [m[f"eval_ppl_epoch{e}"] for e in range(4)]
+    assert ppl[3] < ppl[0], ppl
+    # ZeRO-3 shards gathered into one Hugging Face checkpoint that reloads and scores like the best epoch
+    assert abs(m["saved_model_eval_loss"] - m["best_eval_loss"]) < 1e-4, (m["saved_model_eval_loss"], m["best_eval_loss"])
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert sum(p.numel() for p in model.parameters()) == m["params_total"] > 1_000_000
+
+
+@pytest.mark.slow
+def test_lora_switch_trains_adapters_and_merges_them(tiny_world, results_root, tmp_path):
+    """Also early stopping: an improvement must exceed 10 nats to count, so with patience 1 the run stops
+    after the first epoch that does not count, long before its 4 epochs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    recipe = recipe_copy(tmp_path, tiny={"only_optimize_lora": True, "num_train_epochs": 4, "max_rows": 120,
+                                         "max_seq_len": 64, "lora_lr": 3e-3, "early_stopping_patience": 1,
+                                         "early_stopping_threshold": 10.0})
+    out = tmp_path / "out"
+    r = subprocess.run(sft_cmd(recipe, out, results_root), cwd=ROOT, env=sft_env(), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["only_optimize_lora"] == 1 and m["lora_dim"] == 8 and m["learning_rate"] == 3e-3
+    assert 0 < m["params_trainable_pct"] < 10, m["params_trainable_pct"]
+    assert m["eval_loss_epoch1"] < m["eval_loss_epoch0"], (m["eval_loss_epoch0"], m["eval_loss_epoch1"])
+    assert m["early_stopped"] == 1 and m["epochs_run"] < 4, (m["early_stopped"], m["epochs_run"])
+    assert not (out / "model" / "adapter_config.json").exists(), "the output is merged, not an adapter"
+    merged = AutoModelForCausalLM.from_pretrained(out / "model")
+    base = AutoModelForCausalLM.from_pretrained(tiny_world / "models" / "qwen3")
+    w = "model.layers.0.self_attn.q_proj.weight"
+    diff = (merged.state_dict()[w] - base.state_dict()[w]).abs().max().item()
+    assert diff > 1e-6, f"merged q_proj equals the base ({diff})"
+    emb = "model.embed_tokens.weight"
+    assert torch.equal(merged.state_dict()[emb], base.state_dict()[emb]), "LoRA must not touch the embeddings"
+    assert abs(m["saved_model_eval_loss"] - m["best_eval_loss"]) < 1e-4, (m["saved_model_eval_loss"], m["best_eval_loss"])
