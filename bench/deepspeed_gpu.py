@@ -88,7 +88,8 @@ def worker(a) -> None:
                      num_attention_heads=4, num_key_value_heads=2)
         recipe.update(max_seq_len=64, bf16=False)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    seq, micro, accum = recipe["max_seq_len"], recipe["per_device_train_batch_size"], recipe["gradient_accumulation_steps"]
+    seq, micro = recipe["max_seq_len"], recipe["per_device_train_batch_size"]
+    accum = recipe["gradient_accumulation_steps"]
     total = a.warmup + a.steps
     with tempfile.TemporaryDirectory() as tmp:
         args = training_args(recipe, tmp, use_cpu=not cuda, max_steps=total, eval_strategy="no", save_strategy="no",

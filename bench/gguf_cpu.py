@@ -7,7 +7,11 @@ it with the Q4_0 recipe's parameters (recipes/gguf_q4_0.yaml), and times prompt 
 generation of both files with the same code as the gguf_eval stage (quantune.gguf_eval.speed: llama.cpp's own
 counters, median of --repeats). Results are ratios against the f16 baseline measured in the same run.
 
-    .venv/bin/python bench/gguf_cpu.py [--hidden 1024 --layers 8 --threads 2 --gen-tokens 64 --repeats 5]
+    .venv/bin/python bench/gguf_cpu.py [--hidden 1024 --layers 8 --threads 1 --gen-tokens 64 --repeats 5]
+
+--threads defaults to 1: on a 2-core machine shared with other jobs, ggml's 2 OpenMP threads wait on each
+other behind the other processes and both files slow down ~10x (measured: f16 9.0 vs 73 tok/s); on an idle
+machine, pass the core count.
 
 On a GPU machine, build llama-cpp-python with CUDA (CMAKE_ARGS="-DGGML_CUDA=on" scripts/install_llamacpp.sh)
 and pass --n-gpu-layers -1 to time the GPU instead.
@@ -56,7 +60,7 @@ def main() -> int:
     p.add_argument("--tokenizer", default=str(ROOT / "results" / "tiny_world" / "tokenizers" / "spm"))
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--n-gpu-layers", type=int, default=0)
     p.add_argument("--pp-tokens", type=int, default=256)
     p.add_argument("--gen-tokens", type=int, default=64)

@@ -12,15 +12,17 @@ random bf16 weights (no hub here; ChatGLM3's remote code cannot be loaded). The 
 replaced by bitsandbytes Linear4bit (NF4, double quantization = compress_statistics, bf16 compute), the modules
 `from_pretrained(quantization_config=BitsAndBytesConfig(...))` builds, without writing and re-reading 12 GB of
 random weights; lm_head stays bf16 as there. Then the stage's own path: peft prepare_model_for_kbit_training
-(gradient checkpointing on, as the full recipes set) and LoRA from the recipe (r, alpha, dropout) on q/k/v_proj,
-the native equivalent of ChatGLM3's fused query_key_value. A step = forward + backward under bf16 autocast
+(gradient checkpointing on, as the full recipes set) and LoRA r 8 (alpha 32, dropout 0.05) on q/k/v_proj, the
+native equivalent of ChatGLM3's fused query_key_value: quantune.finetune.add_lora, the stage's own set-up. A step = forward + backward under bf16 autocast
 (the Trainer's bf16=True) + AdamW step on the LoRA weights, one micro-batch per optimizer step (gradient
 accumulation only changes how often the small LoRA optimizer step runs). The first step of each configuration
-is not timed.
+is not timed, and before the first configuration `--warmup` more steps run untimed (CUDA context, kernel
+selection, allocator): in a first run without them the first configuration measured came out 2x slower per
+token than the second.
 
 Rows: AdvertiseGen-like lengths (prompt uniform 40..80 tokens + ChatGLM3's 2 prefix tokens, answer uniform
 60..150 + eos; fixed seed), built by the stage's tokenize_example layout (labels -100 on the prompt).
-Recipe values (batch, lengths, LoRA) are read from recipes/qlora_chatglm_{linear,cosine}.yaml (full scale).
+Recipe values (batch, lengths, gradient checkpointing) are read from recipes/qlora_chatglm_{linear,cosine}.yaml (full scale).
 If a padded configuration runs out of GPU memory, it is retried with half the micro-batch (and twice the
 accumulation, the same rows per optimizer step); the JSON says so.
 """
@@ -88,10 +90,11 @@ def quantize_nf4_inplace(model, compute_dtype):
     return model
 
 
-def build_model(shape: dict, device: str, r: dict):
+def build_model(shape: dict, device: str, r: dict, lora_r: int):
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import GlmConfig, GlmForCausalLM
+
+    from quantune.finetune import add_lora
 
     cdt = torch.bfloat16 if device == "cuda" else torch.float32
     cfg = GlmConfig(**shape)
@@ -106,16 +109,16 @@ def build_model(shape: dict, device: str, r: dict):
     model = quantize_nf4_inplace(model, cdt)
     if device == "cuda":
         torch.cuda.empty_cache()
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(r["gradient_checkpointing"]))
-    lcfg = LoraConfig(r=r["lora_r"], lora_alpha=r["lora_alpha"], lora_dropout=r["lora_dropout"],
-                      target_modules=["q_proj", "k_proj", "v_proj"], bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(model, lcfg)
+    # the stage's own LoRA set-up (prepare_model_for_kbit_training + LoraConfig), on the native q/k/v_proj
+    model = add_lora(model, {**r, "quantization": "nf4", "lora_r": lora_r,
+                             "target_modules": ["q_proj", "k_proj", "v_proj"]}, "CAUSAL_LM")
     kinds = {type(m).__module__ + "." + type(m).__name__ for n, m in model.named_modules() if n.endswith("q_proj")}
     assert any("bnb" in k for k in kinds), f"LoRA layers are not bitsandbytes 4-bit layers: {kinds}"
     return model
 
 
-def run_config(model, rows, r, padding: str, steps: int, device: str, micro: int, accum: int) -> dict:
+def run_config(model, rows, r, padding: str, steps: int, device: str, micro: int, accum: int,
+               warmup: int = 1) -> dict:
     import torch
 
     from quantune.finetune import SFTCollator
@@ -131,7 +134,7 @@ def run_config(model, rows, r, padding: str, steps: int, device: str, micro: int
         torch.cuda.reset_peak_memory_stats()
     times, real, padded, losses = [], 0, 0, []
     pos = 0
-    for step in range(steps + 1):  # step 0: warm-up, not timed
+    for step in range(steps + warmup):  # the first `warmup` steps are not timed
         t0 = time.perf_counter()
         step_real = step_pad = 0
         for _ in range(accum):
@@ -143,13 +146,13 @@ def run_config(model, rows, r, padding: str, steps: int, device: str, micro: int
             with torch.autocast(device_type=device, dtype=cdt, enabled=device == "cuda"):
                 loss = model(**batch).loss / accum
             loss.backward()
-            losses.append(float(loss) * accum)
+            losses.append(float(loss.detach()) * accum)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        if step > 0:
+        if step >= warmup:
             times.append(dt)
             real += step_real
             padded += step_pad
@@ -158,7 +161,7 @@ def run_config(model, rows, r, padding: str, steps: int, device: str, micro: int
            "timed_steps": steps, "seconds": total, "seconds_per_step": total / steps,
            "real_tokens_per_s": real / total, "processed_tokens_per_s": padded / total,
            "pad_fraction": 1 - real / padded, "mean_real_tokens_per_row": real / (steps * micro * accum),
-           "loss_last": losses[-1]}
+           "loss_last": losses[-1], "step_seconds": [round(t, 4) for t in times]}
     if device == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     del opt
@@ -174,6 +177,11 @@ def main() -> None:
     ap.add_argument("--steps-dynamic", type=int, default=8)
     ap.add_argument("--steps-padded", type=int, default=2)
     ap.add_argument("--settings", default="linear,cosine")
+    ap.add_argument("--warmup", type=int, default=4, help="untimed steps before the first configuration")
+    ap.add_argument("--repeat-first", action="store_true", help="time the first dynamic configuration again at "
+                    "the end (an order-effect check)")
+    ap.add_argument("--lora-r", type=int, default=8, help="one model for both settings (linear's r 4 vs 8: no "
+                    "measurable speed difference, 0.03%% of the parameters)")
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = CHATGLM3_6B if a.shape == "chatglm3-6b" else TINY
@@ -198,17 +206,23 @@ def main() -> None:
             r["max_input_length"] //= 8
             r["max_output_length"] //= 8
             r["per_device_train_batch_size"] = max(2, r["per_device_train_batch_size"] // 4)
-    model = None
+    first = next(iter(recipes.values()))
+    model = build_model(shape, device, first, a.lora_r)
+    res["build_seconds"] = time.time() - t0
+    trainable, total = model.get_nb_trainable_parameters()
+    res["params"] = {"trainable": trainable, "total": total, "lora_r": a.lora_r,
+                     "target_modules": "q_proj,k_proj,v_proj"}
+    print(json.dumps(res["params"]), flush=True)
+    # untimed warm-up of the whole path (CUDA context, cuBLAS/bitsandbytes kernels, allocator) before any config:
+    # without it the first configuration measured pays these costs
+    r0 = first
+    rows0 = make_rows(r0["per_device_train_batch_size"] * a.warmup, seed=1, vocab=shape["vocab_size"], scale=scale)
+    t_w = time.time()
+    if a.warmup > 0:
+        run_config(model, rows0, r0, "longest", 1, device, r0["per_device_train_batch_size"], 1, warmup=a.warmup - 1)
+    res["global_warmup"] = {"steps": a.warmup, "seconds": time.time() - t_w}
     for s, r in recipes.items():
-        if model is None or r["lora_r"] != getattr(model, "_bench_r", None):
-            model = None
-            if device == "cuda":
-                torch.cuda.empty_cache()
-            model = build_model(shape, device, r)
-            model._bench_r = r["lora_r"]
-            res["build_seconds_" + s] = time.time() - t0
-            trainable, total = model.get_nb_trainable_parameters()
-            res["results"].setdefault(s, {})["params"] = {"trainable": trainable, "total": total}
+        res["results"][s] = {}
         bs = r["per_device_train_batch_size"]
         rows = make_rows(bs * (max(a.steps_dynamic, a.steps_padded) + 1) * 4, seed=8, vocab=shape["vocab_size"],
                          scale=scale)
@@ -236,6 +250,12 @@ def main() -> None:
         if "real_tokens_per_s" in d and "real_tokens_per_s" in p:
             res["results"][s]["speedup_dynamic_vs_padded"] = d["real_tokens_per_s"] / p["real_tokens_per_s"]
         save()
+    if a.repeat_first:
+        s, r = next(iter(recipes.items()))
+        bs = r["per_device_train_batch_size"]
+        rows = make_rows(bs * (a.steps_dynamic + 1), seed=8, vocab=shape["vocab_size"], scale=scale)
+        res["results"][s]["longest_repeat"] = run_config(model, rows, r, "longest", a.steps_dynamic, device, bs, 1)
+        print(s, "longest (repeat)", json.dumps(res["results"][s]["longest_repeat"]), flush=True)
     res["wall_seconds"] = time.time() - t0
     save()
     print(json.dumps({s: v.get("speedup_dynamic_vs_padded") for s, v in res["results"].items()}))

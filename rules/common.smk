@@ -111,3 +111,39 @@ for _name in sorted(RECIPES):
         input:
             f"{RES}/{_name}/metrics.json",
         localrule: True
+
+
+# ---- the report's input stamp (rules/report.smk) ----
+import contextlib
+import hashlib
+
+REPORT_READS = ("metrics.json", "*.png", "*.md", "*.csv", "comparison.json", "generations.jsonl")
+
+
+def _report_stamp():
+    """Digest of what the report reads (and of the recipes' names and stages): it changes when a target is
+    built, rebuilt or removed, or a recipe is added."""
+    res = Path(RES)
+    files = [res / "report" / "tensorboard.png"]
+    if res.is_dir():
+        for d in sorted(res.iterdir()):
+            if d.is_dir() and not d.name.startswith(".") and d.name not in ("logs", "benchmarks", "report", "full"):
+                for pat in REPORT_READS:
+                    files += d.glob(pat)
+                files += d.glob("**/tb/**/events.out.tfevents.*")
+    h = hashlib.sha1(json.dumps({n: r["stage"] for n, r in RECIPES.items()}, sort_keys=True).encode())
+    for f in sorted(set(files)):
+        with contextlib.suppress(OSError):
+            st = f.stat()
+            h.update(f"{f} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _report_inputs_file():
+    """results/report/.inputs.sha1 holding the digest above; touched only when the digest changes."""
+    f = Path(RES) / "report" / ".inputs.sha1"
+    digest = _report_stamp()
+    if not f.is_file() or f.read_text().strip() != digest:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(digest + "\n")
+    return str(f)

@@ -12,6 +12,8 @@ rule tiny_raw_instructions:
         f"{TW}/benchmarks/tiny_raw_instructions.tsv"
     conda:
         f"{ENVS}/train.yaml"
+    container:
+        image_of("train")
     resources:
         mem_mb=1000,
         runtime=5,
@@ -37,6 +39,8 @@ rule clean_data:
         f"{RES}/benchmarks/{{name}}.tsv"
     conda:
         f"{ENVS}/train.yaml"
+    container:
+        image_of("train")
     resources:
         mem_mb=lambda w: 2000 if SCALE == "tiny" else 16000,
         runtime=lambda w: 10 if SCALE == "tiny" else 120,

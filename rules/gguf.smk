@@ -64,7 +64,9 @@ rule merge:
         runtime=lambda w: 10 if SCALE == "tiny" else 60,
         gpu=lambda w: gpu_count(w.name),
     shell:
-        "export OMP_NUM_THREADS={threads}; " + GPU_RUN + "python -m quantune.export merge --recipe {input.recipe} --out {params.out}"
+        "export OMP_NUM_THREADS={threads}; "
+        + GPU_RUN
+        + "python -m quantune.export merge --recipe {input.recipe} --out {params.out}"
         " --config-json {params.cfg:q} > {log} 2>&1"
 
 
@@ -94,7 +96,9 @@ rule gguf_convert:
         runtime=lambda w: 10 if SCALE == "tiny" else 60,
         gpu=lambda w: gpu_count(w.name),
     shell:
-        "export OMP_NUM_THREADS={threads}; " + GPU_RUN + "python -m quantune.export convert --recipe {input.recipe} --out {params.out}"
+        "export OMP_NUM_THREADS={threads}; "
+        + GPU_RUN
+        + "python -m quantune.export convert --recipe {input.recipe} --out {params.out}"
         " --config-json {params.cfg:q} > {log} 2>&1"
 
 
@@ -154,5 +158,7 @@ rule gguf_evaluate:
         runtime=lambda w: 20 if SCALE == "tiny" else 120,
         gpu=lambda w: gpu_count(w.name),
     shell:
-        "export OMP_NUM_THREADS={threads}; " + GPU_RUN + "python -m quantune.gguf_eval --recipe {input.recipe} --out {params.out}"
+        "export OMP_NUM_THREADS={threads}; "
+        + GPU_RUN
+        + "python -m quantune.gguf_eval --recipe {input.recipe} --out {params.out}"
         " --config-json {params.cfg:q} > {log} 2>&1"

@@ -11,41 +11,6 @@
 # built): so the report reruns by itself, on Snakemake's mtime trigger, whenever a target is built, rebuilt
 # or removed, and is up to date otherwise. Build targets first, then the report:
 #   snakemake --cores 2 eval_opt67b qlora_compare && snakemake --cores 2 report
-import contextlib
-import hashlib
-
-REPORT_READS = ("metrics.json", "*.png", "*.md", "*.csv", "comparison.json", "generations.jsonl")
-
-
-def _report_stamp():
-    """Digest of what the report reads (and of the recipes' names and stages): it changes when a target is
-    built, rebuilt or removed, or a recipe is added."""
-    res = Path(RES)
-    files = [res / "report" / "tensorboard.png"]
-    if res.is_dir():
-        for d in sorted(res.iterdir()):
-            if d.is_dir() and not d.name.startswith(".") and d.name not in ("logs", "benchmarks", "report", "full"):
-                for pat in REPORT_READS:
-                    files += d.glob(pat)
-                files += d.glob("**/tb/**/events.out.tfevents.*")
-    h = hashlib.sha1(json.dumps({n: r["stage"] for n, r in RECIPES.items()}, sort_keys=True).encode())
-    for f in sorted(set(files)):
-        with contextlib.suppress(OSError):
-            st = f.stat()
-            h.update(f"{f} {st.st_size} {st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def _report_inputs_file():
-    """results/report/.inputs.sha1 holding the digest above; touched only when the digest changes."""
-    f = Path(RES) / "report" / ".inputs.sha1"
-    digest = _report_stamp()
-    if not f.is_file() or f.read_text().strip() != digest:
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_text(digest + "\n")
-    return str(f)
-
-
 rule report:
     input:
         stamp=lambda w: _report_inputs_file(),
@@ -54,6 +19,8 @@ rule report:
         html=f"{RES}/report/index.html",
         figures=directory(f"{RES}/report/figures"),
     params:
+        results=lambda w, output: str(Path(output.md).parent),
+        scale=SCALE,
         stages=json.dumps({n: r["stage"] for n, r in sorted(RECIPES.items())}, sort_keys=True),
         png=f"{RES}/report/tensorboard.png",
     log:
@@ -62,11 +29,13 @@ rule report:
         f"{RES}/benchmarks/report.tsv"
     conda:
         f"{ENVS}/report.yaml"
+    container:
+        image_of("report")
     resources:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python -m quantune.report build --results {RES} --scale {SCALE} --recipe-stages {params.stages:q} --md {output.md}"
+        "python -m quantune.report build --results {params.results} --scale {params.scale} --recipe-stages {params.stages:q} --md {output.md}"
         " --html {output.html} --figures {output.figures} --tensorboard-png {params.png} > {log} 2>&1"
 
 
@@ -78,7 +47,7 @@ rule tensorboard_screenshot:
     output:
         f"{RES}/report/tensorboard.png",
     params:
-        logdir=RES,
+        logdir=lambda w, output: str(Path(output[0]).parent.parent),
         run="^tiny_world/models/opt/tb$" if SCALE == "tiny" else ".*",
     log:
         f"{RES}/logs/tensorboard_screenshot.log",
@@ -86,6 +55,8 @@ rule tensorboard_screenshot:
         f"{RES}/benchmarks/tensorboard_screenshot.tsv"
     conda:
         f"{ENVS}/report.yaml"
+    container:
+        image_of("report")
     resources:
         mem_mb=3000,
         runtime=10,

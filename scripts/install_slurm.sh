@@ -41,4 +41,6 @@ if ((${#need[@]})); then
   .venv/bin/python -m pip install -q -c requirements.lock "${need[@]}"
 fi
 .venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0') and not torch.version.cuda, torch.__version__"
-echo "quantune: SLURM $(sinfo --version 2>/dev/null | cut -d' ' -f2), munge, MariaDB $(mariadbd --version 2>/dev/null | awk '{print $3}'); $(.venv/bin/snakemake --version) with the SLURM plugin, hadolint, snakefmt, uv"
+echo "quantune: SLURM $(dpkg-query -W -f='${Version}' slurmctld), munge $(dpkg-query -W -f='${Version}' munge)," \
+  "MariaDB $(dpkg-query -W -f='${Version}' mariadb-server); snakemake $(.venv/bin/snakemake --version) with" \
+  "${PIP_PACKAGES[*]}"

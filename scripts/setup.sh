@@ -18,12 +18,13 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and exactly 2.13.0: on the CPU machines that is a local CPU wheel, never a CUDA build
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -c requirements.lock -e ".[quantize,metrics,dev]"
+# DS_BUILD_OPS=0: DeepSpeed's C++/CUDA ops are compiled on first use, not at install time
+DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -c requirements.lock -e ".[quantize,metrics,clean,deepspeed,dev]"
 # the GGUF toolchain (llama-cpp-python built from source, gguf, llama.cpp's converter from the same sdist)
-./scripts/install_llamacpp.sh
+bash scripts/install_llamacpp.sh
 # a single-node SLURM + MariaDB accounting, the SLURM executor plugin, hadolint, snakefmt, uv (issue 8 tests)
-./scripts/install_slurm.sh
+bash scripts/install_slurm.sh
 # Debian's headless Chromium + ChromeDriver and Selenium (the TensorBoard browser test)
-./scripts/install_browser.sh
+bash scripts/install_browser.sh
 .venv/bin/python -c "import torch; assert not torch.version.cuda, 'a CUDA torch was installed on the CPU side'"
 echo "quantune: set up in $(pwd)/.venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

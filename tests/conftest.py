@@ -17,7 +17,11 @@ sys.path.insert(0, str(ROOT / "src"))
 def snakemake(*args: str, results: str | Path | None = None, check: bool = True, timeout: int = 3000):
     cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--nolock", *args]
     if results is not None:
-        cmd += ["--config", f"results={json.dumps({'tiny': str(results), 'full': str(Path(results) / 'full')})}"]
+        item = f"results={json.dumps({'tiny': str(results), 'full': str(Path(results) / 'full')})}"
+        if "--config" in cmd:  # one --config option: a second one would replace the first's items
+            cmd.insert(cmd.index("--config") + 1, item)
+        else:
+            cmd += ["--config", item]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")

@@ -93,8 +93,8 @@ class LocalSlurm:
             f"SlurmctldPidFile={self.run / 'slurmctld.pid'}\nSlurmdPidFile={self.run / 'slurmd.pid'}\n"
             f"SlurmctldLogFile={self.log / 'slurmctld.log'}\nSlurmdLogFile={self.log / 'slurmd.log'}\n"
             "SlurmctldDebug=info\nSlurmdDebug=info\n"
-            # no cgroups in this VM: track processes by parent pid, no task containment
-            "ProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\nJobAcctGatherType=jobacct_gather/linux\n"
+            # no cgroups in this VM: track processes by parent pid; pin each task to its allocated CPUs (affinity)
+            "ProctrackType=proctrack/linuxproc\nTaskPlugin=task/affinity\nJobAcctGatherType=jobacct_gather/linux\n"
             "JobAcctGatherFrequency=5\n"
             "SelectType=select/cons_tres\nSelectTypeParameters=CR_Core_Memory\n"
             "SchedulerType=sched/backfill\nSchedulerParameters=sched_interval=2,bf_interval=2\n"
@@ -105,7 +105,7 @@ class LocalSlurm:
             # for slurmdbd connections the munge socket is named here, not by AuthInfo
             f"AccountingStoragePass={self.munge_socket}\n"
             "JobCompType=jobcomp/none\n"
-            # short kill grace and a quick time-limit check, so the tests' time-limit kill comes in seconds
+            # SIGTERM, then SIGKILL 15 s later (KillWait): time for the trainer to save its checkpoint
             "KillWait=15\nOverTimeLimit=0\nMinJobAge=30\nInactiveLimit=0\n"
             "SlurmctldTimeout=30\nSlurmdTimeout=30\nMessageTimeout=20\n"
             f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.real_memory_mb}"
@@ -219,8 +219,17 @@ class LocalSlurm:
             pid = pids.get(name)
             if pid is None:
                 continue
-            _terminate(pid, grace=15)
+            if _is(pid, name):  # never signal a process that merely reuses a recorded pid
+                _terminate(pid, grace=15)
+            (self.run / f"{name}.daemonpid").unlink(missing_ok=True)
         self.procs.clear()
+
+
+def _is(pid: int, name: str) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == name[:15]
+    except OSError:
+        return False
 
 
 def _alive(pid: int) -> bool:

@@ -83,6 +83,7 @@ def write_recipe(tmp_path: Path, name: str, **changes) -> Path:
     for k, v in changes.items():
         if v is None:
             r.pop(k, None)
+            r.get("tiny", {}).pop(k, None)
         else:
             r[k] = v
     p = tmp_path / f"{name}.yaml"

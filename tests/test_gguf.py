@@ -129,7 +129,7 @@ def test_merged_logits_equal_base_plus_adapter(chain, tiny_world):
     m = metrics(chain, "merge_lora_qwen")
     assert m["merge_max_abs_logit_diff"] < 1e-4 and m["adapter_max_abs_logit_delta"] > 0.1, m
     # the converter reads the SentencePiece model: it is the one the tiny llama's tokenizer.json came from
-    spm = tiny_world.parent / "tiny_world" / "tokenizers" / "spm" / "tokenizer.model"
+    spm = tiny_world / "tokenizers" / "spm" / "tokenizer.model"
     assert (chain["merge_lora_qwen"] / "model" / "tokenizer.model").read_bytes() == spm.read_bytes()
 
 

@@ -82,7 +82,7 @@ def test_a_job_asking_more_gpus_than_the_host_has_fails_with_one_line(tmp_path):
     r, _ = run_fake(tmp_path, "1", jobs={"big": 2}, check=False)
     assert r.returncode != 0
     lines = (tmp_path / "logs" / "big.log").read_text().strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("quantune: error:") and "2 GPU(s)" in lines[0], lines
+    assert len(lines) == 1 and lines[0].startswith("quantune: error: resources gpu=2:") and "fix:" in lines[0], lines
 
 
 def test_gpu_locks_are_released_when_the_job_is_killed(tmp_path):
@@ -101,7 +101,7 @@ def test_gpu_locks_are_released_when_the_job_is_killed(tmp_path):
         assert "0: held" in out, out
         busy = subprocess.run([sys.executable, "-m", "quantune.gpus", "run", "--gpus", "1", "--wait", "0.5",
                                "--", "true"], env=env, capture_output=True, text=True)
-        assert busy.returncode == 2 and "no 1 free GPU(s)" in busy.stderr, busy.stderr
+        assert busy.returncode == 2 and "no 1 free GPU(s) of 0 after 0 s" in busy.stderr, busy.stderr
     finally:
         p.kill()
         p.wait()
@@ -115,3 +115,17 @@ def test_project_gpu_rules_run_their_step_through_the_wrapper():
     r = snakemake("-n", "-p", "eval_opt67b", "--config", "scale=full")
     out = r.stdout + r.stderr
     assert "exec python -m quantune.gpus run --gpus 1 -- python -m quantune.evaluate" in out, out[-3000:]
+
+
+def test_host_gpus_come_from_nvidia_smi_when_nothing_says_otherwise(tmp_path):
+    """No QUANTUNE_GPUS, no CUDA_VISIBLE_DEVICES: the GPUs are the lines of `nvidia-smi -L` (a stand-in here)."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: GPU-a)'\necho 'GPU 1: NVIDIA H100 (UUID: GPU-b)'\n")
+    smi.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("QUANTUNE_GPUS", "CUDA_VISIBLE_DEVICES")}
+    env.update(PATH=f"{tmp_path}:{env['PATH']}", PYTHONPATH=str(ROOT / "src"), QUANTUNE_GPU_LOCKS=str(tmp_path / "l"))
+    out = subprocess.run([sys.executable, "-m", "quantune.gpus", "run", "--gpus", "2", "--", "sh", "-c",
+                          "echo $CUDA_VISIBLE_DEVICES"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "0,1", out.stderr
+    listed = subprocess.run([sys.executable, "-m", "quantune.gpus", "list"], env=env, capture_output=True, text=True)
+    assert "GPUs (nvidia-smi -L): 0,1" in listed.stdout, listed.stdout

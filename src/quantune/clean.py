@@ -50,6 +50,10 @@ def _near_key(row: dict) -> str:
     return "".join(c for c in unicodedata.normalize("NFKC", text).lower() if unicodedata.category(c)[0] in "LN")
 
 
+def _shingles(text: str, k: int = 3) -> set[str]:
+    return {text[i:i + k] for i in range(max(1, len(text) - k + 1))}
+
+
 def read_raw(path: Path) -> list[tuple[int, str]]:
     """(line number, raw text) of each non-blank JSONL line; a JSON array file gives one entry per element."""
     text = path.read_text(encoding="utf-8")
@@ -72,6 +76,7 @@ def clean_rows(raw: list[tuple[int, str]], tokenizer, *, lang: str, min_tokens: 
     kept, rejects, len_before = [], [], []
     seen_exact: set[tuple] = set()
     lsh = MinHashLSH(threshold=near_dup_threshold, num_perm=num_perm)
+    kept_grams: dict[str, set[str]] = {}
 
     def reject(line, raw_text, reason, detail=""):
         rejects.append({"line": line, "reason": reason, "detail": detail, "raw": raw_text})
@@ -115,15 +120,19 @@ def clean_rows(raw: list[tuple[int, str]], tokenizer, *, lang: str, min_tokens: 
             reject(line, text, "exact_duplicate")
             continue
         near = _near_key(row)
+        grams = _shingles(near)
         mh = MinHash(num_perm=num_perm, seed=1)
-        for i in range(max(1, len(near) - 2)):
-            mh.update(near[i:i + 3].encode("utf-8"))
-        hits = lsh.query(mh)
-        if hits:
-            reject(line, text, "near_duplicate", f"similar to kept row at line {hits[0]}")
+        for g in sorted(grams):
+            mh.update(g.encode("utf-8"))
+        # LSH proposes candidates; the exact Jaccard of their shingle sets decides (no LSH false positives)
+        sims = [(len(grams & kept_grams[c]) / len(grams | kept_grams[c]), c) for c in lsh.query(mh)]
+        sim, other = max(sims, default=(0.0, None))
+        if sim >= near_dup_threshold:
+            reject(line, text, "near_duplicate", f"Jaccard {sim:.2f} with kept row at line {other}")
             continue
         seen_exact.add(key)
         lsh.insert(str(line), mh)
+        kept_grams[str(line)] = grams
         kept.append({**row, "_tokens": n_tok})
     return kept, rejects, len_before
 
@@ -219,7 +228,7 @@ def make_raw(out: str, seed: int, n_good: int = 200) -> dict:
     from .data import ADV_ATTRS, ADV_TYPES
 
     rng = random.Random(seed)
-    good, seen = [], set()
+    good, seen = [], []
     while len(good) < n_good:
         cat = rng.choice(sorted(ADV_TYPES))
         garment = rng.choice(ADV_TYPES[cat])
@@ -227,9 +236,11 @@ def make_raw(out: str, seed: int, n_good: int = 200) -> dict:
         v1, v2 = rng.choice(sorted(ADV_ATTRS[k1])), rng.choice(sorted(ADV_ATTRS[k2]))
         row = {"instruction": f"请为这件{garment}写一句广告文案。", "input": f"{k1}：{v1}；{k2}：{v2}",
                "output": f"{rng.choice(ADV_ATTRS[k1][v1])}，{rng.choice(ADV_ATTRS[k2][v2])}，这款{garment}值得拥有。"}
-        key = json.dumps(row, ensure_ascii=False)
-        if key not in seen:
-            seen.add(key)
+        # good rows are pairwise dissimilar (exact Jaccard of character 3-grams < 0.6), so that the only
+        # near duplicates in the file are the injected ones
+        grams = _shingles(_near_key(row))
+        if all(len(grams & g) / len(grams | g) < 0.6 for g in seen):
+            seen.append(grams)
             good.append(row)
     lines = [json.dumps(r, ensure_ascii=False) for r in good]
     d = DEFECTS

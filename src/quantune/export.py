@@ -160,6 +160,10 @@ def find_adapter(path: Path) -> Path:
     return found[0].parent
 
 
+def _modules(tm) -> str:
+    return ",".join(sorted(tm)) if isinstance(tm, (set, list, tuple)) else str(tm)
+
+
 def _same_base(a: str, b: str) -> bool:
     pa, pb = Path(a), Path(b)
     if pa.exists() and pb.exists():
@@ -186,16 +190,12 @@ def sentencepiece_model_for(source: str, family: str, cfg: dict) -> Path | None:
     return None
 
 
-def check_tokens(cfg: dict, recipe: dict, tokenizer, n: int):
-    import torch
-
+def check_text(cfg: dict, recipe: dict) -> str:
     from .config import resolve_dataset
     from .data import join_text, load_split
 
-    text = join_text(load_split(resolve_dataset(cfg, recipe["check_dataset"], key="check_dataset"),
+    return join_text(load_split(resolve_dataset(cfg, recipe["check_dataset"], key="check_dataset"),
                                 recipe.get("check_split", "test")))
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0][:n]
-    return ids.to(torch.long)[None]
 
 
 def merge(recipe_path: str, out: str, cfg: dict, adapter: str | None = None) -> dict:
@@ -215,13 +215,15 @@ def merge(recipe_path: str, out: str, cfg: dict, adapter: str | None = None) -> 
     if pcfg.base_model_name_or_path and not _same_base(pcfg.base_model_name_or_path, m["source"]):
         raise fail(f"{recipe_path}: key model", f"the adapter was trained on {pcfg.base_model_name_or_path}, "
                    f"the recipe's base is {m['source']}", "use the adapter's base model (or the adapter of this base)")
+    text = check_text(cfg, recipe)  # read before any model is loaded: a missing data set fails at once
     t0 = time.time()
     model, tok = load_model(m["source"], trust_remote_code=m["trust_remote_code"], dtype=recipe["dtype"])
     device = "cuda" if torch.cuda.is_available() and recipe.get("device", "auto") != "cpu" else "cpu"
     model.to(device)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     peft_model.eval()
-    ids = check_tokens(cfg, recipe, tok, recipe["check_tokens"]).to(device)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, : recipe["check_tokens"]]
+    ids = ids.to(device)
     with torch.no_grad():
         adapted = peft_model(ids).logits.float()
         with peft_model.disable_adapter():
@@ -243,7 +245,7 @@ def merge(recipe_path: str, out: str, cfg: dict, adapter: str | None = None) -> 
             shutil.copyfile(spm, tmp / "tokenizer.model")
     metrics = {"target": recipe["name"], "stage": "merge", "scale": cfg["scale"], "model": recipe["model"],
                "model_source": m["source"], "adapter_dir": str(adapter_dir), "lora_r": pcfg.r,
-               "lora_alpha": pcfg.lora_alpha, "lora_target_modules": ",".join(sorted(pcfg.target_modules or [])),
+               "lora_alpha": pcfg.lora_alpha, "lora_target_modules": _modules(pcfg.target_modules),
                "merge_dtype": recipe["dtype"], "save_dtype": recipe["save_dtype"], "device": device,
                "check_tokens": int(ids.shape[1]), "merge_max_abs_logit_diff": merge_diff,
                "adapter_max_abs_logit_delta": adapter_delta, "logit_tolerance": recipe["logit_tolerance"],

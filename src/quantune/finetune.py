@@ -270,10 +270,11 @@ def add_lora(model, recipe: dict, task_type: str):
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     gc = bool(recipe.get("gradient_checkpointing", True))
+    gc_kwargs = {"use_reentrant": False}  # torch warns (and will fail) when it is not given
     if recipe.get("quantization", "nf4") == "nf4":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=gc_kwargs)
     elif gc:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         model.enable_input_require_grads()
     cfg = LoraConfig(r=recipe["lora_r"], lora_alpha=recipe["lora_alpha"], lora_dropout=recipe["lora_dropout"],
                      target_modules=list(recipe["target_modules"]), bias="none", inference_mode=False,
@@ -557,7 +558,7 @@ def generate_all(model, tok, prompts_ids: list[list[int]], *, batch_size: int, m
     if sample is None:
         kw.update(do_sample=False, num_beams=1)
     else:
-        kw.update(do_sample=True, temperature=sample["temperature"], top_p=sample["top_p"], top_k=0)
+        kw.update(do_sample=True, temperature=sample["temperature"], top_p=sample["top_p"])
     for i in range(0, len(prompts_ids), batch_size):
         chunk = prompts_ids[i:i + batch_size]
         if seq2seq:  # encoder inputs pad on the right

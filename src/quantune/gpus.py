@@ -51,7 +51,7 @@ def host_gpus(environ: dict | None = None) -> tuple[list[str], str]:
             return [str(i) for i in range(int(spec))], "QUANTUNE_GPUS"
         ids = [s.strip() for s in spec.split(",") if s.strip()]
         if not ids or len(set(ids)) != len(ids):
-            raise GpuError(f"QUANTUNE_GPUS={spec!r} is neither a count nor a list of distinct ids; "
+            raise GpuError(f"QUANTUNE_GPUS={spec!r}: neither a count nor a list of distinct ids; "
                            "fix: QUANTUNE_GPUS=4 or QUANTUNE_GPUS=0,1,2,3")
         return ids, "QUANTUNE_GPUS"
     cvd = env.get("CUDA_VISIBLE_DEVICES", "").strip()
@@ -102,8 +102,8 @@ def claim(n: int, wait: float | None = None, environ: dict | None = None,
           poll: float = 0.5) -> tuple[list[str], list[int]]:
     pool, source = host_gpus(environ)
     if n > len(pool):
-        raise GpuError(f"this job asks for {n} GPU(s), this host has {len(pool)} ({source}); fix: lower the "
-                       f"rule's gpu resource, set QUANTUNE_GPUS to this host's GPUs, or run it on a larger host")
+        raise GpuError(f"resources gpu={n}: the job asks for {n} GPU(s), this host has {len(pool)} ({source}); fix: "
+                       "lower the rule's gpu resource, set QUANTUNE_GPUS to this host's GPUs, or use a larger host")
     d = lock_dir(environ)
     t0, told = time.monotonic(), False
     while True:
@@ -114,7 +114,7 @@ def claim(n: int, wait: float | None = None, environ: dict | None = None,
                 os.write(fd, f"{os.getpid()}\n".encode())
             return ids, fds
         if wait is not None and time.monotonic() - t0 >= wait:
-            raise GpuError(f"no {n} free GPU(s) of {','.join(pool)} after {wait:.0f} s (locks in {d}); "
+            raise GpuError(f"{d}: no {n} free GPU(s) of {','.join(pool)} after {wait:.0f} s; "
                            "fix: wait for the other jobs, or raise --wait / QUANTUNE_GPU_WAIT")
         if not told:
             print(f"quantune.gpus: waiting for {n} free GPU(s) of {','.join(pool)} (locks in {d})",
@@ -145,12 +145,12 @@ def held(environ: dict | None = None) -> dict[str, bool]:
 
 def _run(a) -> int:
     if a.gpus < 0:
-        raise GpuError(f"--gpus {a.gpus}: a GPU count is 0 or more; fix: give the rule's resources.gpu")
+        raise GpuError(f"--gpus {a.gpus}: a GPU count is 0 or more; fix: pass the rule's resources.gpu")
     cmd = list(a.command)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
-        raise GpuError("no command given; fix: python -m quantune.gpus run --gpus N -- COMMAND ARGS...")
+        raise GpuError("quantune.gpus run: no command given; fix: python -m quantune.gpus run --gpus N -- COMMAND")
     env = dict(os.environ)
     if a.gpus == 0:  # a CPU job never touches a GPU that a GPU job holds (locally or under SLURM)
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -158,7 +158,7 @@ def _run(a) -> int:
         # SLURM chose the job's GPUs (--gpus=N): keep its CUDA_VISIBLE_DEVICES; only check the count
         have = [s for s in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if s.strip()]
         if len(have) < a.gpus:
-            raise GpuError(f"SLURM job {env['SLURM_JOB_ID']} holds {len(have)} GPU(s) "
+            raise GpuError(f"resources gpu={a.gpus}: SLURM job {env['SLURM_JOB_ID']} holds {len(have)} GPU(s) "
                            f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')!r}), the rule asks for "
                            f"{a.gpus}; fix: submit with --gpus={a.gpus} (resources: gpu={a.gpus})")
     else:
@@ -170,7 +170,7 @@ def _run(a) -> int:
     try:
         os.execvpe(cmd[0], cmd, env)
     except OSError as e:
-        raise GpuError(f"cannot run {cmd[0]!r}: {e.strerror}; fix: check the rule's command")
+        raise GpuError(f"{cmd[0]}: cannot run it ({e.strerror}); fix: check the rule's command")
     return 0  # not reached
 
 

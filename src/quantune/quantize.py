@@ -340,6 +340,39 @@ def _first_window_logits(model, ids, context: int):
         return model(ids[:context].unsqueeze(0).to(device)).logits[0].float().cpu()
 
 
+def kl_reference(model, ids, context: int, max_tokens: int):
+    """log-probabilities (float16, CPU) of the unquantized model on disjoint windows of the first `max_tokens`
+    evaluation tokens: the reference for `kl_divergence`."""
+    import torch
+
+    device = next(model.parameters()).device
+    n = min(max_tokens, ids.numel()) // context * context
+    out = []
+    with torch.no_grad():
+        for b in range(0, n, context):
+            logits = model(ids[b:b + context].unsqueeze(0).to(device)).logits[0].float()
+            out.append(torch.log_softmax(logits, -1).to(torch.float16).cpu())
+    return out
+
+
+def kl_divergence(model, ids, context: int, reference) -> dict:
+    """Mean per-token KL(unquantized || quantized) in nats over the reference windows. Unlike the perplexity
+    change, it is never negative and does not move with the first-order effect of a perturbation (which is
+    large for a small, undertrained model): it measures how far the quantized model's predictions moved."""
+    import torch
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i, ref in enumerate(reference):
+            b = i * context
+            lq = torch.log_softmax(model(ids[b:b + context].unsqueeze(0).to(device)).logits[0].float(), -1).cpu()
+            lp = ref.float()
+            total += (lp.exp() * (lp - lq)).sum(-1).sum().item()
+            count += lp.shape[0]
+    return {"kl_vs_base": total / max(count, 1), "kl_tokens": count}
+
+
 def _collect() -> None:
     """Return the memory of objects the caller has just dropped (model = None) to the OS / CUDA cache."""
     import gc
@@ -532,6 +565,7 @@ def run(recipe_path: str, out: str, cfg: dict) -> dict:
     base_bytes = _weights_bytes(model)
     params = count_parameters(model)
     base = perplexity(model, ids, ctx, stride)
+    kl_ref = kl_reference(model, ids, ctx, recipe.get("kl_tokens", 16384))
     gen_base = generation_speed(model, tok, recipe["prompt"], recipe["gen_tokens"]) if recipe["gen_tokens"] else {}
     extra: dict[str, Any] = {}
     outp = Path(out)
@@ -572,6 +606,7 @@ def run(recipe_path: str, out: str, cfg: dict) -> dict:
                                   device_map={"": device} if method.startswith("bnb") or device == "cuda" else None)
         qmodel.eval()
         quant = perplexity(qmodel, ids, ctx, stride)
+        kl = kl_divergence(qmodel, ids, ctx, kl_ref)
         reload_diff = None
         if ref_logits is not None:
             reload_diff = (_first_window_logits(qmodel, ids, ctx) - ref_logits).abs().max().item()
@@ -590,7 +625,7 @@ def run(recipe_path: str, out: str, cfg: dict) -> dict:
             "eval_dataset": recipe["eval_dataset"], "eval_split": recipe.get("eval_split", "test"),
             "eval_context": ctx, "eval_stride": stride, "eval_tokens_scored": quant["tokens_scored"],
             "ppl_base": base["ppl"], "ppl_quant": quant["ppl"], "ppl_delta": quant["ppl"] - base["ppl"],
-            "ppl_ratio": quant["ppl"] / base["ppl"],
+            "ppl_ratio": quant["ppl"] / base["ppl"], **kl,
             "size_bytes_base": base_bytes, "size_bytes": size, "size_ratio": size / base_bytes,
             "quant_seconds": pk.seconds, "quant_peak_rss_mb": pk.rss_mb, "quant_peak_rss_scope": pk.rss_scope,
             "quant_peak_gpu_mb": pk.gpu_mb, "quant_peak_mem_mb": pk.gpu_mb if pk.gpu_mb is not None else pk.rss_mb,
@@ -603,7 +638,8 @@ def run(recipe_path: str, out: str, cfg: dict) -> dict:
             for i, loss in enumerate(extra.get("_gptq_losses", [])):
                 tb.scalars({"quant/gptq_layer_loss": loss}, i, system=False)
             tb.scalars({"quant/ppl_base": base["ppl"], "quant/ppl": quant["ppl"],
-                        "quant/ppl_delta": metrics["ppl_delta"], "quant/bits": recipe["bits"],
+                        "quant/ppl_delta": metrics["ppl_delta"], "quant/kl_vs_base": kl["kl_vs_base"],
+                        "quant/bits": recipe["bits"],
                         "quant/size_mb": size / 2**20, "quant/size_ratio": metrics["size_ratio"],
                         "quant/seconds": pk.seconds, "quant/peak_mem_mb": metrics["quant_peak_mem_mb"],
                         "eval/ppl": quant["ppl"], "eval/loss": quant["nll"],
@@ -619,7 +655,8 @@ def run(recipe_path: str, out: str, cfg: dict) -> dict:
 COLUMNS = [
     ("target", "target"), ("model", "model"), ("method", "method"), ("backend", "backend"), ("bits", "bits"),
     ("group_size", "group"), ("size_mb", "size MB"), ("size_ratio", "size / base"), ("ppl_base", "ppl base"),
-    ("ppl_quant", "ppl"), ("ppl_delta", "Δppl"), ("ppl_delta_pct", "Δppl %"), ("paper_ppl", "paper ppl"),
+    ("ppl_quant", "ppl"), ("ppl_delta", "Δppl"), ("ppl_delta_pct", "Δppl %"), ("kl_vs_base", "KL vs base"),
+    ("paper_ppl", "paper ppl"),
     ("paper_setting", "paper setting"), ("quant_seconds", "quant s"), ("quant_peak_mem_mb", "peak MB"),
     ("gen_tokens_per_s", "gen tok/s"), ("gen_tokens_per_s_base", "gen tok/s base"),
 ]
@@ -704,7 +741,8 @@ def compare(recipe_path: str, out: str, cfg: dict) -> dict:
         flat: dict[str, Any] = {"target": recipe["name"], "stage": "quant_compare", "scale": cfg["scale"],
                                 "n_targets": len(rows), "n_anchors": len(anchors)}
         for r in rows:
-            for k in ("bits", "ppl_quant", "ppl_delta", "ppl_delta_pct", "size_mb", "quant_seconds", "gen_tokens_per_s"):
+            for k in ("bits", "ppl_quant", "ppl_delta", "ppl_delta_pct", "kl_vs_base", "size_mb", "quant_seconds",
+                      "gen_tokens_per_s"):
                 flat[f"{r['target']}_{k}"] = r[k]
         written = write_metrics(tmp / "metrics.json", flat)
     return written

@@ -5,11 +5,11 @@
 The command launches itself. It first checks the config, the recipe, its ZeRO file, the model and the data set
 (one-line errors, before any process starts), then replaces itself (exec) with the DeepSpeed launcher
 (`python -m deepspeed.launcher.runner`, what the `deepspeed` command runs; it passes a SIGTERM on to the ranks)
-with one rank per GPU, each rank being `python -m quantune.sft --worker ...`. With `--num-gpus 0` (scale tiny) it runs one rank on the CPU
-(`DS_ACCELERATOR=cpu`, gloo). Why the step and not the rule calls the launcher: one checked command for the rule,
-the tests and a user; a free rendezvous port per job (two jobs on one node never share 29500); and the GPUs a
-scheduler assigned (CUDA_VISIBLE_DEVICES, as `srun --gpus=N` sets it) are the ones the ranks use, where
-`deepspeed --num_gpus N` would ignore them and take devices 0..N-1.
+with one rank per GPU, each rank being `python -m quantune.sft --worker ...`. With `--num-gpus 0` (scale tiny)
+it runs one rank on the CPU (`DS_ACCELERATOR=cpu`, gloo, one thread). Why the step and not the rule calls the
+launcher: one checked command for the rule, the tests and a user; a free rendezvous port per job (two jobs on one
+node never share 29500); and the GPUs a scheduler assigned (CUDA_VISIBLE_DEVICES, as `srun --gpus=N` or GPU_RUN
+set it) are the ones the ranks use, where `deepspeed --num_gpus N` would ignore them and take devices 0..N-1.
 
 Each rank runs the Hugging Face Trainer with the recipe's ZeRO config (`deepspeed=`). Text is
 `<template with the prompt><chosen><eos>` ("Human: <prompt> \\n Assistant: <chosen>", as in the seed), labels are
@@ -91,6 +91,11 @@ def check_deepspeed_config(recipe: dict, where: str) -> dict:
         if node != "auto" and node != want:
             raise fail(f"{path}: key {dotted}", f"{node!r} disagrees with the recipe's {want!r}",
                        'set it to "auto" (the recipe decides)')
+    gather = (ds.get("zero_optimization") or {}).get("stage3_gather_16bit_weights_on_model_save", False)
+    if lora and stage == 3 and gather is not True:
+        raise fail(f"{path}: key zero_optimization.stage3_gather_16bit_weights_on_model_save",
+                   "LoRA under ZeRO-3 needs the adapter gathered on save",
+                   "set it to true (recipes/deepspeed/zero3.json does)")
     if (ds.get("fp16") or {}).get("enabled") is True:
         raise fail(f"{path}: key fp16.enabled", "fp16 is not supported by this stage", "use the recipe's bf16 key")
     return ds
@@ -155,7 +160,8 @@ def encode_pair(tok, prompt: str, response: str, template: str, max_len: int, ma
     The pieces are tokenized separately, so the prompt ends exactly where an inference prompt ends
     ("... Assistant: ") and the prompt/response boundary is exact. Too long: the prompt is cut at its end
     (its head, with the instruction, stays; the template's tail always stays), the response keeps at least
-    half of the tokens left beside the template's tail; a cut response gets no eos. Labels: the ids, with the prompt set to -100 when mask_prompt (padding is the collator's)."""
+    half of the tokens left beside the template's tail; a cut response gets no eos. Labels: the ids, with the
+    prompt set to -100 when mask_prompt (padding is the collator's)."""
     head, tail = template.split("{prompt}", 1)
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     a, b, c = enc(head + prompt), enc(tail), enc(response)
@@ -210,7 +216,8 @@ def prepare_data(cfg: dict, recipe: dict, tok):
     rows = dedupe_pairs(loaded) if recipe["dedupe"] else loaded
     train, evl = split_rows(rows, recipe["eval_fraction"], recipe["seed"])
     train, evl = tokenize(train, tok, recipe), tokenize(evl, tok, recipe)
-    stats = {"rows_split": len(loaded), "rows_duplicate_pairs_dropped": len(loaded) - len(rows), "rows_train": len(train), "rows_eval": len(evl),
+    stats = {"rows_split": len(loaded), "rows_duplicate_pairs_dropped": len(loaded) - len(rows),
+             "rows_train": len(train), "rows_eval": len(evl),
              "rows_truncated_train": int(sum(train["truncated"])),
              "tokens_mean_train": sum(map(len, train["input_ids"])) / max(len(train), 1),
              "label_tokens_train": sum(sum(1 for x in lab if x != IGNORE) for lab in train["labels"])}
@@ -317,15 +324,7 @@ def _finalize_model(trainer, tok, out: Path, recipe: dict, model_source: str, tr
     if not is_main:
         return final
     weights = list(staging.glob("*.safetensors")) + list(staging.glob("pytorch_model*.bin"))
-    if not weights and any(staging.glob("global_step*")):
-        # stage3_gather_16bit_weights_on_model_save=false: consolidate the ZeRO shards to fp32 weights
-        from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
-
-        convert_zero_checkpoint_to_fp32_state_dict(str(staging), str(staging), safe_serialization=True)
-        for p in staging.glob("global_step*"):
-            shutil.rmtree(p)
-        for name in ("latest", "zero_to_fp32.py"):
-            (staging / name).unlink(missing_ok=True)
+    sharded = not weights and any(staging.glob("global_step*"))
     with atomic_dir(final) as tmp:
         if recipe["only_optimize_lora"]:
             from peft import PeftModel
@@ -336,6 +335,20 @@ def _finalize_model(trainer, tok, out: Path, recipe: dict, model_source: str, tr
             merged = PeftModel.from_pretrained(base, str(staging)).merge_and_unload()
             merged.config.use_cache = True
             merged.save_pretrained(tmp, safe_serialization=True)
+        elif sharded:
+            # stage3_gather_16bit_weights_on_model_save=false: the Trainer saved ZeRO shards; consolidate them
+            # to fp32 with DeepSpeed's zero_to_fp32 into the model class (save_pretrained handles tied weights)
+            import torch
+            from deepspeed.utils.zero_to_fp32 import load_state_dict_from_zero_checkpoint
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            mcfg = AutoConfig.from_pretrained(str(staging), trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_config(mcfg, dtype=torch.float32, trust_remote_code=trust_remote_code)
+            model = load_state_dict_from_zero_checkpoint(model, str(staging))
+            model.save_pretrained(tmp, safe_serialization=True)
+            for p in staging.iterdir():
+                if p.is_file() and p.suffix == ".json" and not (tmp / p.name).exists():
+                    shutil.move(str(p), tmp / p.name)
         else:
             for p in staging.iterdir():
                 if p.name != "training_args.bin":
@@ -445,15 +458,12 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
         callbacks += [trainer_callback(writer), EvalPerplexity()]
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=coll,
                       processing_class=tok, callbacks=callbacks)
-    start_step = int(json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"]) if resume_from else 0
+    resumed = json.loads((Path(resume_from) / "trainer_state.json").read_text()) if resume_from else {}
+    start_step, tokens_before = int(resumed.get("global_step", 0)), int(resumed.get("num_input_tokens_seen") or 0)
     if is_main:
         print(f"world size {args.world_size}, device {args.device}, ZeRO config {recipe['deepspeed_config']}, "
               f"train {len(train_ds)} / eval {len(eval_ds)} rows"
               + (f", resuming from {resume_from}" if resume_from else ""), flush=True)
-    tokens_before = 0
-    if resume_from:
-        tokens_before = int(json.loads((Path(resume_from) / "trainer_state.json").read_text())
-                            .get("num_input_tokens_seen", 0) or 0)
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     train_s = time.time() - t0
@@ -500,6 +510,7 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
         "saved_model_eval_loss": saved_loss, "saved_model_eval_ppl": _safe_exp(saved_loss),
         "model_dir": str(final),
         "train_loss": result.training_loss, "train_seconds": train_s,
+        # non-padding tokens over the wall time of trainer.train() (per-epoch eval and checkpoints included)
         "train_tokens": tokens, "train_tokens_per_s": (tokens - tokens_before) / max(train_s, 1e-9),
         "peak_mem_mb": peak, **params,
     }
