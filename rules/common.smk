@@ -145,5 +145,38 @@ def _report_inputs_file():
     digest = _report_stamp()
     if not f.is_file() or f.read_text().strip() != digest:
         f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_text(digest + "\n")
+        f.write_text(f"{digest}\n")
     return str(f)
+
+
+# ---- the GGUF chain's cross-recipe references (rules/gguf.smk), checked before any job runs ----
+_GGUF_REFS = {  # stage: (key, stages the referenced target may have)
+    "merge": [("adapter", ("lora_sft",))],
+    "gguf_convert": [("merged", ("merge",))],
+    "gguf_quantize": [("gguf", ("gguf_convert",))],
+    "gguf_eval": [("ggufs", ("gguf_convert", "gguf_quantize")), ("reference", ("merge",))],
+}
+
+
+def _check_gguf_refs():
+    for name, r in sorted(RECIPES.items()):
+        for key, stages in _GGUF_REFS.get(r["stage"], []):
+            refs = r[key] if isinstance(r[key], list) else [r[key]]
+            for ref in refs:
+                if ref not in RECIPES or RECIPES[ref]["stage"] not in stages:
+                    found = f"a {RECIPES[ref]['stage']} recipe" if ref in RECIPES else "no recipe"
+                    raise QuantuneError(
+                        f"{recipe_path(name)}: key {key}: {ref!r} is {found}; fix: name a recipe of stage "
+                        f"{' or '.join(stages)} ({', '.join(n for s in stages for n in recipes_of(s)) or 'none yet'})"
+                    )
+
+
+try:
+    _check_gguf_refs()
+except QuantuneError as _e:
+    sys.stderr.write(f"quantune: error: {_e}\n")
+    sys.exit(1)
+
+
+def _done(target):
+    return f"{RES}/{target}/metrics.json"

@@ -5,37 +5,6 @@
 # Each recipe names the target it reads (adapter / merged / gguf / ggufs + reference); those references are
 # checked here, before any job runs.
 
-_GGUF_REFS = {  # stage: (key, stages the referenced target may have)
-    "merge": [("adapter", ("lora_sft",))],
-    "gguf_convert": [("merged", ("merge",))],
-    "gguf_quantize": [("gguf", ("gguf_convert",))],
-    "gguf_eval": [("ggufs", ("gguf_convert", "gguf_quantize")), ("reference", ("merge",))],
-}
-
-
-def _check_gguf_refs():
-    for name, r in sorted(RECIPES.items()):
-        for key, stages in _GGUF_REFS.get(r["stage"], []):
-            refs = r[key] if isinstance(r[key], list) else [r[key]]
-            for ref in refs:
-                if ref not in RECIPES or RECIPES[ref]["stage"] not in stages:
-                    found = f"a {RECIPES[ref]['stage']} recipe" if ref in RECIPES else "no recipe"
-                    raise QuantuneError(
-                        f"{recipe_path(name)}: key {key}: {ref!r} is {found}; fix: name a recipe of stage "
-                        f"{' or '.join(stages)} ({', '.join(n for s in stages for n in recipes_of(s)) or 'none yet'})"
-                    )
-
-
-try:
-    _check_gguf_refs()
-except QuantuneError as _e:
-    sys.stderr.write(f"quantune: error: {_e}\n")
-    sys.exit(1)
-
-
-def _done(target):
-    return f"{RES}/{target}/metrics.json"
-
 
 rule merge:
     input:
@@ -45,15 +14,12 @@ rule merge:
         recipe=lambda w: recipe_path(w.name),
     output:
         f"{RES}/{{name}}/metrics.json",
-    wildcard_constraints:
-        name="|".join(recipes_of("merge")) or "no-merge-recipes",
-    params:
-        cfg=CONFIG_JSON,
-        out=lambda w: f"{RES}/{w.name}",
     log:
         f"{RES}/logs/{{name}}.log",
     benchmark:
         f"{RES}/benchmarks/{{name}}.tsv"
+    wildcard_constraints:
+        name="|".join(recipes_of("merge")) or "no-merge-recipes",
     conda:
         f"{ENVS}/llamacpp.yaml"
     container:
@@ -63,6 +29,9 @@ rule merge:
         mem_mb=lambda w: 3000 if SCALE == "tiny" else 24000,
         runtime=lambda w: 10 if SCALE == "tiny" else 60,
         gpu=lambda w: gpu_count(w.name),
+    params:
+        cfg=CONFIG_JSON,
+        out=lambda w: f"{RES}/{w.name}",
     shell:
         "export OMP_NUM_THREADS={threads}; "
         + GPU_RUN
@@ -77,15 +46,12 @@ rule gguf_convert:
         recipe=lambda w: recipe_path(w.name),
     output:
         f"{RES}/{{name}}/metrics.json",
-    wildcard_constraints:
-        name="|".join(recipes_of("gguf_convert")) or "no-gguf_convert-recipes",
-    params:
-        cfg=CONFIG_JSON,
-        out=lambda w: f"{RES}/{w.name}",
     log:
         f"{RES}/logs/{{name}}.log",
     benchmark:
         f"{RES}/benchmarks/{{name}}.tsv"
+    wildcard_constraints:
+        name="|".join(recipes_of("gguf_convert")) or "no-gguf_convert-recipes",
     conda:
         f"{ENVS}/llamacpp.yaml"
     container:
@@ -95,6 +61,9 @@ rule gguf_convert:
         mem_mb=lambda w: 3000 if SCALE == "tiny" else 16000,
         runtime=lambda w: 10 if SCALE == "tiny" else 60,
         gpu=lambda w: gpu_count(w.name),
+    params:
+        cfg=CONFIG_JSON,
+        out=lambda w: f"{RES}/{w.name}",
     shell:
         "export OMP_NUM_THREADS={threads}; "
         + GPU_RUN
@@ -108,15 +77,12 @@ rule gguf_quantize:
         recipe=lambda w: recipe_path(w.name),
     output:
         f"{RES}/{{name}}/metrics.json",
-    wildcard_constraints:
-        name="|".join(recipes_of("gguf_quantize")) or "no-gguf_quantize-recipes",
-    params:
-        cfg=CONFIG_JSON,
-        out=lambda w: f"{RES}/{w.name}",
     log:
         f"{RES}/logs/{{name}}.log",
     benchmark:
         f"{RES}/benchmarks/{{name}}.tsv"
+    wildcard_constraints:
+        name="|".join(recipes_of("gguf_quantize")) or "no-gguf_quantize-recipes",
     conda:
         f"{ENVS}/llamacpp.yaml"
     container:
@@ -126,8 +92,11 @@ rule gguf_quantize:
         mem_mb=lambda w: 2000 if SCALE == "tiny" else 8000,
         runtime=lambda w: 10 if SCALE == "tiny" else 60,
         gpu=lambda w: gpu_count(w.name),
+    params:
+        cfg=CONFIG_JSON,
+        out=lambda w: f"{RES}/{w.name}",
     shell:
-        GPU_RUN + "python -m quantune.export quantize --recipe {input.recipe} --out {params.out}"
+        f"{GPU_RUN}python -m quantune.export quantize --recipe {{input.recipe}} --out {{params.out}}"
         " --config-json {params.cfg:q} > {log} 2>&1"
 
 
@@ -139,15 +108,12 @@ rule gguf_evaluate:
         recipe=lambda w: recipe_path(w.name),
     output:
         f"{RES}/{{name}}/metrics.json",
-    wildcard_constraints:
-        name="|".join(recipes_of("gguf_eval")) or "no-gguf_eval-recipes",
-    params:
-        cfg=CONFIG_JSON,
-        out=lambda w: f"{RES}/{w.name}",
     log:
         f"{RES}/logs/{{name}}.log",
     benchmark:
         f"{RES}/benchmarks/{{name}}.tsv"
+    wildcard_constraints:
+        name="|".join(recipes_of("gguf_eval")) or "no-gguf_eval-recipes",
     conda:
         f"{ENVS}/llamacpp.yaml"
     container:
@@ -157,6 +123,9 @@ rule gguf_evaluate:
         mem_mb=lambda w: 4000 if SCALE == "tiny" else 32000,
         runtime=lambda w: 20 if SCALE == "tiny" else 120,
         gpu=lambda w: gpu_count(w.name),
+    params:
+        cfg=CONFIG_JSON,
+        out=lambda w: f"{RES}/{w.name}",
     shell:
         "export OMP_NUM_THREADS={threads}; "
         + GPU_RUN

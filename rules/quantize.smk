@@ -17,77 +17,73 @@ except QuantuneError as _e:
     sys.exit(1)
 
 
-def quant_recipes(gptqmodel):
-    return [n for n in recipes_of("quantize") if (backend_of(RECIPES[n]) == "gptqmodel") == gptqmodel]
-
-
-def quant_inputs(name):
-    """The model, the calibration data (calibrated methods) and the evaluation data, where they are local."""
-    r = RECIPES[name]
-    out = {"model": model_input(name), "eval": dataset_input(name, "eval_dataset"), "recipe": recipe_path(name)}
-    if "calibration_dataset" in r:
-        out["calibration"] = dataset_input(name, "calibration_dataset")
-    return out
-
-
-def quant_mem_mb(name):
-    return 4000 if SCALE == "tiny" else int(RECIPES[name].get("mem_mb", 64000))
-
-
 rule quantize:
     input:
-        unpack(lambda w: quant_inputs(w.name)),
+        model=lambda w: model_input(w.name),
+        calibration=lambda w: (
+            dataset_input(w.name, "calibration_dataset") if "calibration_dataset" in RECIPES[w.name] else []
+        ),
+        eval=lambda w: dataset_input(w.name, "eval_dataset"),
+        recipe=lambda w: recipe_path(w.name),
     output:
         f"{RES}/{{name}}/metrics.json",
-    wildcard_constraints:
-        name="|".join(quant_recipes(False)) or "no-quantize-recipes",
-    params:
-        cfg=CONFIG_JSON,
-        out=lambda w: f"{RES}/{w.name}",
     log:
         f"{RES}/logs/{{name}}.log",
     benchmark:
         f"{RES}/benchmarks/{{name}}.tsv"
+    wildcard_constraints:
+        name="|".join(n for n in recipes_of("quantize") if backend_of(RECIPES[n]) != "gptqmodel")
+        or "no-quantize-recipes",
     conda:
         f"{ENVS}/quantize.yaml"
     container:
         image_of("quantize")
-    threads: 2
+    # tiny: two CPU jobs side by side on 2 cores (Snakemake sets OMP_NUM_THREADS to the rule's threads)
+    threads: lambda w: 1 if SCALE == "tiny" else 8
     resources:
-        mem_mb=lambda w: quant_mem_mb(w.name),
+        mem_mb=lambda w: 4000 if SCALE == "tiny" else int(RECIPES[w.name].get("mem_mb", 64000)),
         runtime=lambda w: 30 if SCALE == "tiny" else 240,
         gpu=lambda w: gpu_count(w.name),
+    params:
+        cfg=CONFIG_JSON,
+        out=lambda w: f"{RES}/{w.name}",
     shell:
-        "export OMP_NUM_THREADS={threads}; " + GPU_RUN + "python -m quantune.quantize --recipe {input.recipe}"
-        " --out {params.out} --config-json {params.cfg:q} > {log} 2>&1"
+        f"{GPU_RUN}python -m quantune.quantize --recipe {{input.recipe}} --out {{params.out}}"
+        " --config-json {params.cfg:q} > {log} 2>&1"
 
 
 rule quantize_gptqmodel:
     input:
-        unpack(lambda w: quant_inputs(w.name)),
+        model=lambda w: model_input(w.name),
+        calibration=lambda w: (
+            dataset_input(w.name, "calibration_dataset") if "calibration_dataset" in RECIPES[w.name] else []
+        ),
+        eval=lambda w: dataset_input(w.name, "eval_dataset"),
+        recipe=lambda w: recipe_path(w.name),
     output:
         f"{RES}/{{name}}/metrics.json",
-    wildcard_constraints:
-        name="|".join(quant_recipes(True)) or "no-quantize_gptqmodel-recipes",
-    params:
-        cfg=CONFIG_JSON,
-        out=lambda w: f"{RES}/{w.name}",
     log:
         f"{RES}/logs/{{name}}.log",
     benchmark:
         f"{RES}/benchmarks/{{name}}.tsv"
+    wildcard_constraints:
+        name="|".join(n for n in recipes_of("quantize") if backend_of(RECIPES[n]) == "gptqmodel")
+        or "no-quantize_gptqmodel-recipes",
     conda:
         f"{ENVS}/gptqmodel.yaml"
     container:
         image_of("gptqmodel")
-    threads: 2
+    threads: 8
     resources:
-        mem_mb=lambda w: quant_mem_mb(w.name),
+        mem_mb=lambda w: 4000 if SCALE == "tiny" else int(RECIPES[w.name].get("mem_mb", 64000)),
         runtime=lambda w: 30 if SCALE == "tiny" else 240,
         gpu=lambda w: max(1, gpu_count(w.name)),
+    params:
+        cfg=CONFIG_JSON,
+        out=lambda w: f"{RES}/{w.name}",
     shell:
-        "export OMP_NUM_THREADS={threads}; " + GPU_RUN + "python -m quantune.quantize --recipe {input.recipe}"
-        " --out {params.out} --config-json {params.cfg:q} > {log} 2>&1"
+        f"{GPU_RUN}python -m quantune.quantize --recipe {{input.recipe}} --out {{params.out}}"
+        " --config-json {params.cfg:q} > {log} 2>&1"
 
 
 rule quantize_compare:
@@ -99,15 +95,12 @@ rule quantize_compare:
         f"{RES}/{{name}}/compare.md",
         f"{RES}/{{name}}/compare.csv",
         f"{RES}/{{name}}/compare.png",
-    wildcard_constraints:
-        name="|".join(recipes_of("quant_compare")) or "no-quant_compare-recipes",
-    params:
-        cfg=CONFIG_JSON,
-        out=lambda w: f"{RES}/{w.name}",
     log:
         f"{RES}/logs/{{name}}.log",
     benchmark:
         f"{RES}/benchmarks/{{name}}.tsv"
+    wildcard_constraints:
+        name="|".join(recipes_of("quant_compare")) or "no-quant_compare-recipes",
     conda:
         f"{ENVS}/quantize.yaml"
     container:
@@ -116,6 +109,9 @@ rule quantize_compare:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        cfg=CONFIG_JSON,
+        out=lambda w: f"{RES}/{w.name}",
     shell:
         "python -m quantune.quantize --recipe {input.recipe} --out {params.out} --config-json {params.cfg:q}"
         " > {log} 2>&1"

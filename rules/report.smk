@@ -18,11 +18,6 @@ rule report:
         md=f"{RES}/REPORT.md",
         html=f"{RES}/report/index.html",
         figures=directory(f"{RES}/report/figures"),
-    params:
-        results=lambda w, output: str(Path(output.md).parent),
-        scale=SCALE,
-        stages=json.dumps({n: r["stage"] for n, r in sorted(RECIPES.items())}, sort_keys=True),
-        png=f"{RES}/report/tensorboard.png",
     log:
         f"{RES}/logs/report.log",
     benchmark:
@@ -34,6 +29,11 @@ rule report:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        results=lambda w, output: str(Path(output.md).parent),
+        scale=SCALE,
+        stages=json.dumps({n: r["stage"] for n, r in sorted(RECIPES.items())}, sort_keys=True),
+        png=f"{RES}/report/tensorboard.png",
     shell:
         "python -m quantune.report build --results {params.results} --scale {params.scale} --recipe-stages {params.stages:q} --md {output.md}"
         " --html {output.html} --figures {output.figures} --tensorboard-png {params.png} > {log} 2>&1"
@@ -46,9 +46,6 @@ rule report:
 rule tensorboard_screenshot:
     output:
         f"{RES}/report/tensorboard.png",
-    params:
-        logdir=lambda w, output: str(Path(output[0]).parent.parent),
-        run="^tiny_world/models/opt/tb$" if SCALE == "tiny" else ".*",
     log:
         f"{RES}/logs/tensorboard_screenshot.log",
     benchmark:
@@ -60,6 +57,9 @@ rule tensorboard_screenshot:
     resources:
         mem_mb=3000,
         runtime=10,
+    params:
+        logdir=lambda w, output: str(Path(output[0]).parent.parent),
+        run="^tiny_world/models/opt/tb$" if SCALE == "tiny" else ".*",
     shell:
         "python -m quantune.report tensorboard-screenshot --logdir {params.logdir} --run {params.run:q}"
         " --out {output} > {log} 2>&1"

@@ -130,19 +130,35 @@ def test_compare_without_trained_adapters_says_what_to_build(tmp_path, tiny_worl
     assert main is not None
 
 
+def test_chatglm3_jobs_get_their_pinned_env_at_full_scale_only():
+    from quantune.common import QuantuneError
+    from quantune.config import load_config, load_recipes
+    from quantune.finetune import adapter_targets, check_sft_recipe, workflow_env
+
+    for scale, env in (("tiny", "finetune"), ("full", "chatglm3")):
+        cfg = load_config(overrides={"scale": scale})
+        recipes = load_recipes(cfg)
+        for n in ("qlora_chatglm_steps100", "qlora_chatglm_linear", "qlora_chatglm_cosine", "qlora_compare"):
+            assert workflow_env(recipes[n], scale) == env, (n, scale)
+        assert adapter_targets(recipes, "qlora_compare", "r") == ["qlora_chatglm_linear", "qlora_chatglm_cosine"]
+    # this venv's transformers cannot run ChatGLM3's remote code: a full-scale run here stops before loading
+    with pytest.raises(QuantuneError, match=r"key env: chatglm3 remote code needs transformers 4\.40\.0 "
+                                            r"\(envs/chatglm3\.yaml\), this Python has 5\."):
+        check_sft_recipe(cfg, recipes["qlora_chatglm_linear"], "recipes/qlora_chatglm_linear.yaml")
+    recipes["qlora_compare"]["adapters"]["extra"] = "eval_opt67b"
+    with pytest.raises(QuantuneError, match="key adapters.extra: 'eval_opt67b' is not a lora_sft recipe; fix: use"):
+        adapter_targets(recipes, "qlora_compare", "recipes/qlora_compare.yaml")
+
+
 # ---------------------------------------------------------------- QLoRA, killed and resumed
 
 @pytest.mark.slow
-def test_steps100_killed_after_a_checkpoint_resumes_from_it(tiny_world, results_root):
+def test_steps100_killed_after_a_checkpoint_resumes_from_it(tiny_world, results_root, tmp_path):
     from quantune.finetune import checkpoint_dir
 
-    out = results_root / "qlora_chatglm_steps100"
+    # a private output directory: the shared results/qlora_chatglm_steps100 target is left alone
+    out = tmp_path / "qlora_chatglm_steps100"
     ckpts = checkpoint_dir(out)
-    for p in (out, ckpts):
-        if p.exists():
-            import shutil
-
-            shutil.rmtree(p)
     recipe = yaml.safe_load(STEPS100.read_text())
     save_steps, max_steps = recipe["tiny"]["save_steps"], recipe["tiny"]["max_steps"]
 
@@ -196,10 +212,10 @@ def test_adapters_train_and_beat_the_untuned_base(tiny_world, results_root):
         lrs = [v for _, v in sorted(tags["train/lr"])]
         assert max(lrs) <= m["learning_rate"] * 1.0001 and lrs[-1] < 0.2 * m["learning_rate"], (name, lrs)
     c = json.loads((results_root / "qlora_compare" / "metrics.json").read_text())
-    for lab in ("linear", "cosine"):
-        for metric in ("bleu4", "rougeL"):
+    for lab in ("linear", "cosine"):  # x100 scores; the untuned base writes no ad copy at all
+        for metric, margin in (("bleu4", 0.5), ("rougeL", 5.0)):
             tuned, base = c[f"{lab}_greedy_{metric}"], c[f"base_greedy_{metric}"]
-            assert tuned > base + 1.0 and tuned > 2 * base, (lab, metric, tuned, base)
+            assert tuned > base + margin and tuned > 3 * base, (lab, metric, tuned, base)
     assert c["num_prompts"] == 32 and c["split"] == "test"
     md = (results_root / "qlora_compare" / "comparison.md").read_text()
     assert "| base | greedy |" in md and "| cosine | sampled |" in md and "## Side by side (greedy)" in md
@@ -216,7 +232,7 @@ def test_adapters_train_and_beat_the_untuned_base(tiny_world, results_root):
 def test_seq2seq_alpaca_plain_lora(tmp_path, tiny_world, results_root):
     r = {"stage": "lora_sft", "model": "mt0-large", "dataset": "alpaca", "prompt_template": "alpaca",
          "quantization": "none", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q", "v"],
-         "max_steps": 6, "learning_rate": 0.003, "lr_scheduler_type": "cosine", "warmup_ratio": 0.0,
+         "max_steps": 8, "learning_rate": 0.003, "lr_scheduler_type": "cosine", "warmup_ratio": 0.0,
          "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
          "max_input_length": 96, "max_output_length": 32, "max_eval_samples": 16, "logging_steps": 1,
          "save_steps": 3, "seed": 0}
@@ -227,6 +243,13 @@ def test_seq2seq_alpaca_plain_lora(tmp_path, tiny_world, results_root):
     assert proc.returncode == 0, log[-4000:]
     m = json.loads((tmp_path / "lora_mt0_alpaca" / "metrics.json").read_text())
     assert m["task_type"] == "SEQ_2_SEQ_LM" and m["quantization"] == "none" and m["data_format"] == "alpaca"
-    assert m["global_step"] == 6 and m["eval_loss"] > 0 and m["train_loss_last"] < m["train_loss_first"], m
-    cfg = json.loads((tmp_path / "lora_mt0_alpaca" / "adapter" / "adapter_config.json").read_text())
+    assert m["global_step"] == 8 and 0 < m["eval_loss"] < 20 and m["train_rows"] > 0, m
+    adapter = tmp_path / "lora_mt0_alpaca" / "adapter"
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert cfg["task_type"] == "SEQ_2_SEQ_LM" and sorted(cfg["target_modules"]) == ["q", "v"]
+    from safetensors.torch import load_file
+
+    # LoRA's B matrices start at zero: 8 steps of training moved them, in the encoder and the decoder
+    w = load_file(str(adapter / "adapter_model.safetensors"))
+    moved = {k.split(".")[2] for k, v in w.items() if "lora_B" in k and float(v.abs().max()) > 0}
+    assert moved == {"encoder", "decoder"}, sorted(w)[:6]

@@ -745,6 +745,37 @@ def _markdown(rc, metrics, scores, train_m, trained, table, systems) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ================================================================ workflow helpers (rules/finetune.smk)
+
+def workflow_env(recipe: dict, scale: str) -> str:
+    """The env (envs/<env>.yaml, its image) a recipe's job runs in. THUDM/chatglm3-6b's remote code runs only on
+    the transformers that envs/chatglm3.yaml pins (recipes say `env: chatglm3`); at tiny scale the same code runs
+    on the tiny native-GLM model, which needs the project's current stack (envs/finetune.yaml)."""
+    return "chatglm3" if scale == "full" and recipe.get("env") == "chatglm3" else "finetune"
+
+
+def workflow_runtime(recipe: dict, scale: str) -> int:
+    """Minutes. Seed 000 on one RTX 4090: 100 steps 8 min, one AdvertiseGen epoch (1,791 / 1,194 steps) 2.2 h;
+    the limits leave room for a slower GPU, the held-out evaluation and the model download."""
+    if scale == "tiny":
+        return 30
+    if recipe["stage"] == "lora_compare":
+        return 180
+    return 120 if recipe.get("max_steps") else 720
+
+
+def adapter_targets(recipes: dict, name: str, where: str) -> list[str]:
+    """The lora_sft targets a lora_compare recipe reads; anything else stops the workflow with one line."""
+    out = []
+    for label, target in recipes[name]["adapters"].items():
+        if recipes.get(target, {}).get("stage") != "lora_sft":
+            known = sorted(n for n, r in recipes.items() if r.get("stage") == "lora_sft")
+            raise fail(f"{where}: key adapters.{label}", f"{target!r} is not a lora_sft recipe",
+                       f"use one of: {', '.join(known)}")
+        out.append(target)
+    return out
+
+
 # ================================================================ CLI
 
 def _cmd(a) -> None:

@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import csv
 import io
-import math
 import os
 import re
 import time
