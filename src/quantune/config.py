@@ -244,6 +244,16 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE override (dotted keys)")
 
 
+def stage_parser(module: str, doc: str, func) -> argparse.ArgumentParser:
+    """The parser every stage command starts from: --recipe, --out and the config options."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.splitlines()[0])
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--out", required=True)
+    add_config_args(p)
+    p.set_defaults(func=func)
+    return p
+
+
 def config_from_args(a) -> dict:
     import json
 

@@ -168,13 +168,9 @@ def _cmd(a) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import add_config_args
+    from .config import stage_parser
 
-    p = argparse.ArgumentParser(prog="python -m quantune.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--recipe", required=True)
-    p.add_argument("--out", required=True)
-    add_config_args(p)
-    p.set_defaults(func=_cmd)
+    p = stage_parser("quantune.evaluate", __doc__, _cmd)
     return p
 
 

@@ -796,15 +796,11 @@ def _cmd(a) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import add_config_args
+    from .config import stage_parser
 
-    p = argparse.ArgumentParser(prog="python -m quantune.finetune", description=__doc__.splitlines()[0])
+    p = stage_parser("quantune.finetune", __doc__, _cmd)
     p.add_argument("action", nargs="?", choices=["train", "compare"],
                    help="train (lora_sft) or compare (lora_compare); default: from the recipe's stage")
-    p.add_argument("--recipe", required=True)
-    p.add_argument("--out", required=True)
-    add_config_args(p)
-    p.set_defaults(func=_cmd)
     return p
 
 

@@ -246,15 +246,11 @@ def _cmd(a) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import add_config_args
+    from .config import stage_parser
 
-    p = argparse.ArgumentParser(prog="python -m quantune.gguf_eval", description=__doc__.splitlines()[0])
-    p.add_argument("--recipe", required=True)
-    p.add_argument("--out", required=True)
+    p = stage_parser("quantune.gguf_eval", __doc__, _cmd)
     p.add_argument("--gguf", action="append", default=[], help="TARGET=FILE: use this GGUF for a target of ggufs")
     p.add_argument("--reference", default=None, help="use this transformers model directory as the reference")
-    add_config_args(p)
-    p.set_defaults(func=_cmd)
     return p
 
 

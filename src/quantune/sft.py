@@ -592,16 +592,12 @@ def _cmd(a) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import add_config_args
+    from .config import stage_parser
 
-    p = argparse.ArgumentParser(prog="python -m quantune.sft", description=__doc__.splitlines()[0])
-    p.add_argument("--recipe", required=True)
-    p.add_argument("--out", required=True)
+    p = stage_parser("quantune.sft", __doc__, _cmd)
     p.add_argument("--num-gpus", type=int, default=None,
                    help="ranks (one per GPU); 0 = one CPU rank; default: 0 at scale tiny, the recipe's gpus at full")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    add_config_args(p)
-    p.set_defaults(func=_cmd)
     return p
 
 
