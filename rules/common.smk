@@ -32,9 +32,12 @@ TW = tiny_world_dir(CFG)
 CONFIG_JSON = json.dumps(CFG, sort_keys=True)
 ENVS = str(Path(workflow.basedir) / "envs")
 
-# every step is `python -m quantune.<stage>` from this checkout's src/
+# every step is `python -m quantune.<stage>` from this checkout's src/, run by the Python that runs Snakemake
+# (the project's .venv, even when it is not activated) unless a conda env is active (--use-conda)
+VENV_BIN = str(Path(sys.executable).parent)
 shell.prefix(
     f"set -euo pipefail; export PYTHONPATH={Path(workflow.basedir) / 'src'}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+    f'[ -n "${{{{CONDA_PREFIX:-}}}}" ] || export PATH="{VENV_BIN}:$PATH"; '
 )
 
 # Issue 8, per-job GPUs: the shell command of a step starts with GPU_RUN (see rules/evaluate.smk). The step
