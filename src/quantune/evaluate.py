@@ -128,15 +128,12 @@ def run(recipe_path: str, out: str, cfg: dict) -> dict:
     import torch
 
     from .config import load_recipe, resolve_model
-    from .models import count_parameters, load_model
+    from .models import count_parameters, load_model, pick_device
     from .tb import TBWriter, peak_memory_mb
 
     recipe = load_recipe(recipe_path, cfg)
     m = resolve_model(cfg, recipe["model"])
-    device = "cuda" if recipe.get("device", "auto") in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-    if recipe.get("device") == "cuda" and device != "cuda":
-        raise fail(f"{recipe_path}: key device", "cuda requested but no GPU is visible",
-                   "run on a GPU node (resources: gpu=1) or set device: auto")
+    device = pick_device(recipe, recipe_path)
     dtype = recipe.get("dtype", "float32") if device == "cuda" else "float32"
     t0 = time.time()
     model, tok = load_model(m["source"], trust_remote_code=m["trust_remote_code"], dtype=dtype)

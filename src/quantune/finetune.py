@@ -199,14 +199,7 @@ def _dtype_kwarg() -> str:
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
-def pick_device(recipe: dict, where: str) -> str:
-    import torch
-
-    want = recipe.get("device", "auto")
-    if want == "cuda" and not torch.cuda.is_available():
-        raise fail(f"{where}: key device", "cuda requested but no GPU is visible",
-                   "run on a GPU node (resources: gpu=1) or set device: auto")
-    return "cuda" if want in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+from .models import pick_device  # noqa: E402  (shared with the other stages)
 
 
 def compute_dtype(recipe: dict, device: str):

@@ -144,6 +144,17 @@ def load_model(source: str, *, trust_remote_code: bool = False, dtype=None, devi
     return model, tok
 
 
+def pick_device(recipe: dict, where: str) -> str:
+    """The recipe's `device` (auto | cpu | cuda) on this machine; cuda without a GPU is one clear error."""
+    import torch
+
+    want = recipe.get("device", "auto")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise fail(f"{where}: key device", "cuda requested but no GPU is visible",
+                   "run on a GPU node (resources: gpu=1) or set device: auto")
+    return "cuda" if want in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+
+
 def count_parameters(model) -> dict[str, float]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

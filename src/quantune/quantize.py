@@ -306,14 +306,7 @@ def _vm_hwm_mb() -> float:
     return peak_memory_mb()
 
 
-def _device(recipe: dict, where: str) -> str:
-    import torch
-
-    want = recipe.get("device", "auto")
-    if want == "cuda" and not torch.cuda.is_available():
-        raise fail(f"{where}: key device", "cuda requested but no GPU is visible",
-                   "run on a GPU node (resources: gpu=1) or set device: auto")
-    return "cuda" if want in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+from .models import pick_device as _device  # noqa: E402  (shared with the other stages)
 
 
 def _weights_bytes(model) -> int:
