@@ -126,7 +126,8 @@ def test_missing_calibration_data_fails_before_any_model_is_loaded(tiny_world, t
     monkeypatch.setattr(quantune.models, "load_model", no_load)
     empty = tmp_path / "c4_copy"
     empty.mkdir()
-    cfg = load_config(overrides={"datasets.c4.path": str(empty)})
+    results = {"tiny": str(tiny_world.parent), "full": str(tiny_world.parent / "full")}
+    cfg = load_config(overrides={"datasets.c4.path": str(empty), "results": results})
     with pytest.raises(QuantuneError) as e:
         run(str(ROOT / "recipes" / "gptq_opt67b.yaml"), str(tmp_path / "out"), cfg)
     assert str(e.value) == (f"{empty}: no train.jsonl or train.json in the directory; "
@@ -134,6 +135,18 @@ def test_missing_calibration_data_fails_before_any_model_is_loaded(tiny_world, t
     assert not (tmp_path / "out").exists()
     with pytest.raises(QuantuneError, match=r"key datasets.c4.path: /nonexistent/c4 does not exist"):
         load_config(overrides={"datasets.c4.path": "/nonexistent/c4"})
+
+
+def test_a_tiny_model_that_was_never_built_is_one_line_naming_the_path_and_the_fix(tmp_path):
+    from quantune.quantize import run
+
+    cfg = load_config(overrides={"results": {"tiny": str(tmp_path), "full": str(tmp_path / "full")}})
+    with pytest.raises(QuantuneError) as e:
+        run(str(ROOT / "recipes" / "gptq_opt67b.yaml"), str(tmp_path / "out"), cfg)
+    assert str(e.value) == (f"{ROOT / 'recipes' / 'gptq_opt67b.yaml'}: key model: the tiny-world model 'opt-6.7b' is "
+                            f"not built ({tmp_path}/tiny_world/models/opt/config.json is missing); "
+                            "fix: build it first: snakemake --cores 2 tiny_world"), str(e.value)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

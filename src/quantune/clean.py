@@ -166,7 +166,7 @@ def run(recipe_path: str, out: str, cfg: dict) -> dict:
 
         hf = datasets.load_dataset(ds["source"], split=recipe["split"])
         raw = [(i, json.dumps(r, ensure_ascii=False)) for i, r in enumerate(hf)]
-    tok_model = resolve_model(cfg, recipe["tokenizer_model"], key="tokenizer_model")
+    tok_model = resolve_model(cfg, recipe["tokenizer_model"], key="tokenizer_model", must_exist=True)
     tok = AutoTokenizer.from_pretrained(tok_model["source"], trust_remote_code=tok_model["trust_remote_code"])
     kept, rejects, len_before = clean_rows(
         raw, tok, lang=recipe["language"], min_tokens=recipe["min_tokens"], max_tokens=recipe["max_tokens"],

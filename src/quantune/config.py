@@ -139,8 +139,11 @@ def tiny_world_dir(cfg: dict) -> str:
     return f"{cfg['results']['tiny']}/tiny_world"
 
 
-def resolve_model(cfg: dict, name: str, where: str = "recipe", key: str = "model") -> dict:
-    """Logical model name -> {source, family, trust_remote_code, local}. A local path always wins."""
+def resolve_model(cfg: dict, name: str, where: str = "recipe", key: str = "model", must_exist: bool = False) -> dict:
+    """Logical model name -> {source, family, trust_remote_code, local}. A local path always wins.
+
+    must_exist: a step about to load the model asks for this, so a tiny-world model that was never built is one
+    line naming the path and the target that builds it, not a hub lookup of a relative path."""
     if name not in cfg["models"]:
         raise fail(f"{where}: key {key}", f"unknown model {name!r}",
                    f"use one of: {', '.join(sorted(cfg['models']))} (or add it to config/config.yaml models)")
@@ -149,8 +152,11 @@ def resolve_model(cfg: dict, name: str, where: str = "recipe", key: str = "model
     if m.get("path"):
         return {"source": m["path"], "family": m["tiny"], "trust_remote_code": trust, "local": True}
     if cfg["scale"] == "tiny":
-        return {"source": f"{tiny_world_dir(cfg)}/models/{m['tiny']}", "family": m["tiny"],
-                "trust_remote_code": False, "local": True}
+        source = f"{tiny_world_dir(cfg)}/models/{m['tiny']}"
+        if must_exist and not (Path(source) / "config.json").is_file():
+            raise fail(f"{where}: key {key}", f"the tiny-world model {name!r} is not built ({source}/config.json "
+                       "is missing)", "build it first: snakemake --cores 2 tiny_world")
+        return {"source": source, "family": m["tiny"], "trust_remote_code": False, "local": True}
     return {"source": m["hub"], "family": m["tiny"], "trust_remote_code": trust, "local": False}
 
 

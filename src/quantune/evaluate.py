@@ -132,7 +132,7 @@ def run(recipe_path: str, out: str, cfg: dict) -> dict:
     from .tb import TBWriter, peak_memory_mb
 
     recipe = load_recipe(recipe_path, cfg)
-    m = resolve_model(cfg, recipe["model"])
+    m = resolve_model(cfg, recipe["model"], must_exist=True)
     device = pick_device(recipe, recipe_path)
     dtype = recipe.get("dtype", "float32") if device == "cuda" else "float32"
     t0 = time.time()

@@ -206,7 +206,7 @@ def merge(recipe_path: str, out: str, cfg: dict, adapter: str | None = None) -> 
     from .models import count_parameters, load_model
 
     recipe = load_recipe(recipe_path, cfg)
-    m = resolve_model(cfg, recipe["model"])
+    m = resolve_model(cfg, recipe["model"], must_exist=True)
     adapter_dir = find_adapter(Path(adapter) if adapter else target_dir(cfg, recipe["adapter"]))
     pcfg = PeftConfig.from_pretrained(str(adapter_dir))
     if pcfg.peft_type.value != "LORA":

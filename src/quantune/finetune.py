@@ -384,7 +384,7 @@ def train(recipe_path: str, out: str, cfg: dict) -> dict:
     if recipe["stage"] != "lora_sft":
         raise fail(f"{where}: key stage", f"{recipe['stage']!r} is not lora_sft", "use `compare` for lora_compare recipes")
     r = check_sft_recipe(cfg, recipe, where)
-    m = resolve_model(cfg, r["model"])
+    m = resolve_model(cfg, r["model"], where, must_exist=True)
     ds = resolve_dataset(cfg, r["dataset"])
     fmt = ds["format"]
     template = template_of(r, fmt, where)
@@ -583,7 +583,7 @@ def compare(recipe_path: str, out: str, cfg: dict) -> dict:
         raise fail(f"{where}: key stage", f"{rc['stage']!r} is not lora_compare", "drop `compare` for lora_sft recipes")
     dirs = adapter_dirs(cfg, rc, where)
     trained = {lab: read_json(d / "recipe.json") for lab, d in dirs.items()}
-    m = resolve_model(cfg, rc["model"])
+    m = resolve_model(cfg, rc["model"], must_exist=True)
     for lab, tr in trained.items():
         if tr["model_source"] != m["source"]:
             raise fail(f"{where}: key adapters.{lab}", f"adapter was trained on {tr['model_source']}, not {m['source']}",

@@ -536,7 +536,7 @@ def run(recipe_path: str, out: str, cfg: dict) -> dict:
     check_recipe(recipe, where)
     _check_backend_installed(recipe, where)
     method, backend = recipe["method"], backend_of(recipe)
-    m = resolve_model(cfg, recipe["model"], where)
+    m = resolve_model(cfg, recipe["model"], where, must_exist=True)
     info = check_against_model(recipe, _meta_model(m["source"], m["trust_remote_code"]), where)
     device = _device(recipe, where)
     dtype = recipe.get("dtype", "float32") if device == "cuda" else "float32"

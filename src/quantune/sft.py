@@ -113,7 +113,7 @@ def check_inputs(recipe_path: str, cfg: dict) -> dict:
         raise fail(f"{where}: key prompt_template", "has no {prompt} placeholder",
                    "write e.g. 'Human: {prompt} \\n Assistant: '")
     check_deepspeed_config(recipe, where)
-    m = resolve_model(cfg, recipe["model"], where=where)
+    m = resolve_model(cfg, recipe["model"], where=where, must_exist=True)
     if m["local"] and not (Path(m["source"]) / "config.json").is_file():
         raise fail(f"{where}: key model", f"{m['source']} has no config.json",
                    "build the tiny world (snakemake tiny_world) or fix models.<name>.path in config/config.yaml")
@@ -432,7 +432,7 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
     # TrainingArguments first: with a ZeRO-3 config, from_pretrained then loads the model partitioned
     args = training_args(recipe, str(ckpt_dir), use_cpu, learning_rate=lr)
     seed_everything(recipe["seed"])
-    m = resolve_model(cfg, recipe["model"])
+    m = resolve_model(cfg, recipe["model"], must_exist=True)
     model, tok = _build_model(m["source"], recipe, m["trust_remote_code"])
     params = count_params(model)
     train_ds, eval_ds, data_stats = prepare_data(cfg, recipe, tok)
