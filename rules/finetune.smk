@@ -72,3 +72,69 @@ rule lora_compare:
     shell:
         f"{GPU_RUN}python -m quantune.finetune compare --recipe {{input.recipe}} --out {{params.out}}"
         " --config-json {params.cfg:q} > {log} 2>&1"
+
+
+# Stage lora_sweep (seed 002's rank sweep): one lora_sft run per rank of the recipe's `ranks` (wildcard {rank}),
+# into results/<target>/r<rank>/, then the table and plot over the ranks in results/<target>/.
+def sweep_runs(name):
+    return [f"{RES}/{name}/r{k}/metrics.json" for k in RECIPES[name]["ranks"]]
+
+
+rule lora_sweep_run:
+    input:
+        model=lambda w: model_input(w.name),
+        data=lambda w: dataset_input(w.name),
+        recipe=lambda w: recipe_path(w.name),
+    output:
+        f"{RES}/{{name}}/r{{rank}}/metrics.json",
+    log:
+        f"{RES}/logs/{{name}}_r{{rank}}.log",
+    benchmark:
+        f"{RES}/benchmarks/{{name}}_r{{rank}}.tsv"
+    wildcard_constraints:
+        name="|".join(recipes_of("lora_sweep")) or "no-lora-sweep-recipes",
+        rank=r"\d+",
+    conda:
+        f"{ENVS}/finetune.yaml"
+    container:
+        image_of("finetune")
+    threads: 2
+    resources:
+        mem_mb=lambda w: 4000 if SCALE == "tiny" else 16000,
+        runtime=lambda w: workflow_runtime(RECIPES[w.name], SCALE),
+        gpu=lambda w: gpu_count(w.name),
+    params:
+        cfg=CONFIG_JSON,
+        out=lambda w: f"{RES}/{w.name}/r{w.rank}",
+    shell:
+        f"{GPU_RUN}python -m quantune.finetune sweep-run --rank {{wildcards.rank}} --recipe {{input.recipe}}"
+        " --out {params.out} --config-json {params.cfg:q} > {log} 2>&1"
+
+
+rule lora_sweep:
+    input:
+        runs=lambda w: sweep_runs(w.name),
+        recipe=lambda w: recipe_path(w.name),
+    output:
+        f"{RES}/{{name}}/metrics.json",
+    log:
+        f"{RES}/logs/{{name}}.log",
+    benchmark:
+        f"{RES}/benchmarks/{{name}}.tsv"
+    wildcard_constraints:
+        name="|".join(recipes_of("lora_sweep")) or "no-lora-sweep-recipes",
+    conda:
+        f"{ENVS}/finetune.yaml"
+    container:
+        image_of("finetune")
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+        gpu=0,
+    params:
+        cfg=CONFIG_JSON,
+        out=lambda w: f"{RES}/{w.name}",
+    shell:
+        "python -m quantune.finetune sweep --recipe {input.recipe} --out {params.out}"
+        " --config-json {params.cfg:q} > {log} 2>&1"

@@ -106,11 +106,33 @@ def check_config(cfg: dict, source: str = "config/config.yaml") -> dict:
                        "point it at a local model directory or remove the key to use the hub id")
         if cfg["scale"] == "full" and not m.get("path") and not m.get("hub"):
             raise fail(f"{source}: key models.{name}", "neither hub nor path is set", "set one of them")
+        if m.get("hub_config"):
+            _check_hub_config(m["hub_config"], f"{source}: key models.{name}.hub_config")
     for name, d in cfg["datasets"].items():
         if d.get("path") and not Path(d["path"]).exists():
             raise fail(f"{source}: key datasets.{name}.path", f"{d['path']} does not exist",
                        "point it at a local JSON/JSONL file or directory, or remove the key to use the hub id")
     return cfg
+
+
+def hub_config_path(path: str) -> Path:
+    """A `hub_config` file: relative paths are relative to the workflow directory."""
+    p = Path(path)
+    return p if p.is_absolute() else ROOT / p
+
+
+def _check_hub_config(path: str, where: str) -> None:
+    import json
+
+    p = hub_config_path(path)
+    if not p.is_file():
+        raise fail(where, f"{path} does not exist", "point it at a copy of the hub model's config.json")
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise fail(where, f"{path} is not valid JSON ({e})", "copy the hub model's config.json as it is") from None
+    if not isinstance(d, dict) or not isinstance(d.get("model_type"), str):
+        raise fail(where, f"{path} has no model_type", "copy the hub model's config.json as it is")
 
 
 def load_config(path: str | os.PathLike = ROOT / "config" / "config.yaml", overrides: dict | None = None) -> dict:
@@ -140,7 +162,8 @@ def tiny_world_dir(cfg: dict) -> str:
 
 
 def resolve_model(cfg: dict, name: str, where: str = "recipe", key: str = "model", must_exist: bool = False) -> dict:
-    """Logical model name -> {source, family, trust_remote_code, local}. A local path always wins.
+    """Logical model name -> {source, family, trust_remote_code, local, hub_config}. A local path always wins;
+    hub_config (an absolute path or None) is the repository's copy of the hub model's config.json.
 
     must_exist: a step about to load the model asks for this, so a tiny-world model that was never built is one
     line naming the path and the target that builds it, not a hub lookup of a relative path."""
@@ -150,14 +173,15 @@ def resolve_model(cfg: dict, name: str, where: str = "recipe", key: str = "model
     m = cfg["models"][name]
     trust = bool(m.get("trust_remote_code", False))
     if m.get("path"):
-        return {"source": m["path"], "family": m["tiny"], "trust_remote_code": trust, "local": True}
+        return {"source": m["path"], "family": m["tiny"], "trust_remote_code": trust, "local": True, "hub_config": None}
     if cfg["scale"] == "tiny":
         source = f"{tiny_world_dir(cfg)}/models/{m['tiny']}"
         if must_exist and not (Path(source) / "config.json").is_file():
             raise fail(f"{where}: key {key}", f"the tiny-world model {name!r} is not built ({source}/config.json "
                        "is missing)", "build it first: snakemake --cores 2 tiny_world")
-        return {"source": source, "family": m["tiny"], "trust_remote_code": False, "local": True}
-    return {"source": m["hub"], "family": m["tiny"], "trust_remote_code": trust, "local": False}
+        return {"source": source, "family": m["tiny"], "trust_remote_code": False, "local": True, "hub_config": None}
+    hub_cfg = str(hub_config_path(m["hub_config"])) if m.get("hub_config") else None
+    return {"source": m["hub"], "family": m["tiny"], "trust_remote_code": trust, "local": False, "hub_config": hub_cfg}
 
 
 def resolve_dataset(cfg: dict, name: str, where: str = "recipe", key: str = "dataset") -> dict:
@@ -220,7 +244,30 @@ def load_recipe(path: str | os.PathLike, cfg: dict) -> dict:
         if key in recipe:
             resolve_dataset(cfg, recipe[key], where=str(path), key=key)
     recipe["scale"] = cfg["scale"]
+    if stage == "lora_sweep":  # every run of the sweep must be a valid lora_sft recipe
+        for rank in recipe["ranks"]:
+            sweep_run_recipe(recipe, rank, str(path))
     return recipe
+
+
+SWEEP_ONLY_KEYS = ("ranks", "alpha_per_rank", "eval_prompts_split", "num_prompts", "max_new_tokens",
+                   "generation_batch_size")
+
+
+def sweep_run_recipe(recipe: dict, rank: int, where: str) -> dict:
+    """One run of a `lora_sweep` recipe: the lora_sft recipe with lora_r = rank and lora_alpha = alpha_per_rank x
+    rank, validated against the lora_sft schema (the sweep's own keys are dropped). `name` stays the sweep's."""
+    if recipe.get("stage") != "lora_sweep":
+        raise fail(f"{where}: key stage", f"{recipe.get('stage')!r} is not lora_sweep", "give a lora_sweep recipe")
+    ranks = list(recipe["ranks"])
+    if rank not in ranks:
+        raise fail(f"{where}: key ranks", f"rank {rank} is not in the sweep {ranks}",
+                   f"use one of: {', '.join(map(str, ranks))}, or add it to ranks")
+    run = {k: v for k, v in recipe.items() if k not in SWEEP_ONLY_KEYS + ("name", "scale", "description")}
+    run.update(stage="lora_sft", lora_r=int(rank), lora_alpha=recipe["alpha_per_rank"] * int(rank))
+    validate(run, recipe_schema_name("lora_sft"), f"{where} (rank {rank})")
+    run["name"], run["scale"] = recipe["name"], recipe["scale"]
+    return run
 
 
 def load_recipes(cfg: dict, recipes_dir: str | os.PathLike | None = None) -> dict[str, dict]:
@@ -250,11 +297,11 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE override (dotted keys)")
 
 
-def stage_parser(module: str, doc: str, func) -> argparse.ArgumentParser:
+def stage_parser(module: str, doc: str, func, out_required: bool = True) -> argparse.ArgumentParser:
     """The parser every stage command starts from: --recipe, --out and the config options."""
     p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.splitlines()[0])
     p.add_argument("--recipe", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=out_required, default=None)
     add_config_args(p)
     p.set_defaults(func=func)
     return p

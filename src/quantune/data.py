@@ -73,10 +73,23 @@ def read_json_records(path: str | Path, fmt: str) -> list[dict]:
     return rows
 
 
+SPLIT_SLICE = re.compile(r"^(?P<name>[A-Za-z_]+)(?:\[(?P<a>-?\d*):(?P<b>-?\d*)\])?$")
+
+
 def load_split(ds: dict, split: str, limit: int | None = None) -> list[dict]:
-    """Load one split of a resolved data set (see config.resolve_dataset) as a list of checked rows."""
+    """Load one split of a resolved data set (see config.resolve_dataset) as a list of checked rows.
+
+    `split` may carry a row slice in the `datasets` syntax, e.g. `train[:1000]` or `train[-100:]` (a hub set with
+    only a train split then still has held-out rows); local files are sliced the same way."""
     fmt, source = ds["format"], ds["source"]
     if ds.get("local", True) or Path(source).exists():
+        g = SPLIT_SLICE.match(split)
+        if g is None:
+            raise fail(str(source), f"split {split!r} is not NAME or NAME[a:b]", "write e.g. train or train[:1000]")
+        if g["a"] is not None:
+            part = slice(int(g["a"]) if g["a"] else None, int(g["b"]) if g["b"] else None)
+            rows = load_split(ds, g["name"])[part]
+            return rows[:limit] if limit else rows
         p = Path(source)
         if p.is_dir():
             cands = [p / f"{split}.jsonl", p / f"{split}.json"]

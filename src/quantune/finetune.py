@@ -15,6 +15,17 @@ a rerun resumes from the last complete one. On success the target directory appe
   adapter/ (PEFT save_pretrained, safetensors), metrics.json, tb/, trainer_log.jsonl, training_loss.png,
   recipe.json (the recipe as run, read back by the comparison).
 
+count: the LoRA parameter count of a lora_sft (or lora_sweep) recipe's model, printed by PEFT's own
+print_trainable_parameters, computed on the meta device from the model's config.json (tiny world, local path, or
+the repository's copy named by `hub_config` at full scale): no weights are downloaded or allocated.
+    python -m quantune.finetune count --recipe recipes/lora_mt0_large.yaml --set scale=full
+
+lora_sweep (sweep-run, sweep): one lora_sft run per rank of `ranks` (lora_alpha = alpha_per_rank x rank) into
+<target>/r<rank>/, each scored by greedy generation on held-out prompts (BLEU-4 / ROUGE-L); then one table
+(<target>.md, <target>.csv) and one plot (<target>.png) over the ranks, and metrics.json with r<rank>_<field>.
+    python -m quantune.finetune sweep-run --rank 8 --recipe recipes/lora_rank_sweep.yaml --out results/lora_rank_sweep/r8
+    python -m quantune.finetune sweep --recipe recipes/lora_rank_sweep.yaml --out results/lora_rank_sweep
+
 lora_compare: the base model (quantized as trained) with each adapter and without any, greedy and sampled
 (fixed seed) generations for the same held-out prompts, BLEU-4 / ROUGE-1/2/L (quantune.textmetrics, jieba),
 comparison.md + comparison.json side by side, and loss_curves.png with every adapter's training loss.
@@ -33,7 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import atomic_dir, fail, read_json, run_cli, seed_everything, write_json, write_metrics
+from .common import (atomic_dir, atomic_write_text, fail, read_json, run_cli, seed_everything, write_json,
+                     write_jsonl, write_metrics)
 
 IGNORE_INDEX = -100
 ANSWER_FIELD = {"advertisegen": "summary", "alpaca": "output"}
@@ -330,10 +342,16 @@ def _state_callback():
 
         def __init__(self):
             self.tokens_at_begin, self.step_at_begin = 0, 0
+            self.t_begin, self.elapsed = time.time(), {}
 
         def on_train_begin(self, args, state, control, **kw):
             self.tokens_at_begin = int(getattr(state, "num_input_tokens_seen", 0) or 0)
             self.step_at_begin = int(state.global_step)
+            self.t_begin = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:  # seconds since this run's training began, per logged step
+                self.elapsed[int(state.global_step)] = time.time() - self.t_begin
 
     return _Record()
 
@@ -371,7 +389,10 @@ def plot_losses(series: dict[str, list[tuple[float, float]]], path: Path, xlabel
     os.replace(tmp, path)
 
 
-def train(recipe_path: str, out: str, cfg: dict) -> dict:
+def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None, after_train=None) -> dict:
+    """Train one adapter. run_recipe: an already loaded lora_sft recipe (one run of a lora_sweep) instead of the
+    file's; after_train(model, tok, recipe, device) -> dict of extra metrics (key `_generations`: rows written to
+    generations.jsonl), called after training and evaluation, before the outputs are written."""
     import torch
     from transformers import Trainer, TrainingArguments
 
@@ -379,8 +400,8 @@ def train(recipe_path: str, out: str, cfg: dict) -> dict:
     from .data import load_split
     from .tb import TBWriter, peak_memory_mb, trainer_callback
 
-    where = str(recipe_path)
-    recipe = load_recipe(recipe_path, cfg)
+    where = str(recipe_path) if run_recipe is None else f"{recipe_path} (rank {run_recipe['lora_r']})"
+    recipe = load_recipe(recipe_path, cfg) if run_recipe is None else run_recipe
     if recipe["stage"] != "lora_sft":
         raise fail(f"{where}: key stage", f"{recipe['stage']!r} is not lora_sft", "use `compare` for lora_compare recipes")
     r = check_sft_recipe(cfg, recipe, where)
@@ -422,7 +443,8 @@ def train(recipe_path: str, out: str, cfg: dict) -> dict:
     model, tok = load_base(m, r, device, training=True)
     model = add_lora(model, r, r["task_type"])
     load_s = time.time() - t_load
-    model.print_trainable_parameters()
+    peft_line = peft_trainable_line(model)
+    print(peft_line)
     trainable, total = model.get_nb_trainable_parameters()
 
     train_ds = build_split(tok, train_rows, fmt, template, r, seq2seq)
@@ -460,6 +482,9 @@ def train(recipe_path: str, out: str, cfg: dict) -> dict:
                       callbacks=[trainer_callback(writer), rec])
     if resume:
         print(f"resuming {r['name']} from {resume}")
+    ev0 = {}
+    if r.get("eval_before_training") and eval_ds is not None and not resume:
+        ev0 = trainer.evaluate()  # LoRA's B matrices start at zero: this is the untuned base model's eval loss
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -492,7 +517,26 @@ def train(recipe_path: str, out: str, cfg: dict) -> dict:
         "tokens_per_s": tokens_run / tm["train_runtime"] if tm.get("train_runtime") else None,
         "peak_mem_mb": peak, "load_seconds": load_s,
         "eval_loss": ev.get("eval_loss"), "eval_ppl": math.exp(ev["eval_loss"]) if "eval_loss" in ev else None,
+        "eval_loss_before": ev0.get("eval_loss"), "peft_trainable_line": peft_line, "peak_mem_kind": "cuda_max_allocated" if device == "cuda" else "max_rss",
     }
+    run_steps = metrics["steps_this_run"]
+    if tm.get("train_runtime") and run_steps:
+        metrics["seconds_per_step"] = tm["train_runtime"] / run_steps
+    if hist and hist[0]["loss"]:
+        metrics["train_loss_drop_pct"] = 100.0 * (hist[0]["loss"] - hist[-1]["loss"]) / hist[0]["loss"]
+    if r.get("record_losses"):  # the seed's per-step table: loss, lr and elapsed seconds at each logged step
+        for h in hist:
+            st = int(h["step"])
+            metrics[f"loss_step{st}"] = h["loss"]
+            if "learning_rate" in h:
+                metrics[f"lr_step{st}"] = h["learning_rate"]
+            if st in rec.elapsed:
+                metrics[f"elapsed_s_step{st}"] = rec.elapsed[st]
+    gens = None
+    if after_train is not None:
+        extra = dict(after_train(model, tok, r, device))
+        gens = extra.pop("_generations", None)
+        metrics.update(extra)
     writer.scalars({"eval/loss": metrics["eval_loss"], "eval/ppl": metrics["eval_ppl"],
                     "system/tokens_per_s": metrics["tokens_per_s"]}, trainer.state.global_step)
     writer.final({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
@@ -506,10 +550,255 @@ def train(recipe_path: str, out: str, cfg: dict) -> dict:
             "".join(json.dumps(h) + "\n" for h in trainer.state.log_history), encoding="utf-8")
         plot_losses({r["name"]: [(h["step"], h["loss"]) for h in hist]}, tmp / "training_loss.png", "step",
                     f"{r['name']}: training loss")
+        if gens is not None:
+            write_jsonl(tmp / "generations.jsonl", gens)
         flat = write_metrics(tmp / "metrics.json", metrics)
         shutil.copytree(tb_dir, tmp / "tb")
     shutil.rmtree(ckpt_root, ignore_errors=True)
     return flat
+
+
+def peft_trainable_line(model) -> str:
+    """PEFT's own print_trainable_parameters line ("trainable params: ... || all params: ... || trainable%: ...")."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        model.print_trainable_parameters()
+    return buf.getvalue().strip()
+
+
+# ================================================================ parameter count from the config (no weights)
+
+def model_config_json(m: dict, where: str) -> tuple[dict, str]:
+    """The serialized config.json of a resolved model and where it was read: the local directory (tiny world or
+    `path`), else the repository's copy named by the model's `hub_config`. No hub access."""
+    from .common import read_json as _read
+
+    if m["local"]:
+        p = Path(m["source"]) / "config.json"
+        if not p.is_file():
+            raise fail(f"{where}: key model", f"{p} is missing", "build the model first (snakemake tiny_world) or fix path")
+        return _read(p), str(p)
+    if m.get("hub_config"):
+        from .config import ROOT
+
+        p = Path(m["hub_config"])
+        return _read(p), str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+    raise fail(f"{where}: key model", f"{m['source']} has no config.json here (no hub_config in config/config.yaml)",
+               "add hub_config: config/hub_configs/<name>.json (a copy of the hub config.json) to the model's entry")
+
+
+def count_lora(cfg: dict, recipe: dict, where: str) -> dict:
+    """Trainable / total parameters of the recipe's model with its LoRA, on the meta device: what PEFT prints
+    after loading the real weights (quantization aside: PEFT counts a 4-bit weight as its full-precision size)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from .config import resolve_model
+    from .models import meta_model_from_config
+
+    r = check_sft_recipe(cfg, recipe, where)
+    m = resolve_model(cfg, r["model"], where)
+    conf, conf_from = model_config_json(m, where)
+    try:
+        model = meta_model_from_config(conf, trust_remote_code=m["trust_remote_code"])
+    except ValueError as e:
+        raise fail(f"{where}: key model", f"cannot build {m['source']} from {conf_from} ({e})",
+                   "count a model of a native transformers architecture") from None
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in r["target_modules"] if t not in names]
+    if missing:
+        raise fail(f"{where}: key target_modules", f"{missing} not in {m['source']}", "use module names of this model")
+    base_total = sum(p.numel() for p in model.parameters())
+    lcfg = LoraConfig(r=r["lora_r"], lora_alpha=r["lora_alpha"], lora_dropout=r["lora_dropout"],
+                      target_modules=list(r["target_modules"]), bias="none", inference_mode=False,
+                      task_type=getattr(TaskType, r["task_type"]))
+    pm = get_peft_model(model, lcfg)
+    trainable, total = pm.get_nb_trainable_parameters()
+    return {"model_source": m["source"], "config_from": conf_from, "lora_r": r["lora_r"],
+            "lora_alpha": r["lora_alpha"], "target_modules": ",".join(r["target_modules"]),
+            "tie_word_embeddings_serialized": conf.get("tie_word_embeddings"), "params_base": base_total,
+            "params_trainable": trainable, "params_total": total, "peft_trainable_line": peft_trainable_line(pm)}
+
+
+def count(recipe_path: str, cfg: dict) -> list[dict]:
+    """count for a lora_sft recipe (one line) or a lora_sweep recipe (one line per rank)."""
+    from .config import load_recipe, sweep_run_recipe
+
+    recipe = load_recipe(recipe_path, cfg)
+    if recipe["stage"] == "lora_sft":
+        return [count_lora(cfg, recipe, str(recipe_path))]
+    if recipe["stage"] == "lora_sweep":
+        return [count_lora(cfg, sweep_run_recipe(recipe, k, str(recipe_path)), f"{recipe_path} (rank {k})")
+                for k in recipe["ranks"]]
+    raise fail(f"{recipe_path}: key stage", f"{recipe['stage']!r} trains no adapter", "count a lora_sft or lora_sweep recipe")
+
+
+# ================================================================ rank sweep (stage lora_sweep)
+
+SWEEP_DEFAULTS = {"eval_prompts_split": "test", "generation_batch_size": 16}
+
+
+def _prompt_ids(tok, prompts: list[str], max_in: int, seq2seq: bool) -> list[list[int]]:
+    ids = [tok(p, add_special_tokens=True, truncation=True, max_length=max_in)["input_ids"] for p in prompts]
+    if seq2seq:
+        ids = [s if s and s[-1] == tok.eos_token_id else s[: max_in - 1] + [tok.eos_token_id] for s in ids]
+    return ids
+
+
+def sweep_scorer(cfg: dict, sweep: dict):
+    """after_train for one sweep run: greedy generations on held-out prompts, BLEU-4 / ROUGE-1/2/L (x100)."""
+    from .config import resolve_dataset
+    from .data import load_split
+    from .textmetrics import corpus_scores
+
+    sw = {**SWEEP_DEFAULTS, **sweep}
+
+    def score(model, tok, r, device):
+        import torch
+
+        ds = resolve_dataset(cfg, r["dataset"])
+        fmt = ds["format"]
+        template = template_of(r, fmt, r["name"])
+        rows = load_split(ds, sw["eval_prompts_split"], sw["num_prompts"])
+        prompts = [render_prompt(row, fmt, template) for row in rows]
+        refs = [row[ANSWER_FIELD[fmt]] for row in rows]
+        seq2seq = r["task_type"] == "SEQ_2_SEQ_LM"
+        model.eval()
+        t0 = time.time()
+        with torch.no_grad():
+            preds = generate_all(model, tok, _prompt_ids(tok, prompts, r["max_input_length"], seq2seq),
+                                 batch_size=sw["generation_batch_size"], max_new_tokens=sw["max_new_tokens"],
+                                 seq2seq=seq2seq, sample=None)
+        sc = corpus_scores(preds, refs)
+        return {"gen_split": sw["eval_prompts_split"], "gen_prompts": len(rows), "gen_max_new_tokens": sw["max_new_tokens"],
+                "generation_seconds": time.time() - t0, "bleu4": sc["bleu-4"], "rouge1": sc["rouge-1"],
+                "rouge2": sc["rouge-2"], "rougeL": sc["rouge-l"],
+                "_generations": [{"prompt": p, "reference": ref, "prediction": pr}
+                                 for p, ref, pr in zip(prompts, refs, preds)]}
+
+    return score
+
+
+def sweep_run(recipe_path: str, rank: int, out: str, cfg: dict) -> dict:
+    from .config import load_recipe, sweep_run_recipe
+
+    sweep = load_recipe(recipe_path, cfg)
+    run = sweep_run_recipe(sweep, rank, str(recipe_path))
+    flat = train(recipe_path, out, cfg, run_recipe=run, after_train=sweep_scorer(cfg, sweep))
+    return {**flat, "rank": rank}
+
+
+SWEEP_COLUMNS = [  # (metrics key of a run, column header, format)
+    ("lora_alpha", "lora_alpha", "{:g}"), ("params_trainable", "trainable params", "{:,}"),
+    ("params_trainable_pct", "trainable %", "{:.4f}"), ("train_runtime", "train time s", "{:.1f}"),
+    ("seconds_per_step", "s/step", "{:.3f}"), ("train_loss_last", "final train loss", "{:.4f}"),
+    ("eval_loss", "eval loss", "{:.4f}"), ("bleu4", "BLEU-4", "{:.2f}"), ("rougeL", "ROUGE-L", "{:.2f}"),
+    ("peak_mem_mb", "peak mem MiB", "{:.0f}"),
+]
+
+
+def sweep(recipe_path: str, out: str, cfg: dict) -> dict:
+    """The table (markdown + CSV), the plot and metrics.json of a finished sweep. The runs stay in out/r<rank>/:
+    this writes its files one by one (each atomically) beside them, never replacing the directory."""
+    import csv
+    import io
+
+    from .config import load_recipe
+
+    where = str(recipe_path)
+    rc = load_recipe(recipe_path, cfg)
+    if rc["stage"] != "lora_sweep":
+        raise fail(f"{where}: key stage", f"{rc['stage']!r} is not lora_sweep", "give a lora_sweep recipe")
+    out_p = Path(out)
+    runs = {}
+    for k in rc["ranks"]:
+        f = out_p / f"r{k}" / "metrics.json"
+        if not f.is_file():
+            raise fail(f"{where}: key ranks", f"rank {k} has no finished run ({f} is missing)",
+                       f"build it first: snakemake --cores 2 {f}")
+        runs[k] = read_json(f)
+    ranks = sorted(runs)
+    first = runs[ranks[0]]
+    head = ["rank"] + [c[1] for c in SWEEP_COLUMNS]
+
+    def cell(v, f):
+        return f.format(v) if isinstance(v, (int, float)) else "-"
+
+    md = [f"# {rc['name']}: LoRA rank sweep", "",
+          f"Model `{first['model_source']}`, data `{rc['dataset']}` ({first['train_rows']} training rows), LoRA on "
+          f"{first['target_modules']}, lora_alpha = {rc['alpha_per_rank']:g} x rank, dropout {rc['lora_dropout']}, "
+          f"{first['global_step']} optimizer steps of batch {first['batch_size']} x {first['gradient_accumulation_steps']}, "
+          f"lr {rc['learning_rate']:g} ({rc['lr_scheduler_type']}). BLEU-4 / ROUGE-L (x100, quantune.textmetrics): greedy "
+          f"generations for the first {first.get('gen_prompts', '-')} prompts of split `{first.get('gen_split', '-')}`, "
+          f"at most {first.get('gen_max_new_tokens', '-')} new tokens. Peak memory: {first.get('peak_mem_kind', '-')} of "
+          f"each run's process (scale {rc['scale']}, device {first.get('device', '-')}).", "",
+          "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["rank"] + [c[0] for c in SWEEP_COLUMNS])
+    metrics: dict[str, Any] = {"target": rc["name"], "stage": "lora_sweep", "scale": cfg["scale"], "model": rc["model"],
+                               "model_source": first["model_source"], "dataset": rc["dataset"],
+                               "ranks": ",".join(map(str, ranks)), "alpha_per_rank": rc["alpha_per_rank"],
+                               "target_modules": first["target_modules"], "global_step": first["global_step"]}
+    for k in ranks:
+        m = runs[k]
+        md.append("| " + " | ".join([str(k)] + [cell(m.get(key), f) for key, _, f in SWEEP_COLUMNS]) + " |")
+        w.writerow([k] + [m.get(key, "") for key, _, _ in SWEEP_COLUMNS])
+        for key, _, _ in SWEEP_COLUMNS:
+            if isinstance(m.get(key), (int, float)):
+                metrics[f"r{k}_{key}"] = m[key]
+    md += ["", f"Per run: `r<rank>/` (adapter, metrics.json, trainer_log.jsonl, generations.jsonl, tb/). "
+           f"Plot: `{rc['name']}.png`. Data: `{rc['name']}.csv`."]
+    _plot_sweep(runs, out_p / f"{rc['name']}.png", rc["name"])
+    atomic_write_text(out_p / f"{rc['name']}.csv", buf.getvalue())
+    atomic_write_text(out_p / f"{rc['name']}.md", "\n".join(md) + "\n")
+    return write_metrics(out_p / "metrics.json", metrics)
+
+
+def _plot_sweep(runs: dict[int, dict], path: Path, name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted(runs)
+
+    def col(key):
+        return [runs[k].get(key) for k in ks]
+
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.5), dpi=110)
+    panels = [(axes[0][0], [("params_trainable", "trainable params")], "parameters"),
+              (axes[0][1], [("train_loss_last", "final train loss"), ("eval_loss", "eval loss")], "loss"),
+              (axes[1][0], [("bleu4", "BLEU-4"), ("rougeL", "ROUGE-L")], "score (x100)"),
+              (axes[1][1], [("train_runtime", "train time s")], "train time (s)")]
+    mem = axes[1][1].twinx()  # peak memory on its own axis (MiB), beside the train time (s)
+    pts = [(k, runs[k]["peak_mem_mb"]) for k in ks if isinstance(runs[k].get("peak_mem_mb"), (int, float))]
+    if pts:
+        mem.plot(*zip(*pts), marker="s", color="C3", label="peak mem MiB")
+        mem.set_ylabel("peak memory (MiB)")
+        mem.legend(fontsize=8, loc="lower right")
+    for ax, series, ylabel in panels:
+        for key, label in series:
+            ys = col(key)
+            pts = [(k, y) for k, y in zip(ks, ys) if isinstance(y, (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks)
+        ax.set_xticklabels([str(k) for k in ks])
+        ax.set_xlabel("LoRA rank r (alpha = 2r)" if all(runs[k].get("lora_alpha") == 2 * k for k in ks) else "LoRA rank r")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{name}: LoRA rank sweep")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 # ================================================================ comparison
@@ -776,8 +1065,24 @@ def _cmd(a) -> None:
 
     cfg = config_from_args(a)
     stage = (load_yaml(a.recipe) or {}).get("stage") if Path(a.recipe).is_file() else None
-    action = a.action or ("compare" if stage == "lora_compare" else "train")
-    if action == "compare":
+    action = a.action or {"lora_compare": "compare", "lora_sweep": "sweep"}.get(stage, "train")
+    if action != "count" and not a.out:
+        raise fail("--out", f"{action} needs an output directory", "give --out results/<target>")
+    if action == "count":
+        for c in count(a.recipe, cfg):
+            print(f"{c['model_source']} (config {c['config_from']}), LoRA r={c['lora_r']} alpha={c['lora_alpha']:g} "
+                  f"on {c['target_modules']}:")
+            print(c["peft_trainable_line"])
+    elif action == "sweep-run":
+        if a.rank is None:
+            raise fail("--rank", "sweep-run needs the rank of the run", "give --rank N (one of the recipe's ranks)")
+        m = sweep_run(a.recipe, a.rank, a.out, cfg)
+        print(f"{m['target']} r={a.rank}: loss {m['train_loss_first']:.3f} -> {m['train_loss_last']:.3f}, "
+              f"trainable {m['params_trainable']}, BLEU-4 {m['bleu4']:.2f}, ROUGE-L {m['rougeL']:.2f}")
+    elif action == "sweep":
+        m = sweep(a.recipe, a.out, cfg)
+        print(json.dumps({k: v for k, v in m.items() if k.startswith("r") and k[1:2].isdigit()}))
+    elif action == "compare":
         m = compare(a.recipe, a.out, cfg)
         best = {k: v for k, v in m.items() if k.endswith("_greedy_bleu4") or k.endswith("_greedy_rougeL")}
         print(json.dumps(best))
@@ -791,9 +1096,11 @@ def _cmd(a) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .config import stage_parser
 
-    p = stage_parser("quantune.finetune", __doc__, _cmd)
-    p.add_argument("action", nargs="?", choices=["train", "compare"],
-                   help="train (lora_sft) or compare (lora_compare); default: from the recipe's stage")
+    p = stage_parser("quantune.finetune", __doc__, _cmd, out_required=False)
+    p.add_argument("action", nargs="?", choices=["train", "compare", "count", "sweep-run", "sweep"],
+                   help="train (lora_sft), compare (lora_compare), count (parameters from the config, no --out), "
+                        "sweep-run --rank N / sweep (lora_sweep); default: from the recipe's stage")
+    p.add_argument("--rank", type=int, default=None, help="sweep-run: the LoRA rank of this run")
     return p
 
 

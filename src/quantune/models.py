@@ -155,6 +155,33 @@ def pick_device(recipe: dict, where: str) -> str:
     return "cuda" if want in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
 
 
+def meta_model_from_config(config_json: dict, *, trust_remote_code: bool = False):
+    """The model a config.json describes, built on the meta device (no weights, no memory), with its output
+    embedding tied or untied as the checkpoint would load it.
+
+    Why untie by hand: transformers 5's MT5Config.__post_init__ forces tie_word_embeddings=True ("official weights
+    have False serialized, but we have to tie always"), so from_config ties lm_head to shared. Loading the real
+    mT5 / mt0 weights does not: the checkpoint holds shared.weight and a different lm_head.weight and
+    from_pretrained keeps them apart ("both are present in the checkpoints with different values, so we will NOT
+    tie them"; tests/test_lora_experiments.py checks this on a synthetic checkpoint). So when the serialized
+    config.json says tie_word_embeddings: false, the lm_head gets a Parameter of its own here too."""
+    import torch
+    from transformers import CONFIG_MAPPING
+
+    d = dict(config_json)
+    mt = d.get("model_type")
+    if mt not in CONFIG_MAPPING:  # remote code: its config class lives in the hub repository
+        raise ValueError(f"model_type {mt!r} is not a native transformers architecture")
+    config = CONFIG_MAPPING[mt].from_dict(d)
+    with torch.device("meta"):
+        model = model_class(config).from_config(config, trust_remote_code=trust_remote_code)
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if (d.get("tie_word_embeddings") is False and out_emb is not None and in_emb is not None
+            and out_emb.weight is in_emb.weight):
+        out_emb.weight = torch.nn.Parameter(torch.empty_like(out_emb.weight, device="meta"))
+    return model
+
+
 def count_parameters(model) -> dict[str, float]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -762,7 +762,7 @@ RANK_RE = re.compile(r"^(?:r|rank|lora_r)_?(?P<r>\d+)_(?P<field>.+)$")
 
 
 class RankSweep(Section):
-    key, title, expected, stages = "rank-sweep", "LoRA rank sweep", ["lora_rank_sweep"], {"lora_rank_sweep", "rank_sweep"}
+    key, title, expected, stages = "rank-sweep", "LoRA rank sweep", ["lora_rank_sweep"], {"lora_rank_sweep", "rank_sweep", "lora_sweep"}
 
     def claims(self, t):
         return t.name.startswith("lora_rank_sweep") or t.stage in self.stages
