@@ -76,8 +76,6 @@ rule lora_compare:
 
 # Stage lora_sweep (seed 002's rank sweep): one lora_sft run per rank of the recipe's `ranks` (wildcard {rank}),
 # into results/<target>/r<rank>/, then the table and plot over the ranks in results/<target>/.
-def sweep_runs(name):
-    return [f"{RES}/{name}/r{k}/metrics.json" for k in RECIPES[name]["ranks"]]
 
 
 rule lora_sweep_run:
@@ -113,7 +111,7 @@ rule lora_sweep_run:
 
 rule lora_sweep:
     input:
-        runs=lambda w: sweep_runs(w.name),
+        runs=lambda w: [f"{RES}/{w.name}/r{k}/metrics.json" for k in RECIPES[w.name]["ranks"]],
         recipe=lambda w: recipe_path(w.name),
     output:
         f"{RES}/{{name}}/metrics.json",

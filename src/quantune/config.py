@@ -162,8 +162,8 @@ def tiny_world_dir(cfg: dict) -> str:
 
 
 def resolve_model(cfg: dict, name: str, where: str = "recipe", key: str = "model", must_exist: bool = False) -> dict:
-    """Logical model name -> {source, family, trust_remote_code, local, hub_config}. A local path always wins;
-    hub_config (an absolute path or None) is the repository's copy of the hub model's config.json.
+    """Logical model name -> {source, family, trust_remote_code, local}. A local path always wins. At full scale
+    a model with a `hub_config` also gets hub_config: the absolute path of the repository's copy of its config.json.
 
     must_exist: a step about to load the model asks for this, so a tiny-world model that was never built is one
     line naming the path and the target that builds it, not a hub lookup of a relative path."""
@@ -173,15 +173,17 @@ def resolve_model(cfg: dict, name: str, where: str = "recipe", key: str = "model
     m = cfg["models"][name]
     trust = bool(m.get("trust_remote_code", False))
     if m.get("path"):
-        return {"source": m["path"], "family": m["tiny"], "trust_remote_code": trust, "local": True, "hub_config": None}
+        return {"source": m["path"], "family": m["tiny"], "trust_remote_code": trust, "local": True}
     if cfg["scale"] == "tiny":
         source = f"{tiny_world_dir(cfg)}/models/{m['tiny']}"
         if must_exist and not (Path(source) / "config.json").is_file():
             raise fail(f"{where}: key {key}", f"the tiny-world model {name!r} is not built ({source}/config.json "
                        "is missing)", "build it first: snakemake --cores 2 tiny_world")
-        return {"source": source, "family": m["tiny"], "trust_remote_code": False, "local": True, "hub_config": None}
-    hub_cfg = str(hub_config_path(m["hub_config"])) if m.get("hub_config") else None
-    return {"source": m["hub"], "family": m["tiny"], "trust_remote_code": trust, "local": False, "hub_config": hub_cfg}
+        return {"source": source, "family": m["tiny"], "trust_remote_code": False, "local": True}
+    out = {"source": m["hub"], "family": m["tiny"], "trust_remote_code": trust, "local": False}
+    if m.get("hub_config"):
+        out["hub_config"] = str(hub_config_path(m["hub_config"]))
+    return out
 
 
 def resolve_dataset(cfg: dict, name: str, where: str = "recipe", key: str = "dataset") -> dict:
