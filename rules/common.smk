@@ -15,6 +15,7 @@ from quantune.config import (
     resolve_dataset,
     resolve_model,
     results_dir,
+    pretrain_settings,
     tiny_world_dir,
 )
 from quantune.models import TOKENIZER_OF_FAMILY

@@ -89,12 +89,13 @@ rule tiny_pretrain:
     threads: 2
     resources:
         mem_mb=4000,
-        runtime=60,
+        # minutes: 300 steps took ~1 min on 2 idle cores, 2400 ~16 min; 20x headroom for loaded machines
+        runtime=lambda w: max(60, pretrain_settings(CFG, w.family)["steps"] // 20),
     params:
         spec=lambda w: json.dumps(
             {
                 "family": CFG["tiny_world"]["families"][w.family],
-                "pretrain": CFG["tiny_world"]["pretrain"],
+                "pretrain": pretrain_settings(CFG, w.family),
             },
             sort_keys=True,
         ),

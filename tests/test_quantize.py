@@ -175,10 +175,10 @@ def built(tiny_world, results_root):
 
 @pytest.mark.slow
 def test_gptq_and_awq_against_round_to_nearest_at_4_and_3_bits(built):
-    """The algorithms' reason to exist, on the tiny OPT's held-out text (numbers in every message). Besides
-    perplexity, KL(unquantized || quantized) per token: a 4-layer model trained for 300 steps is far from a
-    minimum, so a weight perturbation moves its perplexity to first order, by a random-signed amount
-    (random perturbations of RTN's size moved it by +0.03 to +0.77 here); KL is second order and does not."""
+    """The algorithms' reason to exist, on the tiny OPT's held-out text (numbers in every message): perplexity,
+    and KL(unquantized || quantized) per token. The tiny OPT is pretrained 2400 steps for this (config
+    tiny_world.pretrain.steps_by_family): after 300 steps (ppl 245) any weight perturbation moved perplexity
+    to first order by a random-signed amount larger than the methods' differences, so nothing ranked them."""
     lines, rows = [], []
     for suffix, bits in (("", 4), ("_w3", 3)):
         rtn = built[f"rtn_opt67b{suffix}"]
@@ -190,20 +190,72 @@ def test_gptq_and_awq_against_round_to_nearest_at_4_and_3_bits(built):
             lines.append(f"{bits}-bit g{q['group_size']}: {m} ppl {q['ppl_quant']:.4f} KL {q['kl_vs_base']:.2e} | "
                          f"rtn ppl {rtn['ppl_quant']:.4f} KL {rtn['kl_vs_base']:.2e} | unquantized ppl {rtn['ppl_base']:.4f}")
     msg = "\n".join(lines)
-    for m, bits, q, rtn in rows:  # none is broken: within 1% of the unquantized perplexity, KL not above RTN's
-        assert q["ppl_quant"] < 1.01 * q["ppl_base"] and q["kl_vs_base"] < 1.25 * rtn["kl_vs_base"], msg
-    for m, bits, q, rtn in rows:  # GPTQ moves the predictions at most half as far as RTN, at 4 and at 3 bits
+    for m, bits, q, rtn in rows:  # none is broken: within 2% of the unquantized perplexity
+        assert q["ppl_quant"] < 1.02 * q["ppl_base"], msg
+    for m, bits, q, rtn in rows:  # both move the predictions less than RTN does
+        assert q["kl_vs_base"] < rtn["kl_vs_base"], msg
+    for m, bits, q, rtn in rows:  # GPTQ: lower perplexity than RTN, and at most half RTN's KL, at 4 and 3 bits
         if m == "gptq":
-            assert q["kl_vs_base"] < 0.5 * rtn["kl_vs_base"], msg
+            assert q["ppl_quant"] < rtn["ppl_quant"] and q["kl_vs_base"] < 0.5 * rtn["kl_vs_base"], msg
     losers = [f"{m} {bits}-bit" for m, bits, q, rtn in rows if not q["ppl_quant"] < rtn["ppl_quant"]]
     if losers:
         pytest.xfail(
-            f"perplexity not lower than RTN's for {', '.join(losers)} on the tiny OPT. The differences are "
-            "~0.01-0.1 on ~244: below the first-order effect of any weight perturbation on this undertrained "
-            "model (random perturbations of RTN's size moved its perplexity by +0.03 to +0.77), so perplexity "
-            "cannot rank the methods here; KL can (asserted above for GPTQ). AWQ's KL equals RTN's: AWQ rescales "
-            "channels with large activations, and the tiny model's LayerNorm outputs have none (max/median "
-            "channel |x| 1.7-5.7), unlike OPT-6.7B's outlier features. Measured:\n" + msg)
+            f"perplexity not lower than RTN's for {', '.join(losers)} on the tiny OPT. AWQ's KL is only ~3-10% "
+            "below RTN's: AWQ rescales input channels with large activations, and the tiny model has no outlier "
+            "channels (max/median channel |x| 2-4 into q/k/v and fc1, up to ~20 into fc2, against ~100 in "
+            "OPT-6.7B), so its rounding differs from RTN's by little more than a different draw of the same-size "
+            "error, whose first-order effect on perplexity has either sign. test_awq_protects_salient_channels "
+            "checks the mechanism on the same model with salient channels. Measured:\n" + msg)
+
+
+def make_salient_channels(src: Path, dst: Path, scale: float, k: int) -> None:
+    """The same function with salient input channels: in every decoder block, the k channels of each LayerNorm with
+    the largest gain are multiplied by `scale` and the matching input columns of the layers it feeds (q/k/v_proj,
+    fc1) divided by it. Activations in those channels become `scale` times larger and their weights `scale` times
+    smaller, the pattern AWQ was designed for (large activations meeting weights that round-to-nearest crushes)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        for layer in model.model.decoder.layers:
+            for ln, feeds in ((layer.self_attn_layer_norm, [layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                                            layer.self_attn.v_proj]),
+                              (layer.final_layer_norm, [layer.fc1])):
+                c = ln.weight.abs().topk(k).indices
+                ln.weight[c] *= scale
+                ln.bias[c] *= scale
+                for lin in feeds:
+                    lin.weight[:, c] /= scale
+    model.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+
+
+@pytest.mark.slow
+def test_awq_protects_salient_channels_that_round_to_nearest_crushes(tiny_world, tmp_path):
+    """AWQ's mechanism, on the tiny OPT made to have salient channels (3 of 256 per LayerNorm, x30): the same
+    function (the unquantized perplexities agree), but RTN now loses much more, and AWQ, searching per-channel
+    scales on the calibration activations, must recover most of it, at 4 and at 3 bits."""
+    from quantune.quantize import run
+
+    model = tmp_path / "opt_salient"
+    make_salient_channels(tiny_world / "models" / "opt", model, scale=30.0, k=3)
+    cfg = load_config(overrides={"models.opt-6.7b.path": str(model),
+                                 "results": {"tiny": str(tiny_world.parent), "full": str(tmp_path / "full")}})
+    got = {t: run(str(ROOT / "recipes" / f"{t}.yaml"), str(tmp_path / t), cfg)
+           for t in ("rtn_opt67b", "awq_opt67b", "rtn_opt67b_w3", "awq_opt67b_w3")}
+    msg = "\n".join(f"{t}: ppl {m['ppl_base']:.4f} -> {m['ppl_quant']:.4f}, KL {m['kl_vs_base']:.2e}"
+                     for t, m in got.items())
+    print(msg)  # pytest -s -k salient shows the numbers
+    plain = json.loads((tiny_world.parent / "rtn_opt67b" / "metrics.json").read_text()) \
+        if (tiny_world.parent / "rtn_opt67b" / "metrics.json").is_file() else None
+    for suffix in ("", "_w3"):
+        rtn, awq = got[f"rtn_opt67b{suffix}"], got[f"awq_opt67b{suffix}"]
+        assert abs(rtn["ppl_base"] - awq["ppl_base"]) < 1e-6 * rtn["ppl_base"], msg
+        if plain:  # the rescaling did not change the function
+            assert abs(rtn["ppl_base"] - plain["ppl_base"]) < 1e-3 * plain["ppl_base"], msg
+        rtn_loss, awq_loss = rtn["ppl_quant"] - rtn["ppl_base"], awq["ppl_quant"] - awq["ppl_base"]
+        assert awq_loss < 0.5 * rtn_loss and awq["kl_vs_base"] < 0.5 * rtn["kl_vs_base"], msg
 
 
 @pytest.mark.slow

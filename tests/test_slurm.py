@@ -147,7 +147,7 @@ def test_a_tiny_target_through_the_profile_matches_a_local_run(slurm, tiny_world
             assert a[key] == b[key], (key, a[key], b[key])
 
 
-PRETRAIN = {"steps": 100000, "eval_tokens": 256, "checkpoint_every": 1000000, "batch_size": 8, "seq_len": 64}
+PRETRAIN = {"steps": 100000, "steps_by_family": {"opt": 100000}, "eval_tokens": 256, "checkpoint_every": 1000000, "batch_size": 8, "seq_len": 64}
 
 
 def _checkpoint_step(path: Path) -> int:

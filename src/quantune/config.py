@@ -157,6 +157,13 @@ def results_dir(cfg: dict) -> str:
     return cfg["results"][cfg["scale"]]
 
 
+def pretrain_settings(cfg: dict, family: str) -> dict:
+    """The tiny world's pretraining settings for one family: `steps` from steps_by_family where it names the family."""
+    hp = {k: v for k, v in cfg["tiny_world"]["pretrain"].items() if k != "steps_by_family"}
+    hp["steps"] = cfg["tiny_world"]["pretrain"].get("steps_by_family", {}).get(family, hp["steps"])
+    return hp
+
+
 def tiny_world_dir(cfg: dict) -> str:
     return f"{cfg['results']['tiny']}/tiny_world"
 

@@ -194,13 +194,14 @@ def _cmd_pretrain(a) -> None:
         spec = json.loads(a.spec_json)
         fam, hp = spec["family"], dict(spec["pretrain"])
     else:
-        from .config import config_from_args
+        from .config import config_from_args, pretrain_settings
 
-        tw = config_from_args(a)["tiny_world"]
+        cfg = config_from_args(a)
+        tw = cfg["tiny_world"]
         if a.family not in tw["families"]:
             raise fail("config/config.yaml: key tiny_world.families", f"no family {a.family!r}",
                        f"use one of: {', '.join(tw['families'])}")
-        fam, hp = tw["families"][a.family], dict(tw["pretrain"])
+        fam, hp = tw["families"][a.family], pretrain_settings(cfg, a.family)
     if a.steps:
         hp["steps"] = a.steps
     m = pretrain(a.family, fam, hp, a.tokenizer, a.corpus, a.out, a.stop_after)
