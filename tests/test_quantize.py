@@ -274,10 +274,9 @@ def test_every_target_writes_a_loadable_model_metrics_and_tensorboard(built, res
         assert m["ppl_quant"] < 1.5 * m["ppl_base"], (name, m["ppl_base"], m["ppl_quant"])
         assert m["quant_seconds"] > 0 and m["quant_peak_mem_mb"] > 0 and m["gen_tokens_per_s"] > 0, name
         assert m["gen_tokens"] == 32, name
-        # the reloaded model computes what the quantized model in memory computed (bitsandbytes' CPU NF4 path
-        # differs by ~1e-2 on logits of ~10 after a reload; the others are exact)
-        tol = 2e-2 if m["method"] == "bnb_nf4" else 1e-4
-        assert m["reload_max_abs_logit_diff"] < tol, (name, m["reload_max_abs_logit_diff"])
+        # the reloaded model computes what the quantized model in memory computed (bitsandbytes NF4 included: it
+        # is saved before its first forward pass, after which bitsandbytes 0.50.2 on CPU saves a different model)
+        assert m["reload_max_abs_logit_diff"] < 1e-4, (name, m["reload_max_abs_logit_diff"])
         model_dir = results_root / name / "model"
         assert list(model_dir.glob("*.safetensors")) and (model_dir / "config.json").is_file(), name
         tags = read_scalars(results_root / name / "tb")

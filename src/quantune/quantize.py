@@ -587,9 +587,11 @@ def run(recipe_path: str, out: str, cfg: dict) -> dict:
             with PeakMemory() as pk:
                 model, _ = load_model(m["source"], trust_remote_code=m["trust_remote_code"], dtype=dtype,
                                       quantization_config=bnb_config(recipe), device_map={"": device})
-            ref_logits = _first_window_logits(model, ids, ctx)
+            # save before any forward pass: with bitsandbytes 0.50.2 on CPU, a forward pass first changes what
+            # save_pretrained writes for NF4 (the reloaded model's logits then differ by ~0.06; saved first: 0.0)
             model.save_pretrained(save_dir)
             tok.save_pretrained(save_dir)
+            ref_logits = _first_window_logits(model, ids, ctx)
             fmt = f"bitsandbytes {'int8' if method == 'bnb_int8' else recipe.get('quant_type', 'nf4')}"
             model = None
             _collect()
