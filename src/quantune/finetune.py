@@ -44,8 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import (atomic_dir, atomic_write_text, fail, read_json, run_cli, seed_everything, write_json,
-                     write_jsonl, write_metrics)
+from .common import (atomic_dir, atomic_savefig, atomic_write_text, fail, read_json, run_cli, seed_everything,
+                     write_json, write_jsonl, write_metrics)
 
 IGNORE_INDEX = -100
 ANSWER_FIELD = {"advertisegen": "summary", "alpaca": "output"}
@@ -382,11 +382,7 @@ def plot_losses(series: dict[str, list[tuple[float, float]]], path: Path, xlabel
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_savefig(fig, path)
 
 
 def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None, after_train=None) -> dict:
@@ -794,11 +790,7 @@ def _plot_sweep(runs: dict[int, dict], path: Path, name: str) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"{name}: LoRA rank sweep")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_savefig(fig, path)
 
 
 # ================================================================ comparison

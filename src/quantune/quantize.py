@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import atomic_dir, atomic_write_text, fail, read_json, run_cli, write_metrics
+from .common import atomic_dir, atomic_savefig, atomic_write_text, fail, read_json, run_cli, write_metrics
 
 # method -> backends that implement it (the first is the default)
 METHOD_BACKENDS = {
@@ -774,10 +774,7 @@ def _plot(rows: list[dict], base_rows: dict, path: Path, scale: str) -> None:
     fig.suptitle(f"quant_compare ({scale} scale); bits: " + ", ".join(f"{r['target']}={r['bits']}" for r in rows),
                  fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_savefig(fig, path, dpi=110)
 
 
 # ================================================================ CLI
