@@ -147,6 +147,14 @@ def test_a_tiny_model_that_was_never_built_is_one_line_naming_the_path_and_the_f
                             f"not built ({tmp_path}/tiny_world/models/opt/config.json is missing); "
                             "fix: build it first: snakemake --cores 2 tiny_world"), str(e.value)
     assert not (tmp_path / "out").exists()
+    empty = tmp_path / "no_model"
+    empty.mkdir()
+    cfg = load_config(overrides={"models.opt-6.7b.path": str(empty)})
+    with pytest.raises(QuantuneError) as e:
+        run(str(ROOT / "recipes" / "gptq_opt67b.yaml"), str(tmp_path / "out"), cfg)
+    assert str(e.value) == (f"{ROOT / 'recipes' / 'gptq_opt67b.yaml'}: key model: {empty} (models.opt-6.7b.path) has no "
+                            "config.json; fix: point models.opt-6.7b.path in config/config.yaml at a model directory")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

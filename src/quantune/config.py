@@ -172,14 +172,17 @@ def resolve_model(cfg: dict, name: str, where: str = "recipe", key: str = "model
     """Logical model name -> {source, family, trust_remote_code, local}. A local path always wins. At full scale
     a model with a `hub_config` also gets hub_config: the absolute path of the repository's copy of its config.json.
 
-    must_exist: a step about to load the model asks for this, so a tiny-world model that was never built is one
-    line naming the path and the target that builds it, not a hub lookup of a relative path."""
+    must_exist: a step about to load the model asks for this, so a local model without config.json (a tiny-world
+    model that was never built, a wrong `path`) is one line naming the path and the fix, not a hub lookup."""
     if name not in cfg["models"]:
         raise fail(f"{where}: key {key}", f"unknown model {name!r}",
                    f"use one of: {', '.join(sorted(cfg['models']))} (or add it to config/config.yaml models)")
     m = cfg["models"][name]
     trust = bool(m.get("trust_remote_code", False))
     if m.get("path"):
+        if must_exist and not (Path(m["path"]) / "config.json").is_file():
+            raise fail(f"{where}: key {key}", f"{m['path']} (models.{name}.path) has no config.json",
+                       f"point models.{name}.path in config/config.yaml at a model directory")
         return {"source": m["path"], "family": m["tiny"], "trust_remote_code": trust, "local": True}
     if cfg["scale"] == "tiny":
         source = f"{tiny_world_dir(cfg)}/models/{m['tiny']}"

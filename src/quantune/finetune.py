@@ -570,18 +570,14 @@ def peft_trainable_line(model) -> str:
 def model_config_json(m: dict, where: str) -> tuple[dict, str]:
     """The serialized config.json of a resolved model and where it was read: the local directory (tiny world or
     `path`), else the repository's copy named by the model's `hub_config`. No hub access."""
-    from .common import read_json as _read
-
-    if m["local"]:
+    if m["local"]:  # resolved with must_exist: config.json is there
         p = Path(m["source"]) / "config.json"
-        if not p.is_file():
-            raise fail(f"{where}: key model", f"{p} is missing", "build the model first (snakemake tiny_world) or fix path")
-        return _read(p), str(p)
+        return read_json(p), str(p)
     if m.get("hub_config"):
         from .config import ROOT
 
         p = Path(m["hub_config"])
-        return _read(p), str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+        return read_json(p), str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
     raise fail(f"{where}: key model", f"{m['source']} has no config.json here (no hub_config in config/config.yaml)",
                "add hub_config: config/hub_configs/<name>.json (a copy of the hub config.json) to the model's entry")
 
@@ -595,7 +591,7 @@ def count_lora(cfg: dict, recipe: dict, where: str) -> dict:
     from .models import meta_model_from_config
 
     r = check_sft_recipe(cfg, recipe, where)
-    m = resolve_model(cfg, r["model"], where)
+    m = resolve_model(cfg, r["model"], where, must_exist=True)
     conf, conf_from = model_config_json(m, where)
     try:
         model = meta_model_from_config(conf, trust_remote_code=m["trust_remote_code"])

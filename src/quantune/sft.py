@@ -114,9 +114,6 @@ def check_inputs(recipe_path: str, cfg: dict) -> dict:
                    "write e.g. 'Human: {prompt} \\n Assistant: '")
     check_deepspeed_config(recipe, where)
     m = resolve_model(cfg, recipe["model"], where=where, must_exist=True)
-    if m["local"] and not (Path(m["source"]) / "config.json").is_file():
-        raise fail(f"{where}: key model", f"{m['source']} has no config.json",
-                   "build the tiny world (snakemake tiny_world) or fix models.<name>.path in config/config.yaml")
     ds = resolve_dataset(cfg, recipe["dataset"], where=where)
     if ds["format"] != "pref":
         raise fail(f"{where}: key dataset", f"{recipe['dataset']!r} has format {ds['format']!r}",
