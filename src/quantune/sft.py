@@ -438,6 +438,8 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
     resume = complete_checkpoints(ckpt_dir)
     resume_from = str(resume[-1]) if resume else None
     args.eval_on_start = resume_from is None  # the seed's "epoch 0" eval; a resumed run already has it
+    if is_main and resume_from is None:  # a fresh run: no events of an earlier run of this target in its tb/
+        shutil.rmtree(outp / "tb", ignore_errors=True)
     writer = TBWriter(outp / "tb") if is_main else None
     callbacks: list = []
     if recipe["early_stopping_patience"]:
