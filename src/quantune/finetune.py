@@ -222,25 +222,24 @@ def compute_dtype(recipe: dict, device: str):
 
 def check_target_modules(m: dict, recipe: dict, where: str) -> None:
     """Instantiate the architecture on the meta device (no weights) and check every LoRA target exists."""
-    from transformers import AutoConfig
-
-    from .models import model_class
+    from .models import meta_model
 
     try:
-        from accelerate import init_empty_weights
-
-        config = AutoConfig.from_pretrained(m["source"], trust_remote_code=m["trust_remote_code"])
-        with init_empty_weights():
-            meta = model_class(config).from_config(config, trust_remote_code=m["trust_remote_code"])
-        names = {n.rsplit(".", 1)[-1] for n, _ in meta.named_modules()}
+        meta = meta_model(m["source"], trust_remote_code=m["trust_remote_code"])
     except Exception as e:  # noqa: BLE001 - remote code may not build on meta; PEFT checks again after loading
         print(f"note: could not pre-check target_modules on the meta device ({type(e).__name__}: {e})")
         return
+    check_targets_in(meta, recipe, m["source"], where)
+
+
+def check_targets_in(meta, recipe: dict, source: str, where: str) -> None:
+    """Every LoRA target of the recipe names a module of the (meta-device) model; else one line listing its own."""
+    names = {n.rsplit(".", 1)[-1] for n, _ in meta.named_modules()}
     missing = [t for t in recipe["target_modules"] if t not in names]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, mod in meta.named_modules()
                          if type(mod).__name__ == "Linear" and "." in n})
-        raise fail(f"{where}: key target_modules", f"{missing} not in {m['source']}",
+        raise fail(f"{where}: key target_modules", f"{missing} not in {source}",
                    f"use module names of this model: {', '.join(linear)}")
 
 
@@ -598,10 +597,7 @@ def count_lora(cfg: dict, recipe: dict, where: str) -> dict:
     except ValueError as e:
         raise fail(f"{where}: key model", f"cannot build {m['source']} from {conf_from} ({e})",
                    "count a model of a native transformers architecture") from None
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in r["target_modules"] if t not in names]
-    if missing:
-        raise fail(f"{where}: key target_modules", f"{missing} not in {m['source']}", "use module names of this model")
+    check_targets_in(model, r, m["source"], where)
     base_total = sum(p.numel() for p in model.parameters())
     lcfg = LoraConfig(r=r["lora_r"], lora_alpha=r["lora_alpha"], lora_dropout=r["lora_dropout"],
                       target_modules=list(r["target_modules"]), bias="none", inference_mode=False,

@@ -155,6 +155,21 @@ def pick_device(recipe: dict, where: str) -> str:
     return "cuda" if want in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
 
 
+def _build_on_meta(config, trust_remote_code: bool):
+    import torch
+
+    with torch.device("meta"):
+        return model_class(config).from_config(config, trust_remote_code=trust_remote_code)
+
+
+def meta_model(source: str, *, trust_remote_code: bool = False):
+    """The architecture at `source` (local directory or hub id) on the meta device: shapes and module names for
+    the checks before any work, no weights."""
+    from transformers import AutoConfig
+
+    return _build_on_meta(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code), trust_remote_code)
+
+
 def meta_model_from_config(config_json: dict, *, trust_remote_code: bool = False):
     """The model a config.json describes, built on the meta device (no weights, no memory), with its output
     embedding tied or untied as the checkpoint would load it.
@@ -172,9 +187,7 @@ def meta_model_from_config(config_json: dict, *, trust_remote_code: bool = False
     mt = d.get("model_type")
     if mt not in CONFIG_MAPPING:  # remote code: its config class lives in the hub repository
         raise ValueError(f"model_type {mt!r} is not a native transformers architecture")
-    config = CONFIG_MAPPING[mt].from_dict(d)
-    with torch.device("meta"):
-        model = model_class(config).from_config(config, trust_remote_code=trust_remote_code)
+    model = _build_on_meta(CONFIG_MAPPING[mt].from_dict(d), trust_remote_code)
     out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
     if (d.get("tie_word_embeddings") is False and out_emb is not None and in_emb is not None
             and out_emb.weight is in_emb.weight):

@@ -112,19 +112,6 @@ def check_compare_recipe(recipe: dict, recipes: dict[str, dict], where: str) -> 
             raise fail(f"{where}: key targets", f"{t!r} is {found}", f"name quantize recipes ({known})")
 
 
-def _meta_model(source: str, trust_remote_code: bool):
-    """The model's architecture with no weights (meta device): shapes and module names for the checks."""
-    import torch
-    from transformers import AutoConfig
-
-    from .models import model_class
-
-    cfg = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = model_class(cfg).from_config(cfg, trust_remote_code=trust_remote_code)
-    return model
-
-
 def match_name(name: str, target: str, module=None) -> bool:
     """compressed-tensors' matching rule (also GPTQModel-free): 're:<regex>' is re.match on the module name,
     anything else is the exact name or, given the module, one of its class names."""
@@ -522,7 +509,7 @@ def run(recipe_path: str, out: str, cfg: dict) -> dict:
 
     from .config import load_recipe, resolve_model
     from .evaluate import generation_speed, perplexity
-    from .models import count_parameters, load_model
+    from .models import count_parameters, load_model, meta_model
     from .tb import TBWriter
 
     where = recipe_path
@@ -537,7 +524,7 @@ def run(recipe_path: str, out: str, cfg: dict) -> dict:
     _check_backend_installed(recipe, where)
     method, backend = recipe["method"], backend_of(recipe)
     m = resolve_model(cfg, recipe["model"], where, must_exist=True)
-    info = check_against_model(recipe, _meta_model(m["source"], m["trust_remote_code"]), where)
+    info = check_against_model(recipe, meta_model(m["source"], trust_remote_code=m["trust_remote_code"]), where)
     device = _device(recipe, where)
     dtype = recipe.get("dtype", "float32") if device == "cuda" else "float32"
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS") or min(os.cpu_count() or 1, 2))))
