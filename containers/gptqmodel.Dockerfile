@@ -16,9 +16,10 @@ RUN micromamba create --yes --prefix /opt/env --override-channels --channel cond
     && micromamba clean --all --yes
 # pip packages of envs/gptqmodel.yaml, inside the activated env (its compilers, cmake, ...)
 RUN micromamba run --prefix /opt/env python -m pip install --no-cache-dir \
-        "gptqmodel==7.7.0" \
-        "torch==2.15.0" \
-        "transformers==5.23.0" \
+        "gptqmodel==7.6.0" \
+        "numpy==2.2.6" \
+        "torch==2.13.0" \
+        "transformers==5.17.0" \
         "tokenizers==0.23.3" \
         "safetensors==0.8.0" \
         "accelerate==1.15.0" \

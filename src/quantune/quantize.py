@@ -53,6 +53,7 @@ GPTQ_KEYS = ("damp", "act_order", "block_size")
 GROUPED_KEYS = ("group_size", "zero_point", "ignore")
 BNB_INT8_KEYS = ("int8_threshold",)
 BNB_NF4_KEYS = ("quant_type", "double_quant", "compute_dtype")
+LLMC_KEYS = ("sign_split",)  # measured only on llm-compressor's in-memory model
 CALIB_KEYS = ("calibration_dataset", "calibration_split", "calibration_samples", "calibration_seq_len",
               "calibration_batch_size")
 
@@ -79,8 +80,8 @@ def check_recipe(recipe: dict, where: str) -> None:
         "gptq": AWQ_KEYS + BNB_INT8_KEYS + BNB_NF4_KEYS,
         "awq": GPTQ_KEYS + BNB_INT8_KEYS + BNB_NF4_KEYS,
         "rtn": AWQ_KEYS + GPTQ_KEYS + BNB_INT8_KEYS + BNB_NF4_KEYS + CALIB_KEYS,
-        "bnb_int8": AWQ_KEYS + GPTQ_KEYS + GROUPED_KEYS + BNB_NF4_KEYS + CALIB_KEYS,
-        "bnb_nf4": AWQ_KEYS + GPTQ_KEYS + GROUPED_KEYS + BNB_INT8_KEYS + CALIB_KEYS,
+        "bnb_int8": AWQ_KEYS + GPTQ_KEYS + GROUPED_KEYS + BNB_NF4_KEYS + CALIB_KEYS + LLMC_KEYS,
+        "bnb_nf4": AWQ_KEYS + GPTQ_KEYS + GROUPED_KEYS + BNB_INT8_KEYS + CALIB_KEYS + LLMC_KEYS,
     }[method]
     for key in foreign:
         if key in recipe:
@@ -95,6 +96,9 @@ def check_recipe(recipe: dict, where: str) -> None:
         for key in ("calibration_dataset", "calibration_samples", "calibration_seq_len"):
             if key not in recipe:
                 raise fail(f"{where}: key {key}", f"method {method} calibrates on data and needs it", "add the key")
+    if backend == "gptqmodel" and "sign_split" in recipe:
+        raise fail(f"{where}: key sign_split", "it is measured on llm-compressor's in-memory model only",
+                   "remove the key or set backend: llmcompressor")
     if backend == "gptqmodel" and recipe.get("act_order") in ("static", "weight"):
         raise fail(f"{where}: key act_order", f"GPTQModel has no {recipe['act_order']!r} activation order",
                    "use none or group (GPTQModel's desc_act)")
@@ -463,8 +467,8 @@ def quantize_gptqmodel(source: str, tokenizer, recipe: dict, samples: dict, save
         from gptqmodel import GPTQConfig, GPTQModel
     except ImportError:
         raise fail(f"{where}: key backend", "backend gptqmodel is selected but the gptqmodel package is not installed",
-                   "run with --use-conda: envs/gptqmodel.yaml (GPTQModel 7.7 needs torch>=2.14.1, "
-                   "transformers>=5.20.2 and a CUDA GPU), or set backend: llmcompressor") from None
+                   "run with --use-conda: envs/gptqmodel.yaml (GPTQModel 7.6.0, on a CUDA GPU), "
+                   "or set backend: llmcompressor") from None
     qcfg = GPTQConfig(bits=recipe["bits"], group_size=recipe["group_size"], sym=not recipe.get("zero_point", False),
                       desc_act=recipe.get("act_order", "none") == "group", damp_percent=recipe.get("damp", 0.01))
     model = GPTQModel.load(source, qcfg)
@@ -485,6 +489,48 @@ def bnb_config(recipe: dict):
                               bnb_4bit_compute_dtype=getattr(torch, recipe.get("compute_dtype", "bfloat16")))
 
 
+def sign_split(model, ids, context: int, stride: int, original: dict | None = None) -> dict:
+    """Splits the change in log-perplexity that quantization made into its odd and its even part in the weight
+    change. W are the weights the quantizer rounded (RTN: the originals; AWQ: after its function-preserving
+    smoothing; GPTQ, which overwrites its weights: `original`, copied before), dW = Q(W) - W for every quantized
+    Linear; NLL(W + dW) is the quantized model, NLL(W - dW) its mirror, every other parameter as quantized.
+    odd = (NLL(W+dW) - NLL(W-dW)) / 2 is the first-order term g.dW (g: the evaluation text's gradient), whose
+    sign is how the rounding happens to line up with g, i.e. luck, and it is zero on average over the sign;
+    even = (NLL(W+dW) + NLL(W-dW)) / 2 - NLL(W) is the damage through the loss's curvature, the part that a
+    quantizer's objective (GPTQ's Hessian-weighted error, AWQ's output error) reduces. On a model far from a
+    minimum of the evaluation text the odd term can outweigh the difference between two methods' even terms.
+    The in-memory llm-compressor model (fake-quantized, not yet saved) is left as it was: the weights are
+    kept on the CPU and put back, and quantization is enabled again."""
+    import torch
+    from compressed_tensors.quantization import disable_quantization, enable_quantization, forward_quantize
+
+    from .evaluate import perplexity
+
+    mods = [(n, m) for n, m in model.named_modules()
+            if hasattr(m, "weight_scale") and getattr(m, "quantization_scheme", None) is not None]
+    kept = {n: m.weight.detach().to("cpu", copy=True) for n, m in mods}
+    ref = original if original is not None else kept
+    nll = {}
+    try:
+        model.apply(disable_quantization)
+        for sign in (0, 1, -1):
+            with torch.no_grad():
+                for n, m in mods:
+                    w = ref[n].to(m.weight.device, m.weight.dtype)
+                    if sign:
+                        q = forward_quantize(m, kept[n].to(m.weight.device), "weight", m.quantization_scheme.weights)
+                        w = w + sign * (q - w)
+                    m.weight.data = w
+            nll[sign] = perplexity(model, ids, context, stride)["nll"]
+    finally:
+        with torch.no_grad():
+            for n, m in mods:
+                m.weight.data = kept[n].to(m.weight.device)
+        model.apply(enable_quantization)
+    return {"nll_fp": nll[0], "nll_mirror": nll[-1], "nll_odd": (nll[1] - nll[-1]) / 2,
+            "nll_even": (nll[1] + nll[-1]) / 2 - nll[0], "sign_split_layers": len(mods)}
+
+
 # ================================================================ the quantize stage
 
 def _check_backend_installed(recipe: dict, where: str) -> None:
@@ -502,6 +548,19 @@ def _check_backend_installed(recipe: dict, where: str) -> None:
         if not torch.cuda.is_available():
             raise fail(f"{where}: key backend", "GPTQModel quantizes with CUDA kernels and no GPU is visible",
                        "run on a GPU node (resources: gpu=1) or set backend: llmcompressor")
+
+
+def _split_metrics(extra: dict, base: dict) -> dict:
+    """sign_split's numbers for metrics.json: the odd and even parts of the change in NLL per token, the mirror's
+    perplexity and the even part as a perplexity (the geometric mean of ppl_quant and ppl_mirror when W is
+    the unquantized model's function, which nll_fp_vs_base checks)."""
+    import math
+
+    if "nll_even" not in extra:
+        return {}
+    return {"nll_odd": extra["nll_odd"], "nll_even": extra["nll_even"],
+            "nll_fp_vs_base": extra["nll_fp"] - base["nll"], "ppl_mirror": math.exp(extra["nll_mirror"]),
+            "ppl_even": math.exp(base["nll"] + extra["nll_even"])}
 
 
 def run(recipe_path: str, out: str, cfg: dict) -> dict:
@@ -554,9 +613,17 @@ def run(recipe_path: str, out: str, cfg: dict) -> dict:
         if backend == "llmcompressor":
             if method in ("gptq", "awq") and m["local"]:
                 model.config._name_or_path = m["source"]  # llm-compressor re-reads the config from here
+            split = recipe.get("sign_split", True)
+            original = None
+            if split and method == "gptq":  # GPTQ overwrites the weights it rounds: keep them (CPU) for sign_split
+                original = {n: mod.weight.detach().to("cpu", copy=True)
+                            for n, mod in quantized_linears(model, list(recipe.get("ignore", ["lm_head"])))}
             with PeakMemory() as pk:
                 extra = quantize_llmcompressor(model, tok, recipe, samples, info.get("awq_mappings"))
             ref_logits = _first_window_logits(model, ids, ctx)
+            if split:  # before the save, which compresses the in-memory weights
+                extra.update(sign_split(model, ids, ctx, stride, original))
+                original = None
             model.save_pretrained(save_dir, save_compressed=True)
             tok.save_pretrained(save_dir)
             fmt = "compressed-tensors (pack-quantized)"
@@ -606,20 +673,22 @@ def run(recipe_path: str, out: str, cfg: dict) -> dict:
             "eval_dataset": recipe["eval_dataset"], "eval_split": recipe.get("eval_split", "test"),
             "eval_context": ctx, "eval_stride": stride, "eval_tokens_scored": quant["tokens_scored"],
             "ppl_base": base["ppl"], "ppl_quant": quant["ppl"], "ppl_delta": quant["ppl"] - base["ppl"],
-            "ppl_ratio": quant["ppl"] / base["ppl"], **kl,
+            "ppl_ratio": quant["ppl"] / base["ppl"], **kl, **_split_metrics(extra, base),
             "size_bytes_base": base_bytes, "size_bytes": size, "size_ratio": size / base_bytes,
             "quant_seconds": pk.seconds, "quant_peak_rss_mb": pk.rss_mb, "quant_peak_rss_scope": pk.rss_scope,
             "quant_peak_gpu_mb": pk.gpu_mb, "quant_peak_mem_mb": pk.gpu_mb if pk.gpu_mb is not None else pk.rss_mb,
             "reload_max_abs_logit_diff": reload_diff,
             "gen_tokens": gen.get("gen_tokens"), "gen_tokens_per_s": gen.get("gen_tokens_per_s"),
             "gen_tokens_per_s_base": gen_base.get("gen_tokens_per_s"), "gen_text": gen.get("gen_text"),
-            **params, **{k: v for k, v in extra.items() if not k.startswith("_")},
+            **params, **{k: v for k, v in extra.items() if not k.startswith("_") and not k.startswith("nll_")},
         }
         with TBWriter(tmp / "tb") as tb:
             for i, loss in enumerate(extra.get("_gptq_losses", [])):
                 tb.scalars({"quant/gptq_layer_loss": loss}, i, system=False)
             tb.scalars({"quant/ppl_base": base["ppl"], "quant/ppl": quant["ppl"],
                         "quant/ppl_delta": metrics["ppl_delta"], "quant/kl_vs_base": kl["kl_vs_base"],
+                        **({"quant/ppl_even": metrics["ppl_even"], "quant/ppl_mirror": metrics["ppl_mirror"],
+                            "quant/nll_odd": metrics["nll_odd"]} if "ppl_even" in metrics else {}),
                         "quant/bits": recipe["bits"],
                         "quant/size_mb": size / 2**20, "quant/size_ratio": metrics["size_ratio"],
                         "quant/seconds": pk.seconds, "quant/peak_mem_mb": metrics["quant_peak_mem_mb"],
@@ -636,7 +705,8 @@ def run(recipe_path: str, out: str, cfg: dict) -> dict:
 COLUMNS = [
     ("target", "target"), ("model", "model"), ("method", "method"), ("backend", "backend"), ("bits", "bits"),
     ("group_size", "group"), ("size_mb", "size MB"), ("size_ratio", "size / base"), ("ppl_base", "ppl base"),
-    ("ppl_quant", "ppl"), ("ppl_delta", "Δppl"), ("ppl_delta_pct", "Δppl %"), ("kl_vs_base", "KL vs base"),
+    ("ppl_quant", "ppl"), ("ppl_delta", "Δppl"), ("ppl_delta_pct", "Δppl %"), ("ppl_even", "ppl even"),
+    ("kl_vs_base", "KL vs base"),
     ("paper_ppl", "paper ppl"),
     ("paper_setting", "paper setting"), ("quant_seconds", "quant s"), ("quant_peak_mem_mb", "peak MB"),
     ("gen_tokens_per_s", "gen tok/s"), ("gen_tokens_per_s_base", "gen tok/s base"),
@@ -703,7 +773,10 @@ def compare(recipe_path: str, out: str, cfg: dict) -> dict:
         md = [f"# Quantization comparison ({cfg['scale']} scale)", "",
               "Every number is measured by the target named in the row (results/<target>/metrics.json); "
               "ppl is the perplexity of the quantized model reloaded from disk, ppl base that of the unquantized "
-              "model on the same text, context and stride.", ""]
+              "model on the same text, context and stride. ppl even (llm-compressor methods) is the perplexity "
+              "change with its odd, first-order part g.dW removed: the geometric mean of the quantized model's and "
+              "of its mirror's (W - dW) perplexity, i.e. the curvature damage that the methods minimise, without "
+              "the luck of how the rounding lines up with the text's gradient.", ""]
         md += ["| model | dtype | ppl | size MB | gen tok/s | evaluation |", "| --- | --- | --- | --- | --- | --- |"]
         for b in base_rows.values():
             md.append(f"| {b['model']} (unquantized) | {b['dtype']} | {_fmt(b['ppl'])} | {_fmt(b['size_mb'])} | "
@@ -722,8 +795,8 @@ def compare(recipe_path: str, out: str, cfg: dict) -> dict:
         flat: dict[str, Any] = {"target": recipe["name"], "stage": "quant_compare", "scale": cfg["scale"],
                                 "n_targets": len(rows), "n_anchors": len(anchors)}
         for r in rows:
-            for k in ("bits", "ppl_quant", "ppl_delta", "ppl_delta_pct", "kl_vs_base", "size_mb", "quant_seconds",
-                      "gen_tokens_per_s"):
+            for k in ("bits", "ppl_quant", "ppl_delta", "ppl_delta_pct", "ppl_even", "kl_vs_base", "size_mb",
+                      "quant_seconds", "gen_tokens_per_s"):
                 flat[f"{r['target']}_{k}"] = r[k]
         written = write_metrics(tmp / "metrics.json", flat)
     return written
