@@ -232,14 +232,14 @@ def test_sign_split_measures_the_quantized_model_and_its_mirror_and_puts_the_mod
     unquantized one, the mirror differs, and afterwards the model computes exactly what it computed before."""
     import torch
 
+    from quantune.data import join_text, load_split
     from quantune.evaluate import perplexity, token_stream
     from quantune.models import load_model
     from quantune.quantize import quantize_llmcompressor, sign_split
 
     model, tok = load_model(str(tiny_world / "models" / "opt"), dtype="float32")
-    rows = (tiny_world / "data" / "tiny_text" / "validation.jsonl").read_text(encoding="utf-8").splitlines()
-    text = "\n\n".join(json.loads(r)["text"] for r in rows)
-    ids = token_stream(tok, text, 2048)
+    rows = load_split({"format": "text", "source": str(tiny_world / "data" / "tiny_text")}, "validation")
+    ids = token_stream(tok, join_text(rows), 2048)
     base = perplexity(model, ids, 128, 128)["nll"]
     quantize_llmcompressor(model, tok, {"method": "rtn", "bits": 3, "group_size": 128, "zero_point": True,
                                         "ignore": ["lm_head"]}, None, None)

@@ -550,17 +550,17 @@ def _check_backend_installed(recipe: dict, where: str) -> None:
                        "run on a GPU node (resources: gpu=1) or set backend: llmcompressor")
 
 
-def _split_metrics(extra: dict, base: dict) -> dict:
-    """sign_split's numbers for metrics.json: the odd and even parts of the change in NLL per token, the mirror's
-    perplexity and the even part as a perplexity (the geometric mean of ppl_quant and ppl_mirror when W is
-    the unquantized model's function, which nll_fp_vs_base checks)."""
+def _split_metrics(split: dict, base: dict) -> dict:
+    """sign_split's numbers for metrics.json (none when it did not run): the odd and even parts of the change in
+    NLL per token, the mirror's perplexity and the even part as a perplexity (the geometric mean of ppl_quant and
+    ppl_mirror when W is the unquantized model's function, which nll_fp_vs_base checks)."""
     import math
 
-    if "nll_even" not in extra:
+    if not split:
         return {}
-    return {"nll_odd": extra["nll_odd"], "nll_even": extra["nll_even"],
-            "nll_fp_vs_base": extra["nll_fp"] - base["nll"], "ppl_mirror": math.exp(extra["nll_mirror"]),
-            "ppl_even": math.exp(base["nll"] + extra["nll_even"])}
+    return {"nll_odd": split["nll_odd"], "nll_even": split["nll_even"],
+            "nll_fp_vs_base": split["nll_fp"] - base["nll"], "ppl_mirror": math.exp(split["nll_mirror"]),
+            "ppl_even": math.exp(base["nll"] + split["nll_even"]), "sign_split_layers": split["sign_split_layers"]}
 
 
 def run(recipe_path: str, out: str, cfg: dict) -> dict:
@@ -606,6 +606,7 @@ def run(recipe_path: str, out: str, cfg: dict) -> dict:
     kl_ref = kl_reference(model, ids, ctx, recipe.get("kl_tokens", 16384))
     gen_base = generation_speed(model, tok, recipe["prompt"], recipe["gen_tokens"]) if recipe["gen_tokens"] else {}
     extra: dict[str, Any] = {}
+    split: dict[str, Any] = {}
     outp = Path(out)
     with atomic_dir(outp) as tmp:
         save_dir = tmp / "model"
@@ -613,16 +614,16 @@ def run(recipe_path: str, out: str, cfg: dict) -> dict:
         if backend == "llmcompressor":
             if method in ("gptq", "awq") and m["local"]:
                 model.config._name_or_path = m["source"]  # llm-compressor re-reads the config from here
-            split = recipe.get("sign_split", True)
+            do_split = recipe.get("sign_split", True)
             original = None
-            if split and method == "gptq":  # GPTQ overwrites the weights it rounds: keep them (CPU) for sign_split
+            if do_split and method == "gptq":  # GPTQ overwrites the weights it rounds: keep them (CPU) for sign_split
                 original = {n: mod.weight.detach().to("cpu", copy=True)
                             for n, mod in quantized_linears(model, list(recipe.get("ignore", ["lm_head"])))}
             with PeakMemory() as pk:
                 extra = quantize_llmcompressor(model, tok, recipe, samples, info.get("awq_mappings"))
             ref_logits = _first_window_logits(model, ids, ctx)
-            if split:  # before the save, which compresses the in-memory weights
-                extra.update(sign_split(model, ids, ctx, stride, original))
+            if do_split:  # before the save, which compresses the in-memory weights
+                split = sign_split(model, ids, ctx, stride, original)
                 original = None
             model.save_pretrained(save_dir, save_compressed=True)
             tok.save_pretrained(save_dir)
@@ -673,14 +674,14 @@ def run(recipe_path: str, out: str, cfg: dict) -> dict:
             "eval_dataset": recipe["eval_dataset"], "eval_split": recipe.get("eval_split", "test"),
             "eval_context": ctx, "eval_stride": stride, "eval_tokens_scored": quant["tokens_scored"],
             "ppl_base": base["ppl"], "ppl_quant": quant["ppl"], "ppl_delta": quant["ppl"] - base["ppl"],
-            "ppl_ratio": quant["ppl"] / base["ppl"], **kl, **_split_metrics(extra, base),
+            "ppl_ratio": quant["ppl"] / base["ppl"], **kl, **_split_metrics(split, base),
             "size_bytes_base": base_bytes, "size_bytes": size, "size_ratio": size / base_bytes,
             "quant_seconds": pk.seconds, "quant_peak_rss_mb": pk.rss_mb, "quant_peak_rss_scope": pk.rss_scope,
             "quant_peak_gpu_mb": pk.gpu_mb, "quant_peak_mem_mb": pk.gpu_mb if pk.gpu_mb is not None else pk.rss_mb,
             "reload_max_abs_logit_diff": reload_diff,
             "gen_tokens": gen.get("gen_tokens"), "gen_tokens_per_s": gen.get("gen_tokens_per_s"),
             "gen_tokens_per_s_base": gen_base.get("gen_tokens_per_s"), "gen_text": gen.get("gen_text"),
-            **params, **{k: v for k, v in extra.items() if not k.startswith("_") and not k.startswith("nll_")},
+            **params, **{k: v for k, v in extra.items() if not k.startswith("_")},
         }
         with TBWriter(tmp / "tb") as tb:
             for i, loss in enumerate(extra.get("_gptq_losses", [])):
