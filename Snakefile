@@ -10,11 +10,15 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
+include: "rules/stage.smk"
 include: "rules/tiny.smk"
 include: "rules/evaluate.smk"
 include: "rules/quantize.smk"
-include: "rules/finetune.smk"
+include: "rules/lora.smk"
 include: "rules/data.smk"
 include: "rules/sft.smk"
 include: "rules/gguf.smk"

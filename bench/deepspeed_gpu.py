@@ -1,4 +1,4 @@
-"""GPU benchmark of the sft stage's training path (issue 5): tokens/s and model-FLOPs utilisation of the seed 003
+"""GPU benchmark of the sft stage's training path: tokens/s and model-FLOPs utilisation of the seed 003
 recipe shape under DeepSpeed ZeRO-2 and ZeRO-3, against the GPU's own measured bf16 matmul rate.
 
     python bench/deepspeed_gpu.py --out bench/results/deepspeed_gpu.json [--steps 10 --warmup 3]

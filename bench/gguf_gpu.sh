@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Q4_0 vs f16 generation speed on a CUDA GPU (issue 6): build llama-cpp-python with CUDA on a bare CUDA machine,
+# Q4_0 vs f16 generation speed on a CUDA GPU: build llama-cpp-python with CUDA on a bare CUDA machine,
 # then run bench/gguf_speed.py with every layer offloaded, on a model of Qwen2.5-1.5B's sizes.
 #
 #   bench/gguf_gpu.sh WHEELHOUSE OUTDIR [WAIT_SECONDS]

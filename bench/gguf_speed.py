@@ -1,4 +1,4 @@
-"""Q4_0 vs f16 GGUF speed through llama-cpp-python, on this machine's CPU or on a CUDA GPU (issue 6's speed goal).
+"""Q4_0 vs f16 GGUF speed through llama-cpp-python, on this machine's CPU or on a CUDA GPU (the speed goal).
 
 The tiny world's model is too small for speed to mean anything (Python overhead per token dominates), so the
 bench builds a Llama-architecture model of a size where the weights dominate (default ~110M parameters, or
@@ -7,7 +7,7 @@ gguf_q4_0; random weights, the tiny world's SentencePiece tokenizer, its vocabul
 converter to the model's size; Llama differs from Qwen2 only by Qwen2's q/k/v biases, a negligible share of
 the work), converts it with llama.cpp's own converter, quantizes
 it with the Q4_0 recipe's parameters (recipes/gguf_q4_0.yaml), and times prompt processing and greedy
-generation of both files with the same code as the gguf_eval stage (quantune.gguf_eval.speed: llama.cpp's own
+generation of both files with the same code as the gguf_evaluate stage (quantune.gguf_evaluate.speed: llama.cpp's own
 counters, median of --repeats). Results are ratios against the f16 baseline measured in the same run.
 
     .venv/bin/python bench/gguf_speed.py [--hidden 1024 --layers 8 --threads 1 --gen-tokens 64 --repeats 5]
@@ -69,8 +69,9 @@ def build_model(out: Path, tokenizer_dir: Path, hidden: int, layers: int, seed: 
 def main() -> int:
     import yaml
 
-    from quantune.export import converter_dir, import_llama_cpp, quantize_file, read_gguf, tensor_summary
-    from quantune.gguf_eval import speed
+    from quantune.gguf_quantize import quantize_file
+    from quantune.lib.gguf import converter_dir, import_llama_cpp, read_gguf, tensor_summary
+    from quantune.gguf_evaluate import speed
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokenizer", default=str(ROOT / "results" / "tiny_world" / "tokenizers" / "spm"))

@@ -1,4 +1,4 @@
-"""GPU benchmark of the lora_sft stage's QLoRA step loop (issue 4): real (non-pad) tokens/s and peak memory of
+"""GPU benchmark of the lora_sft stage's QLoRA step loop: real (non-pad) tokens/s and peak memory of
 a ChatGLM3-6B-shaped model in NF4 with the `linear` and `cosine` recipes' settings, batches padded to their
 longest row (the stage's SFTCollator, padding: longest) against batches padded to the maximum length
 (padding: max_length, prompt + answer limits). The ratio dynamic/padded is the speed-up of dynamic padding.
@@ -13,7 +13,7 @@ replaced by bitsandbytes Linear4bit (NF4, double quantization = compress_statist
 `from_pretrained(quantization_config=BitsAndBytesConfig(...))` builds, without writing and re-reading 12 GB of
 random weights; lm_head stays bf16 as there. Then the stage's own path: peft prepare_model_for_kbit_training
 (gradient checkpointing on, as the full recipes set) and LoRA r 8 (alpha 32, dropout 0.05) on q/k/v_proj, the
-native equivalent of ChatGLM3's fused query_key_value: quantune.finetune.add_lora, the stage's own set-up. A step = forward + backward under bf16 autocast
+native equivalent of ChatGLM3's fused query_key_value: quantune.lib.lora.add_lora, the stage's own set-up. A step = forward + backward under bf16 autocast
 (the Trainer's bf16=True) + AdamW step on the LoRA weights, one micro-batch per optimizer step (gradient
 accumulation only changes how often the small LoRA optimizer step runs). The first step of each configuration
 is not timed, and before the first configuration `--warmup` more steps run untimed (CUDA context, kernel
@@ -56,7 +56,7 @@ def recipe(name: str) -> dict:
 
 
 def make_rows(n: int, seed: int, vocab: int, scale: float = 1.0) -> list[dict]:
-    from quantune.finetune import IGNORE_INDEX
+    from quantune.lib.prompts import IGNORE_INDEX
 
     rng = random.Random(seed)
     rows = []
@@ -94,7 +94,7 @@ def build_model(shape: dict, device: str, r: dict, lora_r: int):
     import torch
     from transformers import GlmConfig, GlmForCausalLM
 
-    from quantune.finetune import add_lora
+    from quantune.lib.lora import add_lora
 
     cdt = torch.bfloat16 if device == "cuda" else torch.float32
     cfg = GlmConfig(**shape)
@@ -121,7 +121,7 @@ def run_config(model, rows, r, padding: str, steps: int, device: str, micro: int
                warmup: int = 1) -> dict:
     import torch
 
-    from quantune.finetune import SFTCollator
+    from quantune.lib.prompts import SFTCollator
 
     max_len = r["max_input_length"] + r["max_output_length"]
     col = SFTCollator(0, padding, max_len if padding == "max_length" else None)

@@ -65,8 +65,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from quantune.config import load_config, load_recipe
-    from quantune.quantize import PeakMemory, quantize_llmcompressor
+    from quantune.lib.config import load_config, load_recipe
+    from quantune.lib.measure import PeakMemory
+    from quantune.lib.quant_backends import quantize_llmcompressor
 
     device = "cpu" if a.tiny else "cuda"
     if device == "cuda" and not torch.cuda.is_available():

@@ -104,8 +104,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from quantune.config import load_config, load_recipe
-    from quantune.quantize import PeakMemory, quantize_gptqmodel
+    from quantune.lib.config import load_config, load_recipe
+    from quantune.lib.measure import PeakMemory
+    from quantune.lib.quant_backends import quantize_gptqmodel
 
     cuda = torch.cuda.is_available()
     if not cuda and not a.tiny:

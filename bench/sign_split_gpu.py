@@ -7,7 +7,7 @@ import torch
 from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 from tokenizers import Tokenizer, models
 from quantune import quantize as q
-from quantune.evaluate import perplexity
+from quantune.lib.measure import perplexity
 
 torch.manual_seed(0)
 cfg = OPTConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, ffn_dim=2048, vocab_size=4096,

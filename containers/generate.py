@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate one CUDA image recipe per conda env (issue 8): containers/<env>.Dockerfile and containers/<env>.def
+"""Generate one CUDA image recipe per conda env: containers/<env>.Dockerfile and containers/<env>.def
 (Apptainer) from envs/<env>.yaml, so an image holds exactly its env's package set (envs/ is the one source of
 truth). Base images and per-env build settings: containers/images.yaml.
 

@@ -8,18 +8,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from quantune.common import QuantuneError
-from quantune.config import (
+from quantune.lib.common import QuantuneError
+from quantune.lib.config import (
     check_config,
+    job_config,
     load_recipes,
+    referenced_targets,
     resolve_dataset,
     resolve_model,
     results_dir,
     pretrain_settings,
     tiny_world_dir,
 )
-from quantune.models import TOKENIZER_OF_FAMILY
+from quantune.lib.models import TOKENIZER_OF_FAMILY, cpu_has_avx2
 
+# the config and every recipe (schema with defaults, each stage's check, the targets recipes read), once
 try:
     CFG = check_config(config, "config/config.yaml (with --config overrides)")
     RECIPES = load_recipes(CFG, Path(workflow.basedir) / CFG["recipes_dir"])
@@ -30,26 +33,28 @@ except QuantuneError as _e:
 SCALE = CFG["scale"]
 RES = results_dir(CFG)
 TW = tiny_world_dir(CFG)
-CONFIG_JSON = json.dumps(CFG, sort_keys=True)
 ENVS = str(Path(workflow.basedir) / "envs")
 
 # every step is `python -m quantune.<stage>` from this checkout's src/, run by the Python that runs Snakemake
 # (the project's .venv, even when it is not activated) unless a conda env is active (--use-conda)
 VENV_BIN = str(Path(sys.executable).parent)
+# Tiny scale on x86: torch's own CPU kernels and MKL's GEMM held to their AVX2 code paths, so that a CPU with
+# AVX-512 computes what an AVX2-only CPU computes (both change the tiny world's numbers; fixed threads too).
+CPU_PINS = "export ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2; " if SCALE == "tiny" and cpu_has_avx2() else ""
 shell.prefix(
     f"set -euo pipefail; export PYTHONPATH={Path(workflow.basedir) / 'src'}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
-    f'[ -n "${{{{CONDA_PREFIX:-}}}}" ] || export PATH="{VENV_BIN}:$PATH"; '
+    f'[ -n "${{{{CONDA_PREFIX:-}}}}" ] || export PATH="{VENV_BIN}:$PATH"; {CPU_PINS}'
 )
 
-# Issue 8, per-job GPUs: the shell command of a step starts with GPU_RUN (see rules/evaluate.smk). The step
+# Per-job GPUs: the shell command of a step starts with GPU_RUN (see rules/evaluate.smk). The step
 # replaces the shell (exec: SLURM's SIGTERM at a time limit or preemption reaches it, not a shell in between)
 # and sees exactly the GPUs it holds in CUDA_VISIBLE_DEVICES: locally the wrapper takes resources.gpu free
 # GPUs of the host (file locks; none for gpu=0), under SLURM it keeps SLURM's choice (src/quantune/gpus.py).
-from quantune.gpus import GPU_RUN  # "exec python -m quantune.gpus run --gpus {resources.gpu} -- "
+from quantune.lib.gpus import GPU_RUN  # "exec python -m quantune.lib.gpus run --gpus {resources.gpu} -- "
 
 
 def image_of(env):
-    """A rule's container (issue 8), built from envs/<env>.yaml by containers/generate.py: a local
+    """A rule's container, built from envs/<env>.yaml by containers/generate.py: a local
     containers/<env>.sif when one was built, else <registry>/quantune-<env>:<tag>, tag = the generated
     Dockerfile's content hash (QUANTUNE_IMAGE_REGISTRY, default ghcr.io/quantune). Use with --sdm apptainer."""
     base = Path(workflow.basedir) / "containers"
@@ -77,8 +82,18 @@ def recipes_of(stage):
     return sorted(n for n, r in RECIPES.items() if r["stage"] == stage)
 
 
+def names_of(stage, keep=lambda r: True):
+    """A rule's `name` wildcard constraint: the recipes of its stage (a pattern no target matches when none)."""
+    return "|".join(n for n in recipes_of(stage) if keep(RECIPES[n])) or f"no-{stage}-recipes"
+
+
 def recipe_path(name):
     return str(Path(workflow.basedir) / CFG["recipes_dir"] / f"{name}.yaml")
+
+
+def job_json(name):
+    """A job's params: the part of the config its recipe reads (config.job_config), as JSON."""
+    return json.dumps(job_config(CFG, RECIPES[name]), sort_keys=True)
 
 
 def model_input(name, key="model"):
@@ -153,34 +168,10 @@ def _report_inputs_file():
     return str(f)
 
 
-# ---- the GGUF chain's cross-recipe references (rules/gguf.smk), checked before any job runs ----
-_GGUF_REFS = {  # stage: (key, stages the referenced target may have)
-    "merge": [("adapter", ("lora_sft",))],
-    "gguf_convert": [("merged", ("merge",))],
-    "gguf_quantize": [("gguf", ("gguf_convert",))],
-    "gguf_eval": [("ggufs", ("gguf_convert", "gguf_quantize")), ("reference", ("merge",))],
-}
-
-
-def _check_gguf_refs():
-    for name, r in sorted(RECIPES.items()):
-        for key, stages in _GGUF_REFS.get(r["stage"], []):
-            refs = r[key] if isinstance(r[key], list) else [r[key]]
-            for ref in refs:
-                if ref not in RECIPES or RECIPES[ref]["stage"] not in stages:
-                    found = f"a {RECIPES[ref]['stage']} recipe" if ref in RECIPES else "no recipe"
-                    raise QuantuneError(
-                        f"{recipe_path(name)}: key {key}: {ref!r} is {found}; fix: name a recipe of stage "
-                        f"{' or '.join(stages)} ({', '.join(n for s in stages for n in recipes_of(s)) or 'none yet'})"
-                    )
-
-
-try:
-    _check_gguf_refs()
-except QuantuneError as _e:
-    sys.stderr.write(f"quantune: error: {_e}\n")
-    sys.exit(1)
-
-
 def _done(target):
     return f"{RES}/{target}/metrics.json"
+
+
+def read_targets(name):
+    """The metrics.json of every target a recipe reads (quant_compare's targets, the adapters, the GGUF chain)."""
+    return [_done(t) for t in referenced_targets(RECIPES[name])]

@@ -1,4 +1,4 @@
-# Data preparation (seed 002): the data_clean stage, and the tiny raw data set it cleans.
+# Data preparation: the data_clean stage, and the tiny raw data set it cleans.
 
 
 rule tiny_raw_instructions:
@@ -18,32 +18,20 @@ rule tiny_raw_instructions:
     params:
         seed=CFG["tiny_data"]["seed"],
     shell:
-        "python -m quantune.clean make-raw --out {output} --seed {params.seed} > {log} 2>&1"
+        "python -m quantune.tiny_world raw-instructions --out {output} --seed {params.seed} > {log} 2>&1"
 
 
-rule clean_data:
+use rule stage_step as clean_data with:
     input:
         data=lambda w: dataset_input(w.name),
         tokenizer=lambda w: model_input(w.name, "tokenizer_model"),
         recipe=lambda w: recipe_path(w.name),
-    output:
-        f"{RES}/{{name}}/metrics.json",
-    log:
-        f"{RES}/logs/{{name}}.log",
-    benchmark:
-        f"{RES}/benchmarks/{{name}}.tsv"
     wildcard_constraints:
-        name="|".join(recipes_of("data_clean")) or "no-data-clean-recipes",
-    conda:
-        f"{ENVS}/train.yaml"
-    container:
-        image_of("train")
+        name=names_of("clean_data"),
+    threads: 1
     resources:
         mem_mb=lambda w: 2000 if SCALE == "tiny" else 16000,
         runtime=lambda w: 10 if SCALE == "tiny" else 120,
+        gpu=0,
     params:
-        cfg=CONFIG_JSON,
-        out=lambda w: f"{RES}/{w.name}",
-    shell:
-        "python -m quantune.clean run --recipe {input.recipe} --out {params.out} --config-json {params.cfg:q}"
-        " > {log} 2>&1"
+        step="clean_data",

@@ -1,23 +1,12 @@
-# Issue 3 (seeds 000 and 001): weight quantization targets and their comparison.
+# Weight quantization and its comparison.
 #   quantize           GPTQ / AWQ / round-to-nearest with llm-compressor, LLM.int8 / NF4 with bitsandbytes
 #   quantize_gptqmodel GPTQ with GPTQModel (recipes with `backend: gptqmodel`; its own env, CUDA only)
-#   quantize_compare   recipes of stage quant_compare: one table (markdown + CSV) and a plot over the quantized
+#   quantize_compare   recipes of stage quantize_compare: one table (markdown + CSV) and a plot over the quantized
 #                      variants (the rule is not named quant_compare: that is the recipe's own target rule)
-# Every quantize recipe is checked here, before any job runs (bits the backend supports, keys of another
-# method, calibration keys; quant_compare's targets): one line, then Snakemake stops.
-from quantune.quantize import backend_of, check_compare_recipe, check_recipe
-
-try:
-    for _n in recipes_of("quantize"):
-        check_recipe(RECIPES[_n], recipe_path(_n))
-    for _n in recipes_of("quant_compare"):
-        check_compare_recipe(RECIPES[_n], RECIPES, recipe_path(_n))
-except QuantuneError as _e:
-    sys.stderr.write(f"quantune: error: {_e}\n")
-    sys.exit(1)
+from quantune.quantize import backend_of
 
 
-rule quantize:
+use rule stage_step as quantize with:
     input:
         model=lambda w: model_input(w.name),
         calibration=lambda w: (
@@ -25,15 +14,8 @@ rule quantize:
         ),
         eval=lambda w: dataset_input(w.name, "eval_dataset"),
         recipe=lambda w: recipe_path(w.name),
-    output:
-        f"{RES}/{{name}}/metrics.json",
-    log:
-        f"{RES}/logs/{{name}}.log",
-    benchmark:
-        f"{RES}/benchmarks/{{name}}.tsv"
     wildcard_constraints:
-        name="|".join(n for n in recipes_of("quantize") if backend_of(RECIPES[n]) != "gptqmodel")
-        or "no-quantize-recipes",
+        name=names_of("quantize", lambda r: backend_of(r) != "gptqmodel"),
     conda:
         f"{ENVS}/quantize.yaml"
     container:
@@ -45,30 +27,12 @@ rule quantize:
         runtime=lambda w: 30 if SCALE == "tiny" else 240,
         gpu=lambda w: gpu_count(w.name),
     params:
-        cfg=CONFIG_JSON,
-        out=lambda w: f"{RES}/{w.name}",
-    shell:
-        f"{GPU_RUN}python -m quantune.quantize --recipe {{input.recipe}} --out {{params.out}}"
-        " --config-json {params.cfg:q} > {log} 2>&1"
+        step="quantize",
 
 
-rule quantize_gptqmodel:
-    input:
-        model=lambda w: model_input(w.name),
-        calibration=lambda w: (
-            dataset_input(w.name, "calibration_dataset") if "calibration_dataset" in RECIPES[w.name] else []
-        ),
-        eval=lambda w: dataset_input(w.name, "eval_dataset"),
-        recipe=lambda w: recipe_path(w.name),
-    output:
-        f"{RES}/{{name}}/metrics.json",
-    log:
-        f"{RES}/logs/{{name}}.log",
-    benchmark:
-        f"{RES}/benchmarks/{{name}}.tsv"
+use rule quantize as quantize_gptqmodel with:
     wildcard_constraints:
-        name="|".join(n for n in recipes_of("quantize") if backend_of(RECIPES[n]) == "gptqmodel")
-        or "no-quantize_gptqmodel-recipes",
+        name=names_of("quantize", lambda r: backend_of(r) == "gptqmodel"),
     conda:
         f"{ENVS}/gptqmodel.yaml"
     container:
@@ -78,40 +42,38 @@ rule quantize_gptqmodel:
         mem_mb=lambda w: 4000 if SCALE == "tiny" else int(RECIPES[w.name].get("mem_mb", 64000)),
         runtime=lambda w: 30 if SCALE == "tiny" else 240,
         gpu=lambda w: max(1, gpu_count(w.name)),
-    params:
-        cfg=CONFIG_JSON,
-        out=lambda w: f"{RES}/{w.name}",
-    shell:
-        f"{GPU_RUN}python -m quantune.quantize --recipe {{input.recipe}} --out {{params.out}}"
-        " --config-json {params.cfg:q} > {log} 2>&1"
 
 
-rule quantize_compare:
+use rule stage_step as quantize_compare with:
     input:
-        metrics=lambda w: [f"{RES}/{t}/metrics.json" for t in RECIPES[w.name]["targets"]],
+        metrics=lambda w: read_targets(w.name),
         recipe=lambda w: recipe_path(w.name),
     output:
-        f"{RES}/{{name}}/metrics.json",
+        report(
+            f"{RES}/{{name}}/metrics.json",
+            caption="../report/metrics.rst",
+            category="metrics",
+            labels={"target": "{name}"},
+        ),
         f"{RES}/{{name}}/compare.md",
-        f"{RES}/{{name}}/compare.csv",
-        f"{RES}/{{name}}/compare.png",
-    log:
-        f"{RES}/logs/{{name}}.log",
-    benchmark:
-        f"{RES}/benchmarks/{{name}}.tsv"
+        report(
+            f"{RES}/{{name}}/compare.csv",
+            caption="../report/compare.rst",
+            category="comparisons",
+            labels={"target": "{name}", "file": "table"},
+        ),
+        report(
+            f"{RES}/{{name}}/compare.png",
+            caption="../report/compare.rst",
+            category="comparisons",
+            labels={"target": "{name}", "file": "plot"},
+        ),
     wildcard_constraints:
-        name="|".join(recipes_of("quant_compare")) or "no-quant_compare-recipes",
+        name=names_of("quantize_compare"),
     conda:
         f"{ENVS}/quantize.yaml"
     container:
         image_of("quantize")
     threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
     params:
-        cfg=CONFIG_JSON,
-        out=lambda w: f"{RES}/{w.name}",
-    shell:
-        "python -m quantune.quantize --recipe {input.recipe} --out {params.out} --config-json {params.cfg:q}"
-        " > {log} 2>&1"
+        step="quantize_compare",

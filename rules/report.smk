@@ -1,4 +1,4 @@
-# The report (issue 9): results/REPORT.md and one self-contained HTML page (results/report/index.html) from
+# The report: results/REPORT.md and one self-contained HTML page (results/report/index.html) from
 # whatever is built, plus an optional TensorBoard screenshot.
 #
 # `report` takes no target as input, on purpose: it scans results/ and reports what exists, so

@@ -22,7 +22,7 @@ rule tiny_corpus:
         heldout=CFG["tiny_world"]["corpus"]["heldout_fraction"],
         validation=CFG["tiny_world"]["corpus"]["validation_fraction"],
     shell:
-        "python -m quantune.data corpus --out {output} {params.pydoc} --fortunes {params.fortunes}"
+        "python -m quantune.tiny_world corpus --out {output} {params.pydoc} --fortunes {params.fortunes}"
         " --heldout {params.heldout} --validation {params.validation} > {log} 2>&1"
 
 
@@ -44,7 +44,7 @@ rule tiny_dataset:
         n=lambda w: CFG["tiny_data"][w.kind],
         seed=CFG["tiny_data"]["seed"],
     shell:
-        "python -m quantune.data generate {wildcards.kind} --out {output} --train {params.n[train]}"
+        "python -m quantune.tiny_world dataset {wildcards.kind} --out {output} --train {params.n[train]}"
         " --validation {params.n[validation]} --test {params.n[test]} --seed {params.seed} > {log} 2>&1"
 
 
@@ -68,7 +68,7 @@ rule tiny_tokenizer:
         vocab=CFG["tiny_world"]["tokenizer"]["vocab_size"],
         minf=CFG["tiny_world"]["tokenizer"]["min_frequency"],
     shell:
-        "python -m quantune.models tokenizer --kind {wildcards.tok} --corpus {input} --out {output}"
+        "python -m quantune.tiny_world tokenizer --kind {wildcards.tok} --corpus {input} --out {output}"
         " --vocab-size {params.vocab} --min-frequency {params.minf} > {log} 2>&1"
 
 
@@ -101,7 +101,7 @@ rule tiny_pretrain:
         ),
     # exec: SIGTERM (SLURM's time limit, preemption) reaches the trainer: it checkpoints, exits 143, the rerun resumes
     shell:
-        "OMP_NUM_THREADS={threads} exec python -m quantune.train pretrain --family {wildcards.family}"
+        "OMP_NUM_THREADS={threads} exec python -m quantune.tiny_world pretrain --family {wildcards.family}"
         " --tokenizer {input.tokenizer} --corpus {input.corpus} --out {output} --spec-json {params.spec:q}"
         " > {log} 2>&1"
 
@@ -112,7 +112,12 @@ rule tiny_world:
         tokenizers=expand(f"{TW}/tokenizers/{{tok}}", tok=["bpe", "spm"]),
         data=expand(f"{TW}/data/{{kind}}", kind=["advertisegen", "alpaca", "summary_pref", "tiny_text"]),
     output:
-        f"{TW}/metrics.json",
+        report(
+            f"{TW}/metrics.json",
+            caption="../report/tiny_world.rst",
+            category="metrics",
+            labels={"target": "tiny_world"},
+        ),
     log:
         f"{TW}/logs/tiny_world.log",
     benchmark:
@@ -125,5 +130,5 @@ rule tiny_world:
         mem_mb=1000,
         runtime=5,
     shell:
-        "python -m quantune.report tiny-world --models {input.models} --tokenizers {input.tokenizers}"
+        "python -m quantune.tiny_world summary --models {input.models} --tokenizers {input.tokenizers}"
         " --data {input.data} --out {output} > {log} 2>&1"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the GGUF toolchain of the gguf_* targets (issue 6) into a Python prefix (default: .venv):
+# Install the GGUF toolchain of the gguf_* targets into a Python prefix (default: .venv):
 #   1. llama-cpp-python (pinned, built from source; CPU and portable unless CMAKE_ARGS says otherwise),
 #   2. gguf (the PyPI release that equals the gguf-py of that llama.cpp tree: reads GGUF files back),
 #   3. llama.cpp's own HF -> GGUF converter (convert_hf_to_gguf.py, its conversion/ package and gguf-py),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 8: what the SLURM, env, container and lint tests need, on top of scripts/setup.sh.
+# What the SLURM, env, container and lint tests need, on top of scripts/setup.sh.
 #   - Debian: a single-node SLURM (slurmctld + slurmd + slurmdbd, munge) and MariaDB for its accounting, so
 #     that `sacct` works (Snakemake's SLURM executor reads job states through it). The tests start their own
 #     daemons in a temporary directory (tests/slurm_cluster.py); nothing is started here, and the packages'

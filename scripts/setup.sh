@@ -16,7 +16,7 @@ PY=${PYTHON:-python3}
 DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -c requirements.lock -e ".[quantize,metrics,clean,deepspeed,dev]"
 # the GGUF toolchain (llama-cpp-python built from source, gguf, llama.cpp's converter from the same sdist)
 bash scripts/install_llamacpp.sh
-# a single-node SLURM + MariaDB accounting, the SLURM executor plugin, hadolint, snakefmt, uv (issue 8 tests)
+# a single-node SLURM + MariaDB accounting, the SLURM executor plugin, hadolint, snakefmt, uv (the SLURM and env tests)
 bash scripts/install_slurm.sh
 # Debian's headless Chromium + ChromeDriver and Selenium (the TensorBoard browser test)
 bash scripts/install_browser.sh

@@ -44,6 +44,6 @@ def tiny_world(results_root) -> Path:
 
 @pytest.fixture()
 def cfg():
-    from quantune.config import load_config
+    from quantune.lib.config import load_config
 
     return load_config()

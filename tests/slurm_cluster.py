@@ -1,4 +1,4 @@
-"""A real single-node SLURM on localhost, for tests and for trying profiles/slurm by hand (issue 8).
+"""A real single-node SLURM on localhost, for tests and for trying profiles/slurm by hand.
 
 Debian's slurmctld + slurmd + slurmdbd (22.05), munge, and MariaDB for the accounting database, so that
 `sacct` works (Snakemake's SLURM executor reads job states through it). GPUs are declared without hardware:
@@ -23,6 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from quantune.lib.common import free_port  # noqa: E402
+
 DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")
 REQUIRED = ("munged", "mungekey", "mariadbd", "mariadb-install-db", "mariadb", "slurmdbd", "slurmctld",
             "slurmd", "sbatch", "sacct", "sacctmgr", "sinfo", "scontrol")
@@ -38,12 +41,6 @@ class SlurmUnavailable(RuntimeError):
 
 def missing_tools() -> list[str]:
     return [t for t in REQUIRED if shutil.which(t) is None]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalSlurm:
@@ -82,7 +79,7 @@ class LocalSlurm:
         for d in (self.etc, self.log, self.run, self.root / "state", self.root / "spool", self.root / "munge"):
             d.mkdir(parents=True, exist_ok=True)
             d.chmod(0o711 if d.name == "munge" else 0o700)  # munged wants its socket's directory traversable
-        self.dbd_port, self.ctld_port, self.slurmd_port, self.db_port = (_free_port() for _ in range(4))
+        self.dbd_port, self.ctld_port, self.slurmd_port, self.db_port = (free_port() for _ in range(4))
         auth = f"AuthType=auth/munge\nAuthInfo=socket={self.munge_socket}\n"
         (self.etc / "slurm.conf").write_text(
             f"ClusterName=quantune\n"

@@ -5,9 +5,10 @@ import json
 import pytest
 
 from conftest import ROOT, snakemake
-from quantune.clean import REASONS, make_raw, run
-from quantune.common import QuantuneError
-from quantune.config import load_config
+from quantune.clean_data import REASONS, run
+from quantune.tiny_world import make_raw
+from quantune.lib.common import QuantuneError
+from quantune.lib.config import load_config
 
 
 @pytest.fixture()

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from quantune.common import atomic_dir, atomic_write_text, read_json, write_metrics, QuantuneError
+from quantune.lib.common import atomic_dir, atomic_write_text, read_json, write_metrics, QuantuneError
 
 
 def test_atomic_write_keeps_old_file_when_interrupted(tmp_path, monkeypatch):

@@ -1,11 +1,9 @@
 import copy
-import shutil
 
 import pytest
-import yaml
 
-from quantune.common import QuantuneError
-from quantune.config import (ROOT, check_config, load_config, load_recipe, load_recipes, resolve_dataset,
+from quantune.lib.common import QuantuneError
+from quantune.lib.config import (ROOT, check_config, load_config, load_recipe, load_recipes, resolve_dataset,
                              resolve_model, _set_dotted)
 
 

@@ -3,8 +3,8 @@ import re
 
 import pytest
 
-from quantune.common import QuantuneError
-from quantune.data import FORMATS, build_corpus, generate, load_split, read_json_records, split_of
+from quantune.lib.common import QuantuneError
+from quantune.lib.data import FORMATS, build_corpus, generate, load_split, read_json_records, split_of
 
 
 @pytest.mark.parametrize("kind,fmt", [("advertisegen", "advertisegen"), ("alpaca", "alpaca"),

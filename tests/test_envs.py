@@ -1,4 +1,4 @@
-"""conda envs and their CUDA images (issue 8). conda channels cannot be reached from these machines, so what is
+"""conda envs and their CUDA images. conda channels cannot be reached from these machines, so what is
 tested is what can be: every rule names an env (and an image) that exists; every env file parses and is pinned;
 each env's pip section resolves for the env's own Python on Linux (uv, against PyPI) to a CUDA build of torch,
 with the versions CI tests (requirements.lock) wherever the env does not say it differs; and every image recipe

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from quantune.common import QuantuneError
-from quantune.evaluate import perplexity
+from quantune.lib.common import QuantuneError
+from quantune.lib.measure import perplexity
 
 
 class Bigram(torch.nn.Module):

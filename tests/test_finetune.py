@@ -1,9 +1,10 @@
-"""The lora_sft and lora_compare stages (issue 4) on the tiny world: data preparation (labels, truncation, dynamic
+"""The lora_sft and lora_compare stages on the tiny world: data preparation (labels, truncation, dynamic
 padding), one-line errors before any work, a QLoRA run killed after its first checkpoint and resumed, the
 linear / cosine adapters and their comparison built through Snakemake, and a seq2seq + Alpaca run of the same
 stage."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, snakemake
-from quantune.tb import read_scalars
+from quantune.lib.tb import read_scalars
 
 STEPS100 = ROOT / "recipes" / "qlora_chatglm_steps100.yaml"
 # as the tiny_world fixture: a reused tiny world is not rebuilt because some rule's code changed
@@ -22,14 +23,14 @@ TRIGGERS = ("--rerun-triggers", "mtime", "params", "input")
 
 
 def tiny_cfg(results_root: Path) -> dict:
-    from quantune.config import load_config
+    from quantune.lib.config import load_config
 
     return load_config(overrides={"results": {"tiny": str(results_root), "full": str(results_root / "full")}})
 
 
 def run_step(*args, results_root: Path, **kw):
     cfg = json.dumps(tiny_cfg(results_root))
-    cmd = [sys.executable, "-m", "quantune.finetune", *args, "--config-json", cfg]
+    cmd = [sys.executable, "-m", "quantune.lora_sft", *args, "--config-json", cfg]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "2"}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
@@ -44,7 +45,7 @@ def glm_tok(tiny_world):
 
 
 def test_prompt_and_answer_are_tokenized_and_truncated_separately(glm_tok):
-    from quantune.finetune import IGNORE_INDEX, tokenize_example
+    from quantune.lib.prompts import IGNORE_INDEX, tokenize_example
 
     prompt, answer = "类型#裙*颜色#黑色*风格#简约", "这款黑色连衣裙，经典的黑色显得沉稳大气，简约的设计大方利落。"
     p_ids = glm_tok(prompt)["input_ids"]
@@ -63,7 +64,7 @@ def test_prompt_and_answer_are_tokenized_and_truncated_separately(glm_tok):
 
 
 def test_batches_are_padded_to_their_longest_row_not_to_the_maximum():
-    from quantune.finetune import IGNORE_INDEX, SFTCollator
+    from quantune.lib.prompts import IGNORE_INDEX, SFTCollator
 
     rows = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
             {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}]
@@ -116,10 +117,8 @@ def test_bad_recipe_stops_with_one_line_before_training(tmp_path, tiny_world, re
 
 
 def test_compare_without_trained_adapters_says_what_to_build(tmp_path, tiny_world):
-    from quantune.finetune import main
-
     cfg = tiny_cfg(tmp_path)  # an empty results dir: no adapter has been trained there
-    proc = subprocess.run([sys.executable, "-m", "quantune.finetune", "compare", "--recipe",
+    proc = subprocess.run([sys.executable, "-m", "quantune.lora_compare", "--recipe",
                            str(ROOT / "recipes" / "qlora_compare.yaml"), "--out", str(tmp_path / "qlora_compare"),
                            "--config-json", json.dumps(cfg)], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=300)
@@ -127,34 +126,38 @@ def test_compare_without_trained_adapters_says_what_to_build(tmp_path, tiny_worl
     assert proc.stderr.strip().splitlines()[-1] == (
         f"quantune: error: {ROOT / 'recipes' / 'qlora_compare.yaml'}: key adapters.linear: no trained adapter in "
         f"{tmp_path / 'qlora_chatglm_linear'}; fix: build it first: snakemake qlora_chatglm_linear"), proc.stderr
-    assert main is not None
 
 
-def test_chatglm3_jobs_get_their_pinned_env_at_full_scale_only():
-    from quantune.common import QuantuneError
-    from quantune.config import load_config, load_recipes
-    from quantune.finetune import adapter_targets, check_sft_recipe, workflow_env
+def test_chatglm3_jobs_get_their_pinned_env_at_full_scale_only(tmp_path):
+    from quantune.lib.common import QuantuneError
+    from quantune.lib.config import load_config, load_recipes, referenced_targets
+    from quantune.lora_sft import _check_pinned_transformers, workflow_env
 
     for scale, env in (("tiny", "finetune"), ("full", "chatglm3")):
         cfg = load_config(overrides={"scale": scale})
         recipes = load_recipes(cfg)
         for n in ("qlora_chatglm_steps100", "qlora_chatglm_linear", "qlora_chatglm_cosine", "qlora_compare"):
             assert workflow_env(recipes[n], scale) == env, (n, scale)
-        assert adapter_targets(recipes, "qlora_compare", "r") == ["qlora_chatglm_linear", "qlora_chatglm_cosine"]
+        assert referenced_targets(recipes["qlora_compare"]) == ["qlora_chatglm_linear", "qlora_chatglm_cosine"]
     # this venv's transformers cannot run ChatGLM3's remote code: a full-scale run here stops before loading
     with pytest.raises(QuantuneError, match=r"key env: chatglm3 remote code needs transformers 4\.40\.0 "
                                             r"\(envs/chatglm3\.yaml\), this Python has 5\."):
-        check_sft_recipe(cfg, recipes["qlora_chatglm_linear"], "recipes/qlora_chatglm_linear.yaml")
-    recipes["qlora_compare"]["adapters"]["extra"] = "eval_opt67b"
-    with pytest.raises(QuantuneError, match="key adapters.extra: 'eval_opt67b' is not a lora_sft recipe; fix: use"):
-        adapter_targets(recipes, "qlora_compare", "recipes/qlora_compare.yaml")
+        _check_pinned_transformers("recipes/qlora_chatglm_linear.yaml")
+    # an adapter that is not a lora_sft target stops the loader, naming the file and key
+    rdir = tmp_path / "recipes"
+    shutil.copytree(ROOT / "recipes", rdir)
+    bad = rdir / "qlora_compare.yaml"
+    bad.write_text(bad.read_text().replace("adapters:\n", "adapters:\n  extra: eval_opt67b\n", 1))
+    with pytest.raises(QuantuneError, match=f"{bad}: key adapters.extra: 'eval_opt67b' is a recipe of stage evaluate; "
+                                            "fix: name a recipe of stage lora_sft"):
+        load_recipes(load_config(), rdir)
 
 
 # ---------------------------------------------------------------- QLoRA, killed and resumed
 
 @pytest.mark.slow
 def test_steps100_killed_after_a_checkpoint_resumes_from_it(tiny_world, results_root, tmp_path):
-    from quantune.finetune import checkpoint_dir
+    from quantune.lora_sft import checkpoint_dir
 
     # a private output directory: the shared results/qlora_chatglm_steps100 target is left alone
     out = tmp_path / "qlora_chatglm_steps100"

@@ -1,9 +1,9 @@
-"""Seed 004's export chain (issue 6) on the tiny world: LoRA adapter -> merge -> GGUF f16 (llama.cpp's own
+"""Seed 004's export chain on the tiny world: LoRA adapter -> merge -> GGUF f16 (llama.cpp's own
 converter) -> Q4_0 / Q8_0 / Q4_K_M (llama_model_quantize) -> llama-cpp-python perplexity, speed and greedy
 generations beside the transformers model.
 
-The chain runs once per module through the step commands (`python -m quantune.export ...`,
-`python -m quantune.gguf_eval ...`) with the real recipes' tiny profiles, on a LoRA adapter made here with PEFT
+The chain runs once per module through the step commands (`python -m quantune.merge`, `gguf_convert`, `gguf_quantize`,
+`gguf_evaluate`) with the real recipes' tiny profiles, on a LoRA adapter made here with PEFT
 (random B matrices, so that the merge changes the logits); the Snakemake wiring is checked by dry runs.
 Needs scripts/install_llamacpp.sh (llama-cpp-python, gguf, the converter)."""
 from __future__ import annotations
@@ -85,16 +85,16 @@ def chain(tiny_world, results_root, llama_cpp, tmp_path_factory) -> dict[str, Pa
     adapter = make_adapter(tiny_world / "models" / "llama", d / "adapter")
     out = {n: d / n for n in ["merge_lora_qwen", "gguf_f16_qwen", "gguf_q4_0", "gguf_q8_0", "gguf_q4_k_m",
                               "gguf_q4_0_default", "gguf_eval"]}
-    step("quantune.export", "merge", "--recipe", str(RECIPES / "merge_lora_qwen.yaml"),
+    step("quantune.merge", "--recipe", str(RECIPES / "merge_lora_qwen.yaml"),
          "--out", str(out["merge_lora_qwen"]), "--adapter", str(adapter), *cfg)
-    step("quantune.export", "convert", "--recipe", str(RECIPES / "gguf_f16_qwen.yaml"),
+    step("quantune.gguf_convert", "--recipe", str(RECIPES / "gguf_f16_qwen.yaml"),
          "--out", str(out["gguf_f16_qwen"]), "--merged", str(out["merge_lora_qwen"] / "model"), *cfg)
     f16 = out["gguf_f16_qwen"] / "model-f16.gguf"
     for name in ["gguf_q4_0", "gguf_q8_0", "gguf_q4_k_m", "gguf_q4_0_default"]:
         recipe = default_q4 if name == "gguf_q4_0_default" else RECIPES / f"{name}.yaml"
-        step("quantune.export", "quantize", "--recipe", str(recipe), "--out", str(out[name]), "--gguf", str(f16), *cfg)
+        step("quantune.gguf_quantize", "--recipe", str(recipe), "--out", str(out[name]), "--gguf", str(f16), *cfg)
     files = {n: next(out[n].glob("model-*.gguf")) for n in ["gguf_f16_qwen", "gguf_q8_0", "gguf_q4_k_m", "gguf_q4_0"]}
-    step("quantune.gguf_eval", "--recipe", str(RECIPES / "gguf_eval.yaml"), "--out", str(out["gguf_eval"]),
+    step("quantune.gguf_evaluate", "--recipe", str(RECIPES / "gguf_eval.yaml"), "--out", str(out["gguf_eval"]),
          "--reference", str(out["merge_lora_qwen"] / "model"), *[f"--gguf={n}={p}" for n, p in files.items()], *cfg)
     out["adapter"] = adapter
     return out
@@ -159,7 +159,7 @@ def test_without_the_sentencepiece_model_the_check_refuses(chain, results_root, 
     model = tmp_path / "model"
     shutil.copytree(chain["merge_lora_qwen"] / "model", model)
     (model / "tokenizer.model").unlink()
-    r = step("quantune.export", "convert", "--recipe", str(RECIPES / "gguf_f16_qwen.yaml"), "--out",
+    r = step("quantune.gguf_convert", "--recipe", str(RECIPES / "gguf_f16_qwen.yaml"), "--out",
              str(tmp_path / "out"), "--merged", str(model), "--set", f"results.tiny={results_root}", check=False)
     line = one_error_line(r)
     assert re.search(r"key require_same_tokens: llama.cpp tokenizes \d+ of 32 held-out texts differently", line), line
@@ -246,14 +246,14 @@ def test_untied_output_weight_is_q6_k_by_default_and_q4_0_by_recipe(chain, resul
     tok.save_pretrained(model_dir)
     shutil.copyfile(src / "tokenizer.model", model_dir / "tokenizer.model")
     cfg_args = ["--set", f"results.tiny={results_root}"]
-    step("quantune.export", "convert", "--recipe", str(RECIPES / "gguf_f16_qwen.yaml"), "--out",
+    step("quantune.gguf_convert", "--recipe", str(RECIPES / "gguf_f16_qwen.yaml"), "--out",
          str(tmp_path / "f16"), "--merged", str(model_dir), *cfg_args)
     f16 = tmp_path / "f16" / "model-f16.gguf"
     default = tmp_path / "recipes" / "gguf_q4_0_default.yaml"
     default.parent.mkdir()
     default.write_text("stage: gguf_quantize\ngguf: gguf_f16_qwen\nftype: Q4_0\n")
     for recipe, out in [(RECIPES / "gguf_q4_0.yaml", "q4"), (default, "q4_default")]:
-        step("quantune.export", "quantize", "--recipe", str(recipe), "--out", str(tmp_path / out), "--gguf", str(f16),
+        step("quantune.gguf_quantize", "--recipe", str(recipe), "--out", str(tmp_path / out), "--gguf", str(f16),
              *cfg_args)
     by_recipe, by_default = tensors(tmp_path / "q4"), tensors(tmp_path / "q4_default")
     assert by_recipe["output.weight"]["type"] == "Q4_0", by_recipe["output.weight"]
@@ -292,7 +292,7 @@ def test_greedy_generations_agree_with_the_transformers_model(chain):
 
 
 def test_eval_reports_speed_sizes_and_tensorboard(chain):
-    from quantune.tb import read_scalars
+    from quantune.lib.tb import read_scalars
 
     m = metrics(chain, "gguf_eval")
     for t in ["gguf_f16_qwen", "gguf_q8_0", "gguf_q4_k_m", "gguf_q4_0"]:
@@ -310,14 +310,14 @@ def test_eval_reports_speed_sizes_and_tensorboard(chain):
 def test_bad_inputs_fail_with_one_line_before_work(chain, results_root, tmp_path):
     cfg = ["--set", f"results.tiny={results_root}"]
     (tmp_path / "empty").mkdir()
-    line = one_error_line(step("quantune.export", "merge", "--recipe", str(RECIPES / "merge_lora_qwen.yaml"),
+    line = one_error_line(step("quantune.merge", "--recipe", str(RECIPES / "merge_lora_qwen.yaml"),
                                "--out", str(tmp_path / "m"), "--adapter", str(tmp_path / "empty"), *cfg, check=False))
     assert "no PEFT adapter here (adapter_config.json missing); fix:" in line, line
-    line = one_error_line(step("quantune.export", "quantize", "--recipe", str(RECIPES / "gguf_q4_0.yaml"),
+    line = one_error_line(step("quantune.gguf_quantize", "--recipe", str(RECIPES / "gguf_q4_0.yaml"),
                                "--out", str(tmp_path / "q"), "--gguf", str(tmp_path / "none.gguf"), *cfg, check=False))
     assert f"{tmp_path / 'none.gguf'}: GGUF file not found; fix:" in line, line
     # full scale offloads to a GPU: a CPU-only llama-cpp-python is refused at once, with the fix
-    line = one_error_line(step("quantune.gguf_eval", "--recipe", str(RECIPES / "gguf_eval.yaml"),
+    line = one_error_line(step("quantune.gguf_evaluate", "--recipe", str(RECIPES / "gguf_eval.yaml"),
                                "--out", str(tmp_path / "e"), "--set", "scale=full", check=False))
     assert "key n_gpu_layers: -1 asks for GPU offload" in line and "GGML_CUDA=on" in line, line
     assert not (tmp_path / "m").exists() and not (tmp_path / "q").exists() and not (tmp_path / "e").exists()

@@ -1,4 +1,4 @@
-"""GPU scheduling on one machine (issue 8): `snakemake --cores N --resources gpu=K` never runs GPU jobs needing
+"""GPU scheduling on one machine: `snakemake --cores N --resources gpu=K` never runs GPU jobs needing
 more than K GPUs at once, and each GPU job sees only its own GPUs (CUDA_VISIBLE_DEVICES, set per job by GPU_RUN:
 src/quantune/gpus.py). The host's GPUs are faked with QUANTUNE_GPUS; the jobs (tests/gpu_workflow) record what
 they saw and when they ran."""
@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from conftest import ROOT, snakemake
 
@@ -89,23 +88,23 @@ def test_gpu_locks_are_released_when_the_job_is_killed(tmp_path):
     """A SIGKILLed job leaves no stale lock: its GPU is free at once."""
     env = dict(os.environ, QUANTUNE_GPUS="1", QUANTUNE_GPU_LOCKS=str(tmp_path / "locks"),
                PYTHONPATH=str(ROOT / "src"))
-    p = subprocess.Popen([sys.executable, "-m", "quantune.gpus", "run", "--gpus", "1", "--", "sleep", "30"], env=env)
+    p = subprocess.Popen([sys.executable, "-m", "quantune.lib.gpus", "run", "--gpus", "1", "--", "sleep", "30"], env=env)
     try:
         deadline = time.time() + 20
         while time.time() < deadline:
-            out = subprocess.run([sys.executable, "-m", "quantune.gpus", "list"], env=env, capture_output=True,
+            out = subprocess.run([sys.executable, "-m", "quantune.lib.gpus", "list"], env=env, capture_output=True,
                                  text=True).stdout
             if "0: held" in out:
                 break
             time.sleep(0.2)
         assert "0: held" in out, out
-        busy = subprocess.run([sys.executable, "-m", "quantune.gpus", "run", "--gpus", "1", "--wait", "0.5",
+        busy = subprocess.run([sys.executable, "-m", "quantune.lib.gpus", "run", "--gpus", "1", "--wait", "0.5",
                                "--", "true"], env=env, capture_output=True, text=True)
         assert busy.returncode == 2 and "no 1 free GPU(s) of 0 after 0 s" in busy.stderr, busy.stderr
     finally:
         p.kill()
         p.wait()
-    free = subprocess.run([sys.executable, "-m", "quantune.gpus", "run", "--gpus", "1", "--wait", "5", "--",
+    free = subprocess.run([sys.executable, "-m", "quantune.lib.gpus", "run", "--gpus", "1", "--wait", "5", "--",
                            "sh", "-c", "echo $CUDA_VISIBLE_DEVICES"], env=env, capture_output=True, text=True)
     assert free.returncode == 0 and free.stdout.strip() == "0", free.stderr
 
@@ -114,7 +113,7 @@ def test_project_gpu_rules_run_their_step_through_the_wrapper():
     """At full scale the evaluate job asks for its GPU and runs its step through GPU_RUN (dry run)."""
     r = snakemake("-n", "-p", "eval_opt67b", "--config", "scale=full")
     out = r.stdout + r.stderr
-    assert "exec python -m quantune.gpus run --gpus 1 -- python -m quantune.evaluate" in out, out[-3000:]
+    assert "exec python -m quantune.lib.gpus run --gpus 1 -- python -m quantune.evaluate" in out, out[-3000:]
 
 
 def test_host_gpus_come_from_nvidia_smi_when_nothing_says_otherwise(tmp_path):
@@ -124,8 +123,8 @@ def test_host_gpus_come_from_nvidia_smi_when_nothing_says_otherwise(tmp_path):
     smi.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k not in ("QUANTUNE_GPUS", "CUDA_VISIBLE_DEVICES")}
     env.update(PATH=f"{tmp_path}:{env['PATH']}", PYTHONPATH=str(ROOT / "src"), QUANTUNE_GPU_LOCKS=str(tmp_path / "l"))
-    out = subprocess.run([sys.executable, "-m", "quantune.gpus", "run", "--gpus", "2", "--", "sh", "-c",
+    out = subprocess.run([sys.executable, "-m", "quantune.lib.gpus", "run", "--gpus", "2", "--", "sh", "-c",
                           "echo $CUDA_VISIBLE_DEVICES"], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "0,1", out.stderr
-    listed = subprocess.run([sys.executable, "-m", "quantune.gpus", "list"], env=env, capture_output=True, text=True)
+    listed = subprocess.run([sys.executable, "-m", "quantune.lib.gpus", "list"], env=env, capture_output=True, text=True)
     assert "GPUs (nvidia-smi -L): 0,1" in listed.stdout, listed.stdout

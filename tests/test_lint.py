@@ -1,4 +1,4 @@
-"""Lint (issue 8): `snakemake --lint` reports nothing, snakefmt (line length 120, the project's) leaves every
+"""Lint: `snakemake --lint` reports nothing, snakefmt (line length 120, the project's) leaves every
 Snakefile as it is, hadolint finds nothing in the image recipes, and the shell scripts parse."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 7 (seeds 002 and 003): lora_mt0_large (PEFT's parameter line for mt0-large, counted from the config
+"""seeds 002 and 003: lora_mt0_large (PEFT's parameter line for mt0-large, counted from the config
 without weights), lora_distilgpt2_quick (seed 002's 50-step check) and lora_rank_sweep (one job per {rank}, one
 table and plot)."""
 import csv
@@ -16,8 +16,8 @@ from conftest import ROOT, snakemake
 TRIGGERS = ("--rerun-triggers", "mtime", "params", "input")  # as the tiny_world fixture: never rebuild it
 
 
-def step(*args, cfg: dict | None = None):
-    cmd = [sys.executable, "-m", "quantune.finetune", *args]
+def step(module, *args, cfg: dict | None = None):
+    cmd = [sys.executable, "-m", f"quantune.{module}", *args]
     if cfg is not None:
         cmd += ["--config-json", json.dumps(cfg)]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "2"}
@@ -25,7 +25,7 @@ def step(*args, cfg: dict | None = None):
 
 
 def tiny_cfg(results_root):
-    from quantune.config import load_config
+    from quantune.lib.config import load_config
 
     return load_config(overrides={"results": {"tiny": str(results_root), "full": str(results_root / "full")}})
 
@@ -34,13 +34,13 @@ def tiny_cfg(results_root):
 
 def test_full_scale_mt0_large_count_is_peft_readme_line():
     """Seed 003 / PEFT's README: r 8 on q, v of bigscience/mt0-large, from config/hub_configs/ (no download)."""
-    r = step("count", "--recipe", "recipes/lora_mt0_large.yaml", "--set", "scale=full")
+    r = step("lora_sft", "count", "--recipe", "recipes/lora_mt0_large.yaml", "--set", "scale=full")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "trainable params: 2,359,296 || all params: 1,231,940,608 || trainable%: 0.1915" in r.stdout.splitlines()
     assert "config config/hub_configs/mt0-large.json" in r.stdout
 
-    from quantune.config import load_config, load_recipe
-    from quantune.finetune import count_lora
+    from quantune.lib.config import load_config, load_recipe
+    from quantune.lora_sft import count_lora
 
     cfg = load_config(overrides={"scale": "full"})
     c = count_lora(cfg, load_recipe(ROOT / "recipes" / "lora_mt0_large.yaml", cfg), "lora_mt0_large")
@@ -56,12 +56,12 @@ def test_full_scale_distilgpt2_count_follows_from_its_config():
     per_layer = (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d) + 4 * d
     base = v * d + p * d + n * per_layer + 2 * d
     lora = n * 8 * ((d + 3 * d) + (d + d) + (4 * d + d))
-    r = step("count", "--recipe", "recipes/lora_distilgpt2_quick.yaml", "--set", "scale=full")
+    r = step("lora_sft", "count", "--recipe", "recipes/lora_distilgpt2_quick.yaml", "--set", "scale=full")
     assert r.returncode == 0, r.stdout + r.stderr
     line = f"trainable params: {lora:,} || all params: {base + lora:,} || trainable%: {100 * lora / (base + lora):.4f}"
     assert line in r.stdout.splitlines(), (line, r.stdout)
     assert lora != 81_920  # seed 002's printed count does not follow from its settings (recipe comment)
-    sweep = step("count", "--recipe", "recipes/lora_rank_sweep.yaml", "--set", "scale=full")
+    sweep = step("lora_sft", "count", "--recipe", "recipes/lora_rank_sweep.yaml", "--set", "scale=full")
     assert sweep.returncode == 0, sweep.stdout + sweep.stderr
     counts = [int(m.replace(",", "")) for m in re.findall(r"trainable params: ([\d,]+) \|\|", sweep.stdout)]
     assert counts == [lora * k // 8 for k in (4, 8, 16, 32)], counts
@@ -74,7 +74,7 @@ def test_untied_mt5_checkpoint_loads_untied_and_the_config_count_agrees(tmp_path
     from safetensors.torch import save_file
     from transformers import AutoModelForSeq2SeqLM, MT5Config, MT5ForConditionalGeneration
 
-    from quantune.models import meta_model_from_config
+    from quantune.lib.models import meta_model_from_config
 
     d = {"model_type": "mt5", "architectures": ["MT5ForConditionalGeneration"], "vocab_size": 64, "d_model": 16,
          "d_kv": 4, "d_ff": 32, "num_layers": 1, "num_decoder_layers": 1, "num_heads": 2,
@@ -103,20 +103,20 @@ def test_count_without_an_offline_config_is_one_line(tmp_path):
     del cfg["models"]["mt0-large"]["hub_config"]
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(cfg))
-    r = step("count", "--recipe", "recipes/lora_mt0_large.yaml", "--config", str(p), "--set", "scale=full")
+    r = step("lora_sft", "count", "--recipe", "recipes/lora_mt0_large.yaml", "--config", str(p), "--set", "scale=full")
     assert r.returncode == 2 and "no hub_config" in r.stderr and "fix: add hub_config" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     cfg["models"]["mt0-large"]["hub_config"] = "config/hub_configs/nope.json"
     p.write_text(yaml.safe_dump(cfg))
-    r = step("count", "--recipe", "recipes/lora_mt0_large.yaml", "--config", str(p))
+    r = step("lora_sft", "count", "--recipe", "recipes/lora_mt0_large.yaml", "--config", str(p))
     assert r.returncode == 2 and "models.mt0-large.hub_config: config/hub_configs/nope.json does not exist" in r.stderr
 
 
 # ---------------------------------------------------------------- recipes and data
 
 def test_sweep_runs_are_lora_sft_recipes_and_bad_ranks_are_named(cfg, tmp_path):
-    from quantune.common import QuantuneError
-    from quantune.config import load_recipe, sweep_run_recipe
+    from quantune.lib.common import QuantuneError
+    from quantune.lib.config import load_recipe, sweep_run_recipe
 
     sw = load_recipe(ROOT / "recipes" / "lora_rank_sweep.yaml", cfg)
     runs = [sweep_run_recipe(sw, k, "x") for k in sw["ranks"]]
@@ -135,8 +135,8 @@ def test_sweep_runs_are_lora_sft_recipes_and_bad_ranks_are_named(cfg, tmp_path):
 
 
 def test_sliced_splits_of_a_local_data_set(tiny_world, results_root):
-    from quantune.config import resolve_dataset
-    from quantune.data import load_split
+    from quantune.lib.config import resolve_dataset
+    from quantune.lib.data import load_split
 
     ds = resolve_dataset(tiny_cfg(results_root), "alpaca")
     rows = load_split(ds, "train")
@@ -157,7 +157,7 @@ def test_lora_mt0_large_tiny_loss_falls_and_counts_match(tiny_world, results_roo
     assert sum(losses[-n:]) / n < sum(losses[:n]) / n - 0.1, losses  # the loss falls, not just one noisy point
     assert m["eval_loss"] < m["eval_loss_before"] - 0.2, (m["eval_loss_before"], m["eval_loss"])
     # the tiny counts: what training loaded is what the config count says, in PEFT's own words
-    r = step("count", "--recipe", "recipes/lora_mt0_large.yaml", cfg=tiny_cfg(results_root))
+    r = step("lora_sft", "count", "--recipe", "recipes/lora_mt0_large.yaml", cfg=tiny_cfg(results_root))
     assert r.returncode == 0, r.stdout + r.stderr
     assert m["peft_trainable_line"] in r.stdout.splitlines(), (m["peft_trainable_line"], r.stdout)
     assert m["peft_trainable_line"] == (f"trainable params: {m['params_trainable']:,} || all params: "
@@ -192,7 +192,7 @@ def test_distilgpt2_quick_check_records_the_seed_table(tiny_world, results_root)
 
 @pytest.mark.slow
 def test_rank_sweep_one_job_per_rank_one_table_one_plot(tiny_world, results_root):
-    from quantune.textmetrics import corpus_scores
+    from quantune.lib.textmetrics import corpus_scores
 
     snakemake("lora_rank_sweep", *TRIGGERS, results=results_root, timeout=1800)
     out = results_root / "lora_rank_sweep"
@@ -219,7 +219,7 @@ def test_rank_sweep_one_job_per_rank_one_table_one_plot(tiny_world, results_root
     # one rule with a {rank} wildcard: a run is addressed by its path
     r = snakemake("-n", str(out / "r8" / "metrics.json"), "-f", *TRIGGERS, results=results_root)
     assert re.search(r"rule lora_sweep_run:.*?wildcards: name=lora_rank_sweep, rank=8", r.stdout, re.S), r.stdout[-2000:]
-    bad = step("sweep-run", "--rank", "64", "--recipe", "recipes/lora_rank_sweep.yaml", "--out", str(out / "r64"),
+    bad = step("lora_sweep", "--rank", "64", "--recipe", "recipes/lora_rank_sweep.yaml", "--out", str(out / "r64"),
                cfg=tiny_cfg(results_root))
     assert bad.returncode == 2 and "rank 64 is not in the sweep [4, 8, 16, 32]" in bad.stderr, bad.stderr
     assert not (out / "r64").exists()

@@ -3,11 +3,11 @@ import json
 import pytest
 import torch
 
-from quantune.common import QuantuneError
-from quantune.config import load_config
-from quantune.data import build_corpus
-from quantune.models import SEQ2SEQ_FAMILIES, build_tokenizer, init_model, load_model
-from quantune.train import lr_at, pretrain
+from quantune.lib.common import QuantuneError
+from quantune.lib.config import load_config
+from quantune.lib.data import build_corpus
+from quantune.lib.models import SEQ2SEQ_FAMILIES, build_tokenizer, init_model, load_model
+from quantune.lib.pretrain import lr_at, pretrain
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The quantize stage (issue 3): bad recipes stop before any work with one line; at tiny scale every quant target
+"""The quantize stage: bad recipes stop before any work with one line; at tiny scale every quant target
 builds for real through Snakemake, GPTQ and AWQ beat round-to-nearest on held-out perplexity at 4 and 3 bits,
 the saved models reload with transformers, and quant_compare tabulates and plots them."""
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, snakemake
-from quantune.common import QuantuneError
-from quantune.config import load_config, load_recipe
+from quantune.lib.common import QuantuneError
+from quantune.lib.config import load_config, load_recipe
 
 QUANT = ["rtn_opt67b", "gptq_opt67b", "awq_opt67b", "rtn_opt67b_w3", "gptq_opt67b_w3", "awq_opt67b_w3",
          "bnb_int8_opt27b", "bnb_nf4_opt27b"]
@@ -66,12 +66,9 @@ def tiny_opt_meta():
     ("rtn_opt67b", {"awq_mappings": [{"smooth": "x", "balance": ["y"]}]}, "key awq_mappings: method rtn does not use it"),
 ])
 def test_recipe_checks_give_one_line_naming_file_and_key(tmp_path, name, changes, line):
-    from quantune.quantize import check_recipe
-
     p = write_recipe(tmp_path, name, recipe(name, **changes))
-    r = load_recipe(p, load_config())
-    with pytest.raises(QuantuneError) as e:
-        check_recipe(r, str(p))
+    with pytest.raises(QuantuneError) as e:  # the loader runs the stage's check (as the Snakefile does, once)
+        load_recipe(p, load_config())
     msg = str(e.value)
     assert msg.startswith(f"{p}: ") and line in msg and "\n" not in msg, msg
 
@@ -121,13 +118,13 @@ def test_bad_recipe_stops_snakemake_before_any_job(tmp_path):
 
 @pytest.mark.slow
 def test_missing_calibration_data_fails_before_any_model_is_loaded(tiny_world, tmp_path, monkeypatch):
-    import quantune.models
+    import quantune.quantize
     from quantune.quantize import run
 
     def no_load(*a, **k):
         raise AssertionError("a model was loaded before the calibration data was checked")
 
-    monkeypatch.setattr(quantune.models, "load_model", no_load)
+    monkeypatch.setattr(quantune.quantize, "load_model", no_load)
     empty = tmp_path / "c4_copy"
     empty.mkdir()
     results = {"tiny": str(tiny_world.parent), "full": str(tiny_world.parent / "full")}
@@ -232,10 +229,11 @@ def test_sign_split_measures_the_quantized_model_and_its_mirror_and_puts_the_mod
     unquantized one, the mirror differs, and afterwards the model computes exactly what it computed before."""
     import torch
 
-    from quantune.data import join_text, load_split
-    from quantune.evaluate import perplexity, token_stream
-    from quantune.models import load_model
-    from quantune.quantize import quantize_llmcompressor, sign_split
+    from quantune.lib.data import join_text, load_split
+    from quantune.lib.measure import perplexity, token_stream
+    from quantune.lib.models import load_model
+    from quantune.lib.measure import sign_split
+    from quantune.lib.quant_backends import quantize_llmcompressor
 
     model, tok = load_model(str(tiny_world / "models" / "opt"), dtype="float32")
     rows = load_split({"format": "text", "source": str(tiny_world / "data" / "tiny_text")}, "validation")
@@ -311,7 +309,7 @@ def test_every_target_writes_a_loadable_model_metrics_and_tensorboard(built, res
     import torch
     from transformers import AutoModelForCausalLM
 
-    from quantune.tb import read_scalars
+    from quantune.lib.tb import read_scalars
 
     base = {m["ppl_base"] for m in built.values()}
     assert max(base) - min(base) < 1e-6 * max(base), f"the unquantized perplexity differs between targets: {base}"
@@ -366,7 +364,7 @@ def test_quant_compare_table_csv_and_plot(built, results_root):
 def test_full_scale_compare_shows_paper_anchors(tmp_path, monkeypatch):
     """At full scale the table puts the published numbers beside the measured ones (fake metrics here: the
     formatting, not the measurement, is under test)."""
-    from quantune import quantize
+    from quantune import quantize_compare
 
     cfg = load_config(overrides={"scale": "full", "results": {"tiny": str(tmp_path), "full": str(tmp_path)}})
     r = load_recipe(ROOT / "recipes" / "quant_compare.yaml", cfg)
@@ -379,7 +377,7 @@ def test_full_scale_compare_shows_paper_anchors(tmp_path, monkeypatch):
             "ppl_base": 10.0 + i, "ppl_quant": 11.0 + i, "ppl_delta": 1.0, "quant_seconds": 1.0,
             "quant_peak_mem_mb": 1.0, "gen_tokens_per_s": 1.0, "gen_tokens_per_s_base": 2.0, "dtype": "float16",
             "eval_context": 2048, "eval_stride": 2048, "eval_dataset": "wikitext2", "eval_split": "test"}))
-    m = quantize.compare(str(ROOT / "recipes" / "quant_compare.yaml"), str(tmp_path / "quant_compare"), cfg)
+    m = quantize_compare.compare(str(ROOT / "recipes" / "quant_compare.yaml"), str(tmp_path / "quant_compare"), cfg)
     md = (tmp_path / "quant_compare" / "compare.md").read_text()
     assert m["n_anchors"] == 7 and "Published anchors" in md
     row = next(line for line in md.splitlines() if line.startswith("| gptq_opt67b_w3 |"))

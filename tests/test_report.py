@@ -1,4 +1,4 @@
-"""The report stage (issue 9): REPORT.md and the HTML page from whatever is built.
+"""The report stage: REPORT.md and the HTML page from whatever is built.
 
 Synthetic result directories (in a temp dir) test only the layout: which section a target lands in, "not
 built" for targets without a metrics.json, "not measured" in seed 001's table, the HTML page. The numbers
@@ -33,7 +33,7 @@ def write(d: Path, name: str, metrics: dict, **files: str) -> Path:
 @pytest.fixture()
 def synthetic(tmp_path) -> Path:
     """Result dirs shaped like the stages' outputs, with made-up numbers (layout only)."""
-    from quantune.tb import TBWriter
+    from quantune.lib.tb import TBWriter
 
     res = tmp_path / "results"
     common = {"model": "opt-6.7b", "dataset": "wikitext2", "split": "test", "eval_context": 128, "eval_stride": 128}
@@ -44,7 +44,7 @@ def synthetic(tmp_path) -> Path:
     write(res, "bnb_int8_opt27b", {"stage": "quantize", "method": "bnb_int8", "bits": 8, "model": "opt-2.7b",
                                    "ppl_base": 100.0, "ppl_quant": 101.5, "ppl_delta": 1.5, "size_bytes": 2**21,
                                    "size_bytes_base": 2**22, "size_ratio": 0.5, "quant_peak_mem_mb": 512.0})
-    write(res, "quant_compare", {"stage": "quant_compare", "n_targets": 2},
+    write(res, "quant_compare", {"stage": "quantize_compare", "n_targets": 2},
           compare__md="# Quantization comparison (tiny scale)\n\n| model | ppl |\n| --- | --- |\n| x | 1.5 |\n",
           compare__csv="target,ppl\nx,1.5\n")
     for name, sched, last in [("qlora_chatglm_linear", "linear", 2.25), ("qlora_chatglm_cosine", "cosine", 2.5)]:
@@ -64,7 +64,7 @@ def synthetic(tmp_path) -> Path:
           comparison__json=json.dumps({"rows": rows}))
     write(res, "qwen3_deepspeed_sft", {"stage": "sft", "eval_loss_epoch0": 3.0, "eval_ppl_epoch0": 20.09,
                                        "eval_loss_epoch1": 2.5, "eval_ppl_epoch1": 12.18, "best_epoch": 1})
-    write(res, "gguf_eval", {"stage": "gguf_eval", "hf_ppl": 50.0, "gguf_f16_qwen_file_bytes": 4 * 2**20,
+    write(res, "gguf_eval", {"stage": "gguf_evaluate", "hf_ppl": 50.0, "gguf_f16_qwen_file_bytes": 4 * 2**20,
                              "gguf_f16_qwen_ppl": 50.25, "gguf_q4_0_file_bytes": 2**20, "gguf_q4_0_ppl": 61.5,
                              "gguf_q4_0_ppl_ratio_vs_gguf_f16_qwen": 1.224, "gguf_f16_qwen_ppl_ratio_vs_hf": 1.005,
                              "gguf_q4_0_tg_tokens_per_s": 333.0})

@@ -1,4 +1,4 @@
-"""The sft stage (issue 5, seed 003): DeepSpeed SFT of the tiny Qwen3. Labels and padding (padding never reaches
+"""The sft stage (seed 003): DeepSpeed SFT of the tiny Qwen3. Labels and padding (padding never reaches
 the loss), the 90/10 split, one-line errors before any process starts, the target built for real through
 Snakemake (eval perplexity falls every epoch, the output reloads with transformers), resume after a kill under
 ZeRO-3 (shards consolidated), and the LoRA switch."""
@@ -22,7 +22,7 @@ RECIPE = ROOT / "recipes" / "qwen3_deepspeed_sft.yaml"
 
 
 def cfg_for(results_root: Path) -> dict:
-    from quantune.config import load_config
+    from quantune.lib.config import load_config
 
     return load_config(overrides={"results": {"tiny": str(results_root), "full": str(results_root / "full")}})
 
@@ -50,13 +50,12 @@ def sft_env() -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_qwen3(tiny_world, results_root):
-    from quantune.config import load_recipe
-    from quantune.data import load_split
-    from quantune.models import load_model
-    from quantune.sft import with_defaults
+    from quantune.lib.config import load_recipe
+    from quantune.lib.data import load_split
+    from quantune.lib.models import load_model
 
     cfg = cfg_for(results_root)
-    recipe = with_defaults(load_recipe(RECIPE, cfg))
+    recipe = load_recipe(RECIPE, cfg)
     model, tok = load_model(str(tiny_world / "models" / "qwen3"))
     tok.padding_side = "right"
     rows = load_split({"format": "pref", "source": str(tiny_world / "data" / "summary_pref"), "local": True}, "train")
@@ -151,7 +150,7 @@ def test_split_is_90_10_with_the_recipe_seed(tiny_qwen3):
 
 
 def test_real_keys_keep_the_seed_values(tmp_path):
-    from quantune.config import load_config, load_recipe
+    from quantune.lib.config import load_config, load_recipe
 
     full = load_recipe(RECIPE, load_config(overrides={"scale": "full"}))
     seed = {"per_device_train_batch_size": 8, "per_device_eval_batch_size": 4, "gradient_accumulation_steps": 4,
@@ -206,7 +205,8 @@ def test_bad_input_is_one_line_before_any_launch(case, tmp_path, tiny_world, res
 def test_sft_target_builds_on_the_tiny_world(tiny_world, results_root):
     from transformers import AutoModelForCausalLM
 
-    from quantune.tb import read_scalars
+    from quantune.lib.common import checkpoint_dir
+    from quantune.lib.tb import read_scalars
 
     # mtime only: a reused tiny world (QUANTUNE_TEST_RESULTS) is not rebuilt because someone edited its rules
     snakemake("qwen3_deepspeed_sft", "--rerun-triggers", "mtime", results=results_root)
@@ -229,7 +229,7 @@ def test_sft_target_builds_on_the_tiny_world(tiny_world, results_root):
     assert abs(saved - best) < 1e-4, f"the saved model scores {saved:.6f}, the best epoch {best:.6f}"
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.config.model_type == "qwen3" and (out / "model" / "tokenizer.json").is_file()
-    assert not (out / "checkpoints").exists(), "checkpoints are removed after success (model/ is the best)"
+    assert not checkpoint_dir(out).exists(), "checkpoints are removed after success (model/ is the best)"
     tags = read_scalars(out / "tb")
     assert {"train/loss", "train/lr", "train/grad_norm", "eval/loss", "eval/ppl", "system/tokens_per_s",
             "final/best_eval_ppl"} <= set(tags), sorted(tags)
@@ -243,6 +243,7 @@ def test_zero3_run_resumes_after_a_kill(tiny_world, results_root, tmp_path):
     """ZeRO-3 without gathering weights on save: the output is consolidated by DeepSpeed's zero_to_fp32."""
     from transformers import AutoModelForCausalLM
 
+    from quantune.lib.common import checkpoint_dir
     from quantune.sft import complete_checkpoints
 
     zero = json.loads((ROOT / "recipes/deepspeed/zero3.json").read_text())
@@ -259,7 +260,7 @@ def test_zero3_run_resumes_after_a_kill(tiny_world, results_root, tmp_path):
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
-            done = complete_checkpoints(out / "checkpoints")
+            done = complete_checkpoints(checkpoint_dir(out))
             if done:
                 first = done[0]
                 os.killpg(proc.pid, signal.SIGKILL)  # the launcher, its launch.py and the rank: all ours

@@ -1,4 +1,4 @@
-"""profiles/slurm on a real SLURM (issue 8): a single-node cluster on localhost (tests/slurm_cluster.py:
+"""profiles/slurm on a real SLURM: a single-node cluster on localhost (tests/slurm_cluster.py:
 slurmctld + slurmd + slurmdbd on MariaDB + munge, two GPUs declared without hardware), started once for this
 module and stopped at its end, whatever happened.
 
@@ -7,7 +7,7 @@ module and stopped at its end, whatever happened.
 - a real tiny target (eval_opt67b) through the profile: same metrics as a local run;
 - the tiny pretraining killed by SLURM's time limit saves a checkpoint on SIGTERM; the rerun resumes from it and,
   killed again, saves a later one. (Not scancel: the plugin 2.8.0 never sees a job that sacct reports as
-  "CANCELLED by <uid>" end, and would wait forever; see README, issue 8.)
+  "CANCELLED by <uid>" end, and would wait forever; see README.)
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-from quantune.tb import TBWriter, read_scalars
+from quantune.lib.tb import TBWriter, read_scalars
 
 
 def test_writer_logs_scalars_with_system_tags(tmp_path):

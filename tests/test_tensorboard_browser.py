@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from quantune.browser import TensorBoard, colored_fraction, headless_chromium, scalar_cards, timeseries_url
-from quantune.tb import read_scalars
+from quantune.lib.browser import TensorBoard, colored_fraction, headless_chromium, scalar_cards, timeseries_url
+from quantune.lib.tb import read_scalars
 
 RUN = "tiny_world/models/opt/tb"
 TAGS = {"train/loss", "train/lr", "train/grad_norm", "eval/loss", "eval/ppl", "system/tokens_per_s",
@@ -58,7 +58,7 @@ def test_tensorboard_lists_every_run_by_its_directory(tensorboard, results_root)
     assert expected <= set(listed), f"runs missing from TensorBoard: {sorted(expected - set(listed))}"
     tags = tensorboard.scalar_tags()
     assert TAGS <= set(tags[RUN]), sorted(tags[RUN])
-    for run in expected & set(tags):  # every run's tags follow the scheme of quantune.tb
+    for run in expected & set(tags):  # every run's tags follow the scheme of quantune.lib.tb
         assert all(t.split("/")[0] in {"train", "eval", "quant", "system", "final"} for t in tags[run]), (run, tags[run])
 
 

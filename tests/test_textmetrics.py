@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from quantune.common import QuantuneError
-from quantune.textmetrics import corpus_scores, score_pair, words
+from quantune.lib.common import QuantuneError
+from quantune.lib.textmetrics import corpus_scores, score_pair, words
 
 
 def llamafactory_reference(pred: str, label: str) -> dict:

@@ -6,8 +6,8 @@ import re
 import pytest
 
 from conftest import ROOT, snakemake
-from quantune.config import load_config, load_recipes
-from quantune.tb import read_scalars
+from quantune.lib.config import load_config, load_recipes
+from quantune.lib.tb import read_scalars
 
 FAMILIES = ["opt", "glm", "qwen3", "llama", "mt5", "gpt2"]
 
@@ -47,8 +47,49 @@ def test_bad_config_stops_before_any_job_with_one_line(override, line):
     assert "Traceback" not in r.stderr
 
 
+def planned_jobs(results, *args) -> dict[tuple[str, str], tuple[str, str]]:
+    """(rule, wildcards) -> (input, shell command) of every job of a dry run of `all`: what Snakemake's input
+    and params rerun triggers compare."""
+    out = snakemake("-n", "-p", "all", *args, results=results).stdout
+    jobs = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:\n)", out):
+        rule = re.match(r"(?:local)?rule (\w+):\n", block)
+        if not rule:
+            continue
+        field = lambda k: (re.search(rf"^    {k}: (.*)$", block, re.M) or [None, ""])[1]  # noqa: E731
+        cmd = (re.search(r"^Shell command: (.*)$", block, re.M) or [None, ""])[1]
+        jobs[(rule.group(1), field("wildcards") or field("output"))] = (field("input"), cmd)
+    return jobs
+
+
+def test_a_job_is_planned_anew_only_when_what_it_reads_changes(tmp_path):
+    """A rule's params hold its job's part of the config (config.job_config), not the whole config: a local path
+    for one model changes the jobs of the recipes that use it, and no other job."""
+    import shutil
+
+    import yaml
+
+    rdir = tmp_path / "recipes"
+    shutil.copytree(ROOT / "recipes", rdir)
+    results = tmp_path / "results"
+    base = planned_jobs(results, "--config", f"recipes_dir={rdir}")
+    assert len(base) > 40 and any(rule == "lora_sft" and "--job-json" in cmd for (rule, _), (_, cmd) in base.items())
+    model_dir = tmp_path / "my-distilgpt2"
+    model_dir.mkdir()
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({"models": {"distilgpt2": {"path": str(model_dir)}}}))
+    moved = planned_jobs(results, "--config", f"recipes_dir={rdir}", "--configfile", str(override))
+    users = {n for n, r in load_recipes(load_config(overrides={"recipes_dir": str(rdir)}), rdir).items()
+             if "distilgpt2" in (r.get("model"), r.get("base_model"), r.get("tokenizer_model"))}
+    assert users and set(moved) == set(base)
+    changed = {wc for key, wc in ((k, k[1]) for k in base) if base[key] != moved[key]}
+    assert {re.sub(r"^name=(\w+).*", r"\1", wc) for wc in changed} == users, sorted(changed)
+    # one recipe edited: its file is its job's input (mtime trigger); no job's params or inputs change
+    (rdir / "gptq_opt67b.yaml").write_text((rdir / "gptq_opt67b.yaml").read_text().replace("bits: 4", "bits: 3"))
+    assert planned_jobs(results, "--config", f"recipes_dir={rdir}") == base
+
+
 def test_every_rule_has_log_benchmark_conda_and_resources():
-    import ast
 
     for smk in sorted((ROOT / "rules").glob("*.smk")):
         text = smk.read_text()
@@ -95,3 +136,24 @@ def test_evaluate_targets_build_on_the_tiny_world(tiny_world, results_root):
     # a rerun has nothing to do: outputs are up to date
     r = snakemake("-n", "eval_opt67b", results=results_root)
     assert "Nothing to be done" in r.stdout + r.stderr
+    # Snakemake's own report: the jobs and the results marked with report() (each target's metrics.json)
+    page = results_root / "snakemake_report.html"
+    snakemake("--report", str(page), "eval_opt67b", "eval_opt27b", results=results_root)
+    html = page.read_text(encoding="utf-8", errors="replace")
+    assert "eval_opt67b" in html and "metrics.json" in html and "evaluate" in html
+
+
+def test_every_built_metrics_json_matches_its_stage_declaration(tiny_world, results_root, tmp_path):
+    """config/schemas/metrics/<stage>.schema.yaml declares each stage's metrics.json; every file built in this
+    test session (this module runs last) is checked, and an undeclared key is one line naming file and key."""
+    from quantune.lib.common import QuantuneError
+    from quantune.lib.metrics import check_metrics
+
+    files = sorted(results_root.rglob("metrics.json"))
+    stages = {check_metrics(f)["stage"] for f in files}
+    assert {"tiny_world", "pretrain"} <= stages, stages
+    m = json.loads((tiny_world / "metrics.json").read_text())
+    bad = tmp_path / "metrics.json"
+    bad.write_text(json.dumps({**m, "w_bits": 4}))
+    with pytest.raises(QuantuneError, match=rf"^{re.escape(str(bad))}: key w_bits: undeclared key; fix: declare it"):
+        check_metrics(bad)

@@ -1,6 +1,5 @@
 """Reports: gather finished targets' metrics into tables, plots and one page.
 
-    python -m quantune.report tiny-world --models DIR... --tokenizers DIR... --data DIR... --out FILE
     python -m quantune.report build --results results [--recipes recipes] [--md results/REPORT.md]
         [--html results/report/index.html] [--figures results/report/figures]
     python -m quantune.report tensorboard-screenshot --logdir results --run REGEX --out PNG
@@ -24,38 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .common import atomic_write_text, read_json, run_cli, write_metrics
-
-# ================================================================ tiny world summary (rule tiny_world)
-
-
-def tiny_world_summary(models: list[str], tokenizers: list[str], data: list[str]) -> dict:
-    """One flat metrics.json for the tiny world: per-family perplexities, tokenizer and data set stats."""
-    out: dict = {"target": "tiny_world", "stage": "tiny_world"}
-    for d in models:
-        m = read_json(Path(d) / "metrics.json")
-        fam = m["family"]
-        for k in ("ppl_heldout", "ppl_heldout_untrained", "params_total", "train_seconds", "train_loss_last"):
-            out[f"{fam}_{k}"] = m[k]
-        out[f"{fam}_ppl_ratio_trained_vs_untrained"] = m["ppl_heldout"] / m["ppl_heldout_untrained"]
-    for d in tokenizers:
-        s = read_json(Path(d) / "tokenizer_stats.json")
-        out[f"tokenizer_{s['kind']}_vocab_size"] = s["vocab_size"]
-        out[f"tokenizer_{s['kind']}_chars_per_token_heldout"] = s["chars_per_token_heldout"]
-    for d in data:
-        s = read_json(Path(d) / "stats.json")
-        for k, v in s.items():
-            if isinstance(v, (int, float)) and k != "seed":
-                out[f"data_{Path(d).name}_{k}"] = v
-    return out
-
-
-def _cmd_tiny_world(a) -> None:
-    m = write_metrics(a.out, tiny_world_summary(a.models, a.tokenizers, a.data))
-    for k in sorted(m):
-        if k.endswith("_ppl_heldout"):
-            print(f"{k}: {m[k]:.2f}")
-
+from .lib.common import atomic_write_text, run_cli
+from .lib.tables import markdown_table
 
 # ================================================================ discovery
 
@@ -216,10 +185,6 @@ def _relink(text: str, base: Path) -> str:
     return re.sub(r"\]\(@([^)]+)\)", lambda m: "](" + os.path.relpath(m.group(1), base.resolve()) + ")", text)
 
 
-def _md_cell(s: str) -> str:
-    return " ".join(str(s).split()).replace("|", "\\|")
-
-
 def render_markdown(blocks: list[Block], title: str, base: Path) -> str:
     """REPORT.md: figures are linked relative to `base` (the directory REPORT.md is written to)."""
     import os
@@ -233,10 +198,7 @@ def render_markdown(blocks: list[Block], title: str, base: Path) -> str:
         elif b.kind == "p":
             lines += [b.text, ""]
         elif b.kind == "table":
-            lines.append("| " + " | ".join(_md_cell(h) for h in b.headers) + " |")
-            lines.append("|" + "---|" * len(b.headers))
-            lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in b.rows]
-            lines.append("")
+            lines += markdown_table(b.headers, b.rows) + [""]
         elif b.kind == "figure":
             rel = os.path.relpath(b.path, base)
             lines += [f"![{b.text}]({rel})", "", f"*{b.text}*", ""]
@@ -360,7 +322,7 @@ def _plot(path: Path, series: dict[str, list[tuple[float, float]]], xlabel: str,
 def _scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     if not tb_dir.is_dir() or not any(tb_dir.rglob("events.out.tfevents.*")):
         return {}
-    from .tb import read_scalars
+    from .lib.tb import read_scalars
 
     # a resumed run has several event files: one value per step (the later file wins)
     return {tag: sorted(dict(pts).items()) for tag, pts in read_scalars(tb_dir).items()}
@@ -572,7 +534,7 @@ class Quantization(Section):
 
 
 class QuantCompare(Section):
-    key, title, expected, stages = "quant-compare", "Quantization comparison table (quant_compare)", ["quant_compare"], {"quant_compare"}
+    key, title, expected, stages = "quant-compare", "Quantization comparison table (quantize_compare)", ["quant_compare"], {"quantize_compare"}
 
     def render(self, ts, ctx):
         out = []
@@ -704,11 +666,11 @@ GGUF_EXPECTED = ["lora_sft_qwen", "merge_lora_qwen", "gguf_f16_qwen", "gguf_q8_0
 
 class GGUF(Section):
     key, title, expected = "gguf", "LoRA → merge → GGUF (llama.cpp)", GGUF_EXPECTED
-    stages = {"merge", "gguf_convert", "gguf_quantize", "gguf_eval"}
+    stages = {"merge", "gguf_convert", "gguf_quantize", "gguf_evaluate"}
 
     def render(self, ts, ctx):
         files = [t for t in ts if t.stage in ("gguf_convert", "gguf_quantize") or t.name.startswith("gguf_") and t.name != "gguf_eval"]
-        evals = [t for t in ts if t.stage == "gguf_eval" or t.name == "gguf_eval"]
+        evals = [t for t in ts if t.stage == "gguf_evaluate" or t.name == "gguf_eval"]
         chain = [t for t in ts if t not in files and t not in evals]
         cols = [("stage", lambda t: t.stage), ("train loss first→last",
                  lambda t: f"{fmt(t.get('train_loss_first'))} → {fmt(t.get('train_loss_last'))}" if t.stage == "lora_sft" else MISSING),
@@ -994,7 +956,7 @@ def _cmd_build(a) -> None:
 
 
 def _cmd_tb_screenshot(a) -> None:
-    from .browser import screenshot_tensorboard
+    from .lib.browser import screenshot_tensorboard
 
     info = screenshot_tensorboard(a.logdir, a.run, a.out, tag_regex=a.tags)
     print(json.dumps(info))
@@ -1003,12 +965,6 @@ def _cmd_tb_screenshot(a) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m quantune.report", description=__doc__.splitlines()[0])
     sub = p.add_subparsers()
-    t = sub.add_parser("tiny-world", help="summarise the tiny world into one metrics.json")
-    t.add_argument("--models", nargs="+", required=True)
-    t.add_argument("--tokenizers", nargs="+", required=True)
-    t.add_argument("--data", nargs="+", required=True)
-    t.add_argument("--out", required=True)
-    t.set_defaults(func=_cmd_tiny_world)
     b = sub.add_parser("build", help="REPORT.md and the HTML report from whatever is built under --results")
     b.add_argument("--results", required=True)
     b.add_argument("--recipes", default="recipes", help="recipes directory (target names and stages)")

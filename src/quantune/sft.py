@@ -17,7 +17,7 @@ the input ids with padding (always) and, by the recipe's `mask_prompt`, the prom
 `DataCollatorForSeq2Seq`. The recipe's split is cut 90/10 (`datasets` `train_test_split(test_size, seed)`).
 Evaluation every epoch (and before the first: the seed's "epoch 0"), eval loss and perplexity to TensorBoard and
 metrics.json, the best epoch's model kept (`load_best_model_at_end`), early stopping, resume from the last complete
-checkpoint in `<out>/checkpoints/`. The output `<out>/model/` is a Hugging Face model directory (ZeRO-3 shards
+checkpoint in `results/.checkpoints/<target>/`. The output `<out>/model/` is a Hugging Face model directory (ZeRO-3 shards
 gathered on save, or consolidated with DeepSpeed's zero_to_fp32; LoRA adapters merged), re-evaluated after
 loading with `AutoModelForCausalLM.from_pretrained`.
 """
@@ -28,32 +28,13 @@ import json
 import math
 import os
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
 
-from .common import atomic_dir, fail, run_cli, write_metrics
+from .lib.common import ROOT, atomic_dir, checkpoint_dir, fail, free_port, run_cli, write_metrics
 
-SRC = Path(__file__).resolve().parents[1]
-ROOT = SRC.parent
 IGNORE = -100
-TEMPLATE = "Human: {prompt} \n Assistant: "
-
-DEFAULTS = {
-    "split": "train", "dedupe": True, "eval_fraction": 0.1, "max_rows": None, "prompt_template": TEMPLATE,
-    "mask_prompt": False,
-    "gpus": 1, "lr_scheduler_type": "linear", "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
-    "bf16": False, "gradient_checkpointing": False, "early_stopping_patience": None,
-    "early_stopping_threshold": 0.0, "logging_steps": 10, "save_total_limit": 2, "keep_checkpoints": False,
-    "only_optimize_lora": False, "lora_dim": 8, "lora_alpha": 16, "lora_dropout": 0.05, "lora_lr": 1e-4,
-    "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
-
-
-def with_defaults(recipe: dict) -> dict:
-    return {**DEFAULTS, **{k: v for k, v in recipe.items() if v is not None}}
-
 
 # ================================================================ checks (before any process starts)
 
@@ -101,23 +82,33 @@ def check_deepspeed_config(recipe: dict, where: str) -> dict:
     return ds
 
 
-def check_inputs(recipe_path: str, cfg: dict) -> dict:
-    from .config import load_recipe, resolve_dataset, resolve_model
-    from .data import load_split
+def check_recipe(recipe: dict, cfg: dict, where: str) -> dict:
+    """sft's cross-key checks (config.load_recipe calls them): prompt template, ZeRO file, data format."""
+    from .lib.config import resolve_dataset
 
-    recipe = with_defaults(load_recipe(recipe_path, cfg))
-    where = str(recipe_path)
-    if recipe["stage"] != "sft":
-        raise fail(f"{where}: key stage", f"{recipe['stage']!r} is not sft", "run this recipe with its own stage")
+    recipe = {"max_rows": None, "early_stopping_patience": None, **recipe}
     if "{prompt}" not in recipe["prompt_template"]:
         raise fail(f"{where}: key prompt_template", "has no {prompt} placeholder",
                    "write e.g. 'Human: {prompt} \\n Assistant: '")
     check_deepspeed_config(recipe, where)
-    m = resolve_model(cfg, recipe["model"], where=where, must_exist=True)
     ds = resolve_dataset(cfg, recipe["dataset"], where=where)
     if ds["format"] != "pref":
         raise fail(f"{where}: key dataset", f"{recipe['dataset']!r} has format {ds['format']!r}",
                    "use a data set of format pref (prompt/chosen/rejected), e.g. summary_pref")
+    return recipe
+
+
+def check_inputs(recipe_path: str, cfg: dict) -> dict:
+    """The checked recipe, its model and, for local data, enough rows for the split and the batch."""
+    from .lib.config import load_recipe, resolve_dataset, resolve_model
+    from .lib.data import load_split
+
+    recipe = load_recipe(recipe_path, cfg)
+    where = str(recipe_path)
+    if recipe["stage"] != "sft":
+        raise fail(f"{where}: key stage", f"{recipe['stage']!r} is not sft", "run this recipe with its own stage")
+    resolve_model(cfg, recipe["model"], where=where, must_exist=True)
+    ds = resolve_dataset(cfg, recipe["dataset"], where=where)
     if ds["local"]:
         rows = load_split(ds, recipe["split"], recipe["max_rows"])  # field checks: one line per bad row
         rows = dedupe_pairs(rows) if recipe["dedupe"] else rows
@@ -206,8 +197,8 @@ def collator(tok, pad_to_multiple_of: int | None = None):
 
 
 def prepare_data(cfg: dict, recipe: dict, tok):
-    from .config import resolve_dataset
-    from .data import load_split
+    from .lib.config import resolve_dataset
+    from .lib.data import load_split
 
     loaded = load_split(resolve_dataset(cfg, recipe["dataset"]), recipe["split"], recipe["max_rows"])
     rows = dedupe_pairs(loaded) if recipe["dedupe"] else loaded
@@ -286,7 +277,7 @@ def count_params(model) -> dict:
 
 
 def _build_model(source: str, recipe: dict, trust_remote_code: bool):
-    from .models import load_model
+    from .lib.models import load_model
 
     model, tok = load_model(source, trust_remote_code=trust_remote_code, dtype="float32")
     tok.padding_side = "right"
@@ -326,7 +317,7 @@ def _finalize_model(trainer, tok, out: Path, recipe: dict, model_source: str, tr
         if recipe["only_optimize_lora"]:
             from peft import PeftModel
 
-            from .models import load_model
+            from .lib.models import load_model
 
             base, _ = load_model(model_source, trust_remote_code=trust_remote_code, dtype="float32")
             merged = PeftModel.from_pretrained(base, str(staging)).merge_and_unload()
@@ -404,17 +395,65 @@ def _skip_cpu_shm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def callbacks_for(recipe: dict, writer) -> list:
+    """Early stopping on the eval loss (when the recipe asks), TensorBoard and eval perplexity on rank 0."""
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    from .lib.tb import trainer_callback
+
+    callbacks: list = []
+    if recipe["early_stopping_patience"]:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe["early_stopping_patience"],
+                                               early_stopping_threshold=recipe["early_stopping_threshold"]))
+    if writer is not None:
+        class EvalPerplexity(TrainerCallback):
+            def on_evaluate(self, args, state, control, metrics=None, **kw):
+                loss = (metrics or {}).get("eval_loss")
+                if loss is not None:
+                    writer.scalars({"eval/ppl": _safe_exp(loss)}, state.global_step)
+                    print(f"epoch {state.epoch or 0:.2f} step {state.global_step}: eval loss {loss:.4f} "
+                          f"ppl {_safe_exp(loss):.3f}", flush=True)
+
+        callbacks += [trainer_callback(writer), EvalPerplexity()]
+    return callbacks
+
+
+def sft_metrics(recipe: dict, m: dict, zero: dict, world: int, device: str, lr: float, data_stats: dict,
+                params: dict, evals: dict) -> dict:
+    """The run's settings as it ran: recipe, ZeRO stage and offload, world size, data and parameter counts."""
+    lora = recipe["only_optimize_lora"]
+    return {
+        "target": recipe["name"], "stage": "sft", "scale": recipe["scale"], "model": recipe["model"],
+        "model_source": m["source"], "dataset": recipe["dataset"], "split": recipe["split"],
+        "deepspeed_config": recipe["deepspeed_config"], "zero_stage": int(zero.get("stage", 0)),
+        "zero_offload_optimizer": (zero.get("offload_optimizer") or {}).get("device", "none"),
+        "zero_offload_param": (zero.get("offload_param") or {}).get("device", "none"),
+        "launcher": "deepspeed", "world_size": world, "device": device, "bf16": recipe["bf16"],
+        "gradient_checkpointing": recipe["gradient_checkpointing"], "mask_prompt": recipe["mask_prompt"],
+        "only_optimize_lora": lora, "lora_dim": recipe["lora_dim"] if lora else None, "learning_rate": lr,
+        "per_device_train_batch_size": recipe["per_device_train_batch_size"],
+        "per_device_eval_batch_size": recipe["per_device_eval_batch_size"],
+        "gradient_accumulation_steps": recipe["gradient_accumulation_steps"],
+        "global_batch_size": recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"] * world,
+        "max_seq_len": recipe["max_seq_len"], "seed": recipe["seed"], "eval_fraction": recipe["eval_fraction"],
+        **data_stats,
+        "epochs_planned": recipe["num_train_epochs"], "epochs_run": max(evals) if evals else 0,
+        "early_stopped": int(max(evals, default=0) < recipe["num_train_epochs"]),
+        **params,
+    }
+
+
 def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
     import torch
-    from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
+    from transformers import Trainer
 
-    from .common import seed_everything
-    from .config import resolve_model
-    from .tb import TBWriter, peak_memory_mb, trainer_callback
+    from .lib.common import seed_everything
+    from .lib.config import resolve_model
+    from .lib.tb import TBWriter, peak_memory_mb
 
     recipe = check_inputs(recipe_path, cfg)
     outp = Path(out)
-    ckpt_dir = outp / "checkpoints"
+    ckpt_dir = checkpoint_dir(outp)
     rank = int(os.environ.get("RANK", "0"))
     is_main = rank == 0
     if is_main:
@@ -441,22 +480,8 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
     if is_main and resume_from is None:  # a fresh run: no events of an earlier run of this target in its tb/
         shutil.rmtree(outp / "tb", ignore_errors=True)
     writer = TBWriter(outp / "tb") if is_main else None
-    callbacks: list = []
-    if recipe["early_stopping_patience"]:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe["early_stopping_patience"],
-                                               early_stopping_threshold=recipe["early_stopping_threshold"]))
-    if writer is not None:
-        class EvalPerplexity(TrainerCallback):
-            def on_evaluate(self, args, state, control, metrics=None, **kw):
-                loss = (metrics or {}).get("eval_loss")
-                if loss is not None:
-                    writer.scalars({"eval/ppl": _safe_exp(loss)}, state.global_step)
-                    print(f"epoch {state.epoch or 0:.2f} step {state.global_step}: eval loss {loss:.4f} "
-                          f"ppl {_safe_exp(loss):.3f}", flush=True)
-
-        callbacks += [trainer_callback(writer), EvalPerplexity()]
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=coll,
-                      processing_class=tok, callbacks=callbacks)
+                      processing_class=tok, callbacks=callbacks_for(recipe, writer))
     resumed = json.loads((Path(resume_from) / "trainer_state.json").read_text()) if resume_from else {}
     start_step, tokens_before = int(resumed.get("global_step", 0)), int(resumed.get("num_input_tokens_seen") or 0)
     if is_main:
@@ -486,33 +511,15 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
     saved = AutoModelForCausalLM.from_pretrained(str(final), dtype=torch.bfloat16 if recipe["bf16"] else torch.float32)
     saved.to("cpu" if use_cpu else "cuda")
     saved_loss = dataset_loss(saved, eval_ds, coll, recipe["per_device_eval_batch_size"])
-    metrics = {
-        "target": recipe["name"], "stage": "sft", "scale": cfg["scale"], "model": recipe["model"],
-        "model_source": m["source"], "dataset": recipe["dataset"], "split": recipe["split"],
-        "deepspeed_config": recipe["deepspeed_config"], "zero_stage": int(zero.get("stage", 0)),
-        "zero_offload_optimizer": (zero.get("offload_optimizer") or {}).get("device", "none"),
-        "zero_offload_param": (zero.get("offload_param") or {}).get("device", "none"),
-        "launcher": "deepspeed", "world_size": world, "device": device, "bf16": recipe["bf16"],
-        "gradient_checkpointing": recipe["gradient_checkpointing"], "mask_prompt": recipe["mask_prompt"],
-        "only_optimize_lora": lora, "lora_dim": recipe["lora_dim"] if lora else None, "learning_rate": lr,
-        "per_device_train_batch_size": recipe["per_device_train_batch_size"],
-        "per_device_eval_batch_size": recipe["per_device_eval_batch_size"],
-        "gradient_accumulation_steps": recipe["gradient_accumulation_steps"],
-        "global_batch_size": recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"] * world,
-        "max_seq_len": recipe["max_seq_len"], "seed": recipe["seed"], "eval_fraction": recipe["eval_fraction"],
-        **data_stats,
-        "epochs_planned": recipe["num_train_epochs"], "epochs_run": max(evals) if evals else 0,
-        "early_stopped": int(max(evals, default=0) < recipe["num_train_epochs"]),
-        "global_step": state.global_step, "resumed_from_step": start_step,
-        "best_epoch": best_epoch, "best_checkpoint_step": best_step,
-        "best_eval_loss": evals.get(best_epoch), "best_eval_ppl": _safe_exp(evals[best_epoch]) if evals else None,
-        "saved_model_eval_loss": saved_loss, "saved_model_eval_ppl": _safe_exp(saved_loss),
-        "model_dir": str(final),
-        "train_loss": result.training_loss, "train_seconds": train_s,
-        # non-padding tokens over the wall time of trainer.train() (per-epoch eval and checkpoints included)
-        "train_tokens": tokens, "train_tokens_per_s": (tokens - tokens_before) / max(train_s, 1e-9),
-        "peak_mem_mb": peak, **params,
-    }
+    metrics = {**sft_metrics(recipe, m, zero, world, device, lr, data_stats, params, evals),
+               "global_step": state.global_step, "resumed_from_step": start_step,
+               "best_epoch": best_epoch, "best_checkpoint_step": best_step,
+               "best_eval_loss": evals.get(best_epoch), "best_eval_ppl": _safe_exp(evals[best_epoch]) if evals else None,
+               "saved_model_eval_loss": saved_loss, "saved_model_eval_ppl": _safe_exp(saved_loss),
+               "model_dir": str(final), "train_loss": result.training_loss, "train_seconds": train_s,
+               # non-padding tokens over the wall time of trainer.train() (per-epoch eval and checkpoints included)
+               "train_tokens": tokens, "train_tokens_per_s": (tokens - tokens_before) / max(train_s, 1e-9),
+               "peak_mem_mb": peak}
     for e, loss in evals.items():
         metrics[f"eval_loss_epoch{e}"] = loss
         metrics[f"eval_ppl_epoch{e}"] = _safe_exp(loss)
@@ -528,16 +535,12 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
 
 # ================================================================ the launcher side
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_command(recipe_path: str, out: str, cfg: dict, num_gpus: int, env: dict) -> list[str]:
+def launch_command(recipe: dict, recipe_path: str, out: str, cfg: dict, num_gpus: int, env: dict) -> list[str]:
     """The DeepSpeed launcher command (and env changes) for num_gpus ranks; 0 means one CPU rank."""
+    from .lib.config import job_config
+
     cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--no_local_rank",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     if num_gpus == 0:
         env["DS_ACCELERATOR"] = "cpu"
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -553,7 +556,7 @@ def launch_command(recipe_path: str, out: str, cfg: dict, num_gpus: int, env: di
         else:
             cmd += ["--num_gpus", str(num_gpus)]
     cmd += ["--module", "quantune.sft", "--worker", "--recipe", str(recipe_path), "--out", str(out),
-            "--num-gpus", str(num_gpus), "--config-json", json.dumps(cfg, sort_keys=True)]
+            "--num-gpus", str(num_gpus), "--job-json", json.dumps(job_config(cfg, recipe), sort_keys=True)]
     return cmd
 
 
@@ -569,7 +572,7 @@ def _check_gpus(num_gpus: int, where: str) -> None:
 
 
 def _cmd(a) -> None:
-    from .config import config_from_args
+    from .lib.config import config_from_args
 
     cfg = config_from_args(a)
     num_gpus = a.num_gpus
@@ -581,9 +584,9 @@ def _cmd(a) -> None:
         num_gpus = 0 if cfg["scale"] == "tiny" else int(recipe["gpus"])
     _check_gpus(num_gpus, f"{a.recipe}: key gpus (--num-gpus {num_gpus})")
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(SRC) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = launch_command(a.recipe, a.out, cfg, num_gpus, env)
-    print("launch: " + " ".join(cmd[:cmd.index("--config-json")]) + " --config-json ...", flush=True)
+    env["PYTHONPATH"] = str(ROOT / "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = launch_command(recipe, a.recipe, a.out, cfg, num_gpus, env)
+    print("launch: " + " ".join(cmd[:cmd.index("--job-json")]) + " --job-json ...", flush=True)
     sys.stderr.flush()
     # the launcher replaces this process: a scheduler's SIGTERM reaches it, and it passes it on to the ranks;
     # its exit code is the step's (a rank's QuantuneError has printed its one line)
@@ -591,7 +594,7 @@ def _cmd(a) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import stage_parser
+    from .lib.config import stage_parser
 
     p = stage_parser("quantune.sft", __doc__, _cmd)
     p.add_argument("--num-gpus", type=int, default=None,

@@ -1,0 +1,1 @@
+"""Helpers the stages share: config and recipes, data, models, measuring, prompts, LoRA, GGUF, TensorBoard."""

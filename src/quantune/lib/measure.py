@@ -1,0 +1,277 @@
+"""Measuring a model: perplexity with a stated context and stride (strided sliding windows, as in the
+transformers perplexity guide), an encoder-decoder's loss over fixed windows, greedy generation speed, peak
+memory and time of a block, size in bytes, KL divergence to a reference model, and sign_split (the odd and even
+parts of a weight perturbation's effect on perplexity)."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from .common import fail, progress
+
+
+def token_stream(tokenizer, text: str, max_tokens: int | None = None):
+    import torch
+
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    if max_tokens:
+        ids = ids[:max_tokens]
+    if ids.numel() < 2:
+        raise fail("evaluation text", "fewer than 2 tokens", "give the evaluation data set some text")
+    return ids.to(torch.long)
+
+
+def perplexity(model, input_ids, context: int, stride: int, device: str | None = None) -> dict:
+    """Sliding-window perplexity (the Hugging Face `perplexity` recipe): windows of `context` tokens,
+    moved by `stride`; only tokens not scored by an earlier window are scored, each with up to
+    context-1 tokens of left context. stride == context gives disjoint windows."""
+    import torch
+    import torch.nn.functional as F
+
+    if stride > context or stride < 1:
+        raise fail("perplexity", f"stride {stride} must be in 1..context ({context})", "lower the stride")
+    device = device or next(model.parameters()).device
+    n = input_ids.numel()
+    nll, count, prev_end = 0.0, 0, 0
+    model.eval()
+    windows = 1 + max(0, math.ceil((n - context) / stride))
+    with torch.no_grad(), progress(total=windows, desc="perplexity", unit="window") as bar:
+        for begin in range(0, n, stride):
+            end = min(begin + context, n)
+            trg = end - max(prev_end, begin + 1)  # tokens newly scored in this window
+            ids = input_ids[begin:end].unsqueeze(0).to(device)
+            logits = model(ids).logits[0, :-1].float()
+            tgt = ids[0, 1:]
+            losses = F.cross_entropy(logits, tgt, reduction="none")
+            if trg > 0:
+                nll += losses[-trg:].sum().item()
+                count += trg
+            prev_end = end
+            bar.update(1)
+            if end == n:
+                break
+    mean = nll / max(count, 1)
+    return {"ppl": math.exp(mean), "nll": mean, "tokens_scored": count, "context": context, "stride": stride}
+
+
+def seq2seq_perplexity(model, input_ids, context: int) -> dict:
+    """Continuation perplexity of an encoder-decoder: encoder reads the first half of each window,
+    the decoder is scored on the second half."""
+    import torch
+
+    half = context // 2
+    nll, count = 0.0, 0
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for begin in range(0, input_ids.numel() - context + 1, context):
+            w = input_ids[begin:begin + context].to(device)
+            out = model(input_ids=w[:half][None], labels=w[half:][None])
+            nll += out.loss.item() * (context - half)
+            count += context - half
+    if count == 0:
+        raise fail("evaluation text", f"shorter than one window of {context} tokens", "give more text")
+    mean = nll / count
+    return {"ppl": math.exp(mean), "nll": mean, "tokens_scored": count, "context": context, "stride": context}
+
+
+def generation_speed(model, tokenizer, prompt: str, new_tokens: int) -> dict:
+    """Greedy generation of exactly `new_tokens` tokens; tokens per second of the decode loop."""
+    import torch
+
+    device = next(model.parameters()).device
+    enc = tokenizer(prompt, return_tensors="pt").to(device)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        model.generate(**enc, max_new_tokens=2, min_new_tokens=2, do_sample=False,
+                       pad_token_id=tokenizer.pad_token_id)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model.generate(**enc, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    n_new = out.shape[-1] - (0 if model.config.is_encoder_decoder else enc["input_ids"].shape[-1])
+    text = tokenizer.decode(out[0][-n_new:], skip_special_tokens=True)
+    return {"gen_tokens": int(n_new), "gen_seconds": dt, "gen_tokens_per_s": n_new / dt, "gen_text": text}
+
+
+def evaluate_model(model, tokenizer, text: str, *, context: int, stride: int, max_tokens: int | None,
+                   prompt: str, new_tokens: int) -> dict:
+    ids = token_stream(tokenizer, text, max_tokens)
+    if model.config.is_encoder_decoder:
+        ppl = seq2seq_perplexity(model, ids, context)
+    else:
+        ppl = perplexity(model, ids, context, stride)
+    out = {f"eval_{k}": v for k, v in ppl.items()}
+    if new_tokens:
+        out.update(generation_speed(model, tokenizer, prompt, new_tokens))
+    return out
+
+
+# ---------------------------------------------------------------- memory, size, KL, sign_split
+
+class PeakMemory:
+    """Peak memory of a block: the CUDA allocator's peak when a GPU is in use, and the process's peak RSS
+    (VmHWM, reset through /proc/self/clear_refs where the kernel allows; else the lifetime peak)."""
+
+    def __enter__(self):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.rss_scope = "block"
+        except OSError:
+            self.rss_scope = "process"
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.t0
+        self.gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if self.cuda else None
+        self.rss_mb = vm_hwm_mb()
+
+
+def vm_hwm_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    from .tb import peak_memory_mb
+
+    return peak_memory_mb()
+
+
+def weights_bytes(model) -> int:
+    """Bytes of the model's tensors as loaded (parameters + buffers, shared tensors once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def safetensors_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def first_window_logits(model, ids, context: int):
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return model(ids[:context].unsqueeze(0).to(device)).logits[0].float().cpu()
+
+
+def kl_reference(model, ids, context: int, max_tokens: int):
+    """log-probabilities (float16, CPU) of the unquantized model on disjoint windows of the first `max_tokens`
+    evaluation tokens: the reference for `kl_divergence`."""
+    import torch
+
+    device = next(model.parameters()).device
+    n = min(max_tokens, ids.numel()) // context * context
+    out = []
+    with torch.no_grad():
+        for b in range(0, n, context):
+            logits = model(ids[b:b + context].unsqueeze(0).to(device)).logits[0].float()
+            out.append(torch.log_softmax(logits, -1).to(torch.float16).cpu())
+    return out
+
+
+def kl_divergence(model, ids, context: int, reference) -> dict:
+    """Mean per-token KL(unquantized || quantized) in nats over the reference windows. Unlike the perplexity
+    change, it is never negative and does not move with the first-order effect of a perturbation (which is
+    large for a small, undertrained model): it measures how far the quantized model's predictions moved."""
+    import torch
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i, ref in enumerate(reference):
+            b = i * context
+            lq = torch.log_softmax(model(ids[b:b + context].unsqueeze(0).to(device)).logits[0].float(), -1).cpu()
+            lp = ref.float()
+            total += (lp.exp() * (lp - lq)).sum(-1).sum().item()
+            count += lp.shape[0]
+    return {"kl_vs_base": total / max(count, 1), "kl_tokens": count}
+
+
+def release_memory() -> None:
+    """Return the memory of objects the caller has just dropped (model = None) to the OS / CUDA cache."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def sign_split(model, ids, context: int, stride: int, original: dict | None = None) -> dict:
+    """Splits the change in log-perplexity that quantization made into its odd and its even part in the weight
+    change. W are the weights the quantizer rounded (RTN: the originals; AWQ: after its function-preserving
+    smoothing; GPTQ, which overwrites its weights: `original`, copied before), dW = Q(W) - W for every quantized
+    Linear; NLL(W + dW) is the quantized model, NLL(W - dW) its mirror, every other parameter as quantized.
+    odd = (NLL(W+dW) - NLL(W-dW)) / 2 is the first-order term g.dW (g: the evaluation text's gradient), whose
+    sign is how the rounding happens to line up with g, i.e. luck, and it is zero on average over the sign;
+    even = (NLL(W+dW) + NLL(W-dW)) / 2 - NLL(W) is the damage through the loss's curvature, the part that a
+    quantizer's objective (GPTQ's Hessian-weighted error, AWQ's output error) reduces. On a model far from a
+    minimum of the evaluation text the odd term can outweigh the difference between two methods' even terms.
+    The in-memory llm-compressor model (fake-quantized, not yet saved) is left as it was: the weights are
+    kept on the CPU and put back, and quantization is enabled again."""
+    import torch
+    from compressed_tensors.quantization import disable_quantization, enable_quantization, forward_quantize
+
+    
+
+    mods = [(n, m) for n, m in model.named_modules()
+            if hasattr(m, "weight_scale") and getattr(m, "quantization_scheme", None) is not None]
+    kept = {n: m.weight.detach().to("cpu", copy=True) for n, m in mods}
+    ref = original if original is not None else kept
+    nll = {}
+    try:
+        model.apply(disable_quantization)
+        for sign in (0, 1, -1):
+            with torch.no_grad():
+                for n, m in mods:
+                    w = ref[n].to(m.weight.device, m.weight.dtype)
+                    if sign:
+                        q = forward_quantize(m, kept[n].to(m.weight.device), "weight", m.quantization_scheme.weights)
+                        w = w + sign * (q - w)
+                    m.weight.data = w
+            nll[sign] = perplexity(model, ids, context, stride)["nll"]
+    finally:
+        with torch.no_grad():
+            for n, m in mods:
+                m.weight.data = kept[n].to(m.weight.device)
+        model.apply(enable_quantization)
+    return {"nll_fp": nll[0], "nll_mirror": nll[-1], "nll_odd": (nll[1] - nll[-1]) / 2,
+            "nll_even": (nll[1] + nll[-1]) / 2 - nll[0], "sign_split_layers": len(mods)}
+
+
+def split_metrics(split: dict, base: dict) -> dict:
+    """sign_split's numbers for metrics.json (none when it did not run): the odd and even parts of the change in
+    NLL per token, the mirror's perplexity and the even part as a perplexity (the geometric mean of ppl_quant and
+    ppl_mirror when W is the unquantized model's function, which nll_fp_vs_base checks)."""
+    import math
+
+    if not split:
+        return {}
+    return {"nll_odd": split["nll_odd"], "nll_even": split["nll_even"],
+            "nll_fp_vs_base": split["nll_fp"] - base["nll"], "ppl_mirror": math.exp(split["nll_mirror"]),
+            "ppl_even": math.exp(base["nll"] + split["nll_even"]), "sign_split_layers": split["sign_split_layers"]}

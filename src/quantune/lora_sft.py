@@ -1,0 +1,476 @@
+"""The lora_sft stage: LoRA / QLoRA supervised fine-tuning of a causal or seq2seq LM.
+
+    python -m quantune.lora_sft --recipe recipes/qlora_chatglm_linear.yaml --out results/qlora_chatglm_linear
+    python -m quantune.lora_sft count --recipe recipes/lora_mt0_large.yaml --set scale=full
+
+A causal LM (AutoModelForCausalLM, PEFT task CAUSAL_LM) or an encoder-decoder (AutoModelForSeq2SeqLM,
+SEQ_2_SEQ_LM), loaded in 4-bit NF4 with double quantization (`quantization: nf4`, QLoRA: bitsandbytes +
+`prepare_model_for_kbit_training`) or in full precision (`quantization: none`, plain LoRA), trained with the
+Hugging Face Trainer on `advertisegen` (content -> summary) or `alpaca` (instruction/input -> output) rows.
+Prompt and answer are tokenized separately and truncated to max_input_length / max_output_length; prompt and
+padding positions get label -100; batches are padded to their longest row (`padding: longest`) unless the
+recipe asks for `padding: max_length`. Checkpoints go to results/.checkpoints/<target>/ every `save_steps`;
+a rerun resumes from the last complete one. On success the target directory appears in one rename:
+  adapter/ (PEFT save_pretrained, safetensors), metrics.json, tb/, trainer_log.jsonl, training_loss.png,
+  recipe.json (the recipe as run, read back by lora_compare).
+
+count: the LoRA parameter count of a lora_sft (or lora_sweep) recipe's model, printed by PEFT's own
+print_trainable_parameters, computed on the meta device from the model's config.json (tiny world, local path, or
+the repository's copy named by `hub_config` at full scale): no weights are downloaded or allocated.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .lib.common import atomic_dir, checkpoint_dir, fail, read_json, run_cli, seed_everything, write_json, write_jsonl, write_metrics
+from .lib.lora import add_lora, check_target_modules, check_targets_in, compute_dtype, load_base, lora_config
+from .lib.lora import peft_trainable_line
+from .lib.models import pick_device, set_cpu_threads
+from .lib.plots import plot_losses
+from .lib.prompts import ANSWER_FIELD, SFTCollator, build_split, template_of
+
+
+def _fmt_of(cfg: dict, recipe: dict) -> str:
+    from .lib.config import resolve_dataset
+
+    return resolve_dataset(cfg, recipe["dataset"])["format"]
+
+
+def task_type_of(cfg: dict, recipe: dict, where: str) -> str:
+    """CAUSAL_LM or SEQ_2_SEQ_LM: the recipe's `task_type`, which must agree with the model's family."""
+    from .lib.config import resolve_model
+    from .lib.models import SEQ2SEQ_FAMILIES
+
+    fam = resolve_model(cfg, recipe["model"])["family"]
+    implied = "SEQ_2_SEQ_LM" if fam in SEQ2SEQ_FAMILIES else "CAUSAL_LM"
+    tt = recipe.get("task_type", implied)
+    if tt != implied:
+        raise fail(f"{where}: key task_type", f"{tt} does not fit model {recipe['model']!r} (an "
+                   f"{'encoder-decoder' if implied == 'SEQ_2_SEQ_LM' else 'decoder-only'} model)",
+                   f"set task_type: {implied} or remove the key")
+    return tt
+
+
+def check_sft_recipe(recipe: dict, cfg: dict, where: str) -> dict:
+    """lora_sft's cross-key checks (config.load_recipe calls them); returns the recipe with task_type filled."""
+    r = dict(recipe)
+    fmt = _fmt_of(cfg, r)
+    if fmt not in ANSWER_FIELD:
+        raise fail(f"{where}: key dataset", f"data set {r['dataset']!r} has format {fmt}, which lora_sft cannot train on",
+                   f"use a data set of format {' or '.join(ANSWER_FIELD)}")
+    template_of(r, fmt, where)
+    r["task_type"] = task_type_of(cfg, r, where)
+    if "max_steps" not in r and "num_train_epochs" not in r:
+        raise fail(where, "neither max_steps nor num_train_epochs is set", "set one of them")
+    return r
+
+
+def _check_pinned_transformers(where: str) -> None:
+    """THUDM/chatglm3-6b's remote code runs on the transformers that envs/chatglm3.yaml pins, not on newer ones."""
+    import transformers
+    import yaml
+
+    from .lib.config import ROOT
+
+    env = yaml.safe_load((ROOT / "envs" / "chatglm3.yaml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    pin = next(p.split("==")[1] for p in pip if p.startswith("transformers=="))
+    if transformers.__version__ != pin:
+        raise fail(f"{where}: key env", f"chatglm3 remote code needs transformers {pin} (envs/chatglm3.yaml), "
+                   f"this Python has {transformers.__version__}",
+                   "run through snakemake --use-conda (or activate an env built from envs/chatglm3.yaml)")
+
+
+def last_complete_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest checkpoint-N whose trainer state, optimizer and adapter weights were all written."""
+    best = None
+    for p in ckpt_root.glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if not m or not p.is_dir():
+            continue
+        done = (p / "trainer_state.json").is_file() and (p / "optimizer.pt").is_file() and (
+            any(p.glob("adapter_model.*")))
+        if done and (best is None or int(m.group(1)) > best[0]):
+            best = (int(m.group(1)), p)
+    return best[1] if best else None
+
+
+def fingerprint(recipe: dict, m: dict) -> str:
+    """What a checkpoint must match to be resumed: the recipe as run and the model it started from."""
+    keep = {k: v for k, v in recipe.items() if k not in ("logging_steps", "save_steps", "save_total_limit",
+                                                          "description", "max_eval_samples",
+                                                          "per_device_eval_batch_size")}
+    blob = json.dumps({"recipe": keep, "model": m["source"]}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def total_optimizer_steps(recipe: dict, n_rows: int) -> int:
+    if recipe.get("max_steps"):
+        return int(recipe["max_steps"])
+    batches = math.ceil(n_rows / recipe["per_device_train_batch_size"])
+    per_epoch = max(1, math.ceil(batches / recipe["gradient_accumulation_steps"]))
+    return max(1, math.ceil(per_epoch * float(recipe["num_train_epochs"])))
+
+
+def _tokens_counting() -> Any:
+    from transformers import TrainingArguments
+
+    return "non_padding" if "non_padding" in (TrainingArguments.__doc__ or "") else True
+
+
+def _state_callback():
+    from transformers import TrainerCallback
+
+    class _Record(TrainerCallback):
+        """Tokens seen when this run (first or resumed) began, for this run's own tokens/s."""
+
+        def __init__(self):
+            self.tokens_at_begin, self.step_at_begin = 0, 0
+            self.t_begin, self.elapsed = time.time(), {}
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.tokens_at_begin = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+            self.step_at_begin = int(state.global_step)
+            self.t_begin = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:  # seconds since this run's training began, per logged step
+                self.elapsed[int(state.global_step)] = time.time() - self.t_begin
+
+    return _Record()
+
+
+@dataclass
+class Job:
+    """One lora_sft run as checked before any weight is loaded: the recipe with its defaults, the resolved model,
+    the data rows and what follows from them."""
+    r: dict
+    m: dict
+    where: str
+    fmt: str
+    template: Any
+    seq2seq: bool
+    device: str
+    train_rows: list
+    eval_rows: list
+
+
+def prepare(recipe_path: str, cfg: dict, run_recipe: dict | None = None) -> Job:
+    """Every check that needs no weights: recipe, installed libraries, LoRA targets on the meta device, data."""
+    from .lib.config import load_recipe, resolve_dataset, resolve_model
+    from .lib.data import load_split
+
+    where = str(recipe_path) if run_recipe is None else f"{recipe_path} (rank {run_recipe['lora_r']})"
+    recipe = load_recipe(recipe_path, cfg) if run_recipe is None else run_recipe
+    if recipe["stage"] != "lora_sft":
+        raise fail(f"{where}: key stage", f"{recipe['stage']!r} is not lora_sft",
+                   f"run it with python -m quantune.{recipe['stage']}")
+    r = check_sft_recipe(recipe, cfg, where)
+    if r["env"] == "chatglm3" and cfg["scale"] == "full":
+        _check_pinned_transformers(where)
+    m = resolve_model(cfg, r["model"], where, must_exist=True)
+    ds = resolve_dataset(cfg, r["dataset"])
+    device = pick_device(r, where)
+    if r["quantization"] == "nf4":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise fail(f"{where}: key quantization", "nf4 needs bitsandbytes, which is not installed",
+                       "pip install bitsandbytes (envs/finetune.yaml pins it) or set quantization: none") from None
+    check_target_modules(m, r, where)
+    train_rows = load_split(ds, r["train_split"], r.get("max_train_samples"))
+    eval_rows = load_split(ds, r["eval_split"], r.get("max_eval_samples"))
+    if not train_rows:
+        raise fail(f"{where}: key dataset", f"split {r['train_split']} is empty", "point the recipe at data")
+    return Job(r=r, m=m, where=where, fmt=ds["format"], template=template_of(r, ds["format"], where),
+               seq2seq=r["task_type"] == "SEQ_2_SEQ_LM", device=device, train_rows=train_rows, eval_rows=eval_rows)
+
+
+def resume_point(out_p: Path, job: Job, recipe_path: str) -> tuple[Path, Path | None]:
+    """The checkpoint directory and the checkpoint to resume from; checkpoints of another recipe or model go."""
+    ckpt_root = checkpoint_dir(out_p)
+    fp = fingerprint(job.r, job.m)
+    fp_file = ckpt_root / "fingerprint.json"
+    if ckpt_root.exists():
+        old = json.loads(fp_file.read_text()).get("fingerprint") if fp_file.is_file() else None
+        if old != fp:
+            print(f"discarding checkpoints in {ckpt_root}: they were written for another recipe or model")
+            shutil.rmtree(ckpt_root)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    write_json(fp_file, {"fingerprint": fp, "recipe": str(recipe_path)})
+    return ckpt_root, last_complete_checkpoint(ckpt_root)
+
+
+def training_arguments(job: Job, ckpt_root: Path, steps: int, warmup: int, cdt):
+    """The Hugging Face TrainingArguments of the recipe (bf16 / fp16 as its compute dtype on a GPU)."""
+    import torch
+    from transformers import TrainingArguments
+
+    r = job.r
+    kw: dict[str, Any] = dict(
+        output_dir=str(ckpt_root), per_device_train_batch_size=r["per_device_train_batch_size"],
+        per_device_eval_batch_size=r.get("per_device_eval_batch_size", r["per_device_train_batch_size"]),
+        gradient_accumulation_steps=r["gradient_accumulation_steps"], learning_rate=float(r["learning_rate"]),
+        lr_scheduler_type=r["lr_scheduler_type"], warmup_steps=warmup, weight_decay=float(r["weight_decay"]),
+        optim=r["optim"], logging_steps=r["logging_steps"], logging_first_step=True, save_strategy="steps",
+        save_steps=r["save_steps"], save_total_limit=r["save_total_limit"], seed=r["seed"], data_seed=r["seed"],
+        report_to="none", remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
+        include_num_input_tokens_seen=_tokens_counting(), use_cpu=job.device == "cpu",
+        bf16=job.device == "cuda" and cdt == torch.bfloat16, fp16=job.device == "cuda" and cdt == torch.float16,
+    )
+    if r.get("max_steps"):
+        kw["max_steps"] = int(r["max_steps"])
+    else:
+        kw["num_train_epochs"] = float(r["num_train_epochs"])
+    return TrainingArguments(**kw)
+
+
+def collator_for(job: Job, tok) -> SFTCollator:
+    r = job.r
+    if r["padding"] == "max_length":
+        return SFTCollator(tok.pad_token_id, "max_length",
+                           r["max_input_length"] + (0 if job.seq2seq else r["max_output_length"]),
+                           r["max_output_length"], job.seq2seq)
+    return SFTCollator(tok.pad_token_id, "longest", seq2seq=job.seq2seq)
+
+
+def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None, after_train=None) -> dict:
+    """Train one adapter. run_recipe: an already loaded lora_sft recipe (one run of a lora_sweep) instead of the
+    file's; after_train(model, tok, recipe, device) -> dict of extra metrics (key `_generations`: rows written to
+    generations.jsonl), called after training and evaluation, before the outputs are written."""
+    import torch
+    from transformers import Trainer
+
+    from .lib.tb import TBWriter, peak_memory_mb, trainer_callback
+
+    job = prepare(recipe_path, cfg, run_recipe)
+    r, device = job.r, job.device
+    out_p = Path(out)
+    ckpt_root, resume = resume_point(out_p, job, recipe_path)
+
+    seed_everything(r["seed"])
+    if device == "cpu":
+        set_cpu_threads()
+    t_load = time.time()
+    model, tok = load_base(job.m, r, device, training=True)
+    model = add_lora(model, r, r["task_type"])
+    load_s = time.time() - t_load
+    peft_line = peft_trainable_line(model)
+    print(peft_line)
+
+    train_ds = build_split(tok, job.train_rows, job.fmt, job.template, r, job.seq2seq)
+    eval_ds = build_split(tok, job.eval_rows, job.fmt, job.template, r, job.seq2seq) if job.eval_rows else None
+    steps = total_optimizer_steps(r, len(train_ds))
+    warmup = math.ceil(steps * float(r["warmup_ratio"]))
+    cdt = compute_dtype(r, device)
+    tb_dir = ckpt_root / "tb"
+    writer = TBWriter(tb_dir, r["name"])
+    rec = _state_callback()
+    trainer = Trainer(model=model, args=training_arguments(job, ckpt_root, steps, warmup, cdt), train_dataset=train_ds,
+                      eval_dataset=eval_ds, data_collator=collator_for(job, tok),
+                      callbacks=[trainer_callback(writer), rec])
+    if resume:
+        print(f"resuming {r['name']} from {resume}")
+    ev0 = {}
+    if r.get("eval_before_training") and eval_ds is not None and not resume:
+        ev0 = trainer.evaluate()  # LoRA's B matrices start at zero: this is the untuned base model's eval loss
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    peak = peak_memory_mb()
+    ev = trainer.evaluate() if eval_ds is not None else {}
+    metrics = run_metrics(job, trainer, rec, dict(result.metrics), ev, ev0)
+    trainable, total = model.get_nb_trainable_parameters()
+    metrics.update(params_trainable=trainable, params_total=total, params_trainable_pct=100.0 * trainable / max(total, 1),
+                   train_rows=len(train_ds), eval_rows=len(eval_ds) if eval_ds is not None else 0,
+                   warmup_steps=warmup, planned_steps=steps, compute_dtype=str(cdt).replace("torch.", ""),
+                   peak_mem_mb=peak, load_seconds=load_s, peft_trainable_line=peft_line)
+    gens = None
+    if after_train is not None:
+        extra = dict(after_train(model, tok, r, device))
+        gens = extra.pop("_generations", None)
+        metrics.update(extra)
+    writer.scalars({"eval/loss": metrics["eval_loss"], "eval/ppl": metrics["eval_ppl"],
+                    "system/tokens_per_s": metrics["tokens_per_s"]}, trainer.state.global_step)
+    writer.final({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                 trainer.state.global_step)
+    writer.close()
+    return write_target(out_p, job, model, trainer, metrics, gens, tb_dir, ckpt_root)
+
+
+def run_metrics(job: Job, trainer, rec, tm: dict, ev: dict, ev0: dict) -> dict:
+    """metrics.json of a finished run: the recipe as run, the Trainer's own numbers, this run's speed."""
+    r = job.r
+    hist = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
+    tokens_total = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
+    tokens_run = tokens_total - rec.tokens_at_begin
+    metrics = {
+        "target": r["name"], "stage": "lora_sft", "scale": r["scale"], "model": r["model"],
+        "model_source": job.m["source"], "dataset": r["dataset"], "data_format": job.fmt, "task_type": r["task_type"],
+        "quantization": r["quantization"], "double_quant": r["double_quant"] if r["quantization"] == "nf4" else None,
+        "device": job.device, "lora_r": r["lora_r"], "lora_alpha": r["lora_alpha"], "lora_dropout": r["lora_dropout"],
+        "target_modules": ",".join(r["target_modules"]),
+        "batch_size": r["per_device_train_batch_size"], "gradient_accumulation_steps": r["gradient_accumulation_steps"],
+        "learning_rate": float(r["learning_rate"]), "lr_scheduler_type": r["lr_scheduler_type"],
+        "warmup_ratio": float(r["warmup_ratio"]),
+        "max_input_length": r["max_input_length"], "max_output_length": r["max_output_length"],
+        "padding": r["padding"], "gradient_checkpointing": r["gradient_checkpointing"],
+        "global_step": trainer.state.global_step, "epochs": float(trainer.state.epoch or 0),
+        "resumed_from_step": rec.step_at_begin, "steps_this_run": trainer.state.global_step - rec.step_at_begin,
+        "train_runtime": tm.get("train_runtime"), "train_samples_per_second": tm.get("train_samples_per_second"),
+        "total_flos": tm.get("total_flos", trainer.state.total_flos), "train_loss": tm.get("train_loss"),
+        "train_loss_first": hist[0]["loss"] if hist else None, "train_loss_last": hist[-1]["loss"] if hist else None,
+        "tokens_seen": tokens_total, "tokens_counted": "non_padding" if _tokens_counting() == "non_padding" else "all",
+        "tokens_per_s": tokens_run / tm["train_runtime"] if tm.get("train_runtime") else None,
+        "eval_loss": ev.get("eval_loss"), "eval_ppl": math.exp(ev["eval_loss"]) if "eval_loss" in ev else None,
+        "eval_loss_before": ev0.get("eval_loss"),
+        "peak_mem_kind": "cuda_max_allocated" if job.device == "cuda" else "max_rss",
+    }
+    run_steps = metrics["steps_this_run"]
+    if tm.get("train_runtime") and run_steps:
+        metrics["seconds_per_step"] = tm["train_runtime"] / run_steps
+    if hist and hist[0]["loss"]:
+        metrics["train_loss_drop_pct"] = 100.0 * (hist[0]["loss"] - hist[-1]["loss"]) / hist[0]["loss"]
+    if r.get("record_losses"):  # the seed's per-step table: loss, lr and elapsed seconds at each logged step
+        for h in hist:
+            st = int(h["step"])
+            metrics[f"loss_step{st}"] = h["loss"]
+            if "learning_rate" in h:
+                metrics[f"lr_step{st}"] = h["learning_rate"]
+            if st in rec.elapsed:
+                metrics[f"elapsed_s_step{st}"] = rec.elapsed[st]
+    return metrics
+
+
+def write_target(out_p: Path, job: Job, model, trainer, metrics: dict, gens, tb_dir: Path, ckpt_root: Path) -> dict:
+    """The target directory in one rename: adapter, recipe.json, trainer log, loss plot, metrics.json, tb/."""
+    r = job.r
+    hist = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
+    with atomic_dir(out_p) as tmp:
+        model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+        write_json(tmp / "recipe.json", {**r, "model_source": job.m["source"], "data_format": job.fmt})
+        (tmp / "trainer_log.jsonl").write_text(
+            "".join(json.dumps(h) + "\n" for h in trainer.state.log_history), encoding="utf-8")
+        plot_losses({r["name"]: [(h["step"], h["loss"]) for h in hist]}, tmp / "training_loss.png", "step",
+                    f"{r['name']}: training loss")
+        if gens is not None:
+            write_jsonl(tmp / "generations.jsonl", gens)
+        flat = write_metrics(tmp / "metrics.json", metrics)
+        shutil.copytree(tb_dir, tmp / "tb")
+    shutil.rmtree(ckpt_root, ignore_errors=True)
+    return flat
+
+
+def model_config_json(m: dict, where: str) -> tuple[dict, str]:
+    """The serialized config.json of a resolved model and where it was read: the local directory (tiny world or
+    `path`), else the repository's copy named by the model's `hub_config`. No hub access."""
+    if m["local"]:  # resolved with must_exist: config.json is there
+        p = Path(m["source"]) / "config.json"
+        return read_json(p), str(p)
+    if m.get("hub_config"):
+        from .lib.config import ROOT
+
+        p = Path(m["hub_config"])
+        return read_json(p), str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+    raise fail(f"{where}: key model", f"{m['source']} has no config.json here (no hub_config in config/config.yaml)",
+               "add hub_config: config/hub_configs/<name>.json (a copy of the hub config.json) to the model's entry")
+
+
+def count_lora(cfg: dict, recipe: dict, where: str) -> dict:
+    """Trainable / total parameters of the recipe's model with its LoRA, on the meta device: what PEFT prints
+    after loading the real weights (quantization aside: PEFT counts a 4-bit weight as its full-precision size)."""
+    from peft import get_peft_model
+
+    from .lib.config import resolve_model
+    from .lib.models import meta_model_from_config
+
+    r = check_sft_recipe(recipe, cfg, where)
+    m = resolve_model(cfg, r["model"], where, must_exist=True)
+    conf, conf_from = model_config_json(m, where)
+    try:
+        model = meta_model_from_config(conf, trust_remote_code=m["trust_remote_code"])
+    except ValueError as e:
+        raise fail(f"{where}: key model", f"cannot build {m['source']} from {conf_from} ({e})",
+                   "count a model of a native transformers architecture") from None
+    check_targets_in(model, r, m["source"], where)
+    base_total = sum(p.numel() for p in model.parameters())
+    pm = get_peft_model(model, lora_config(r, r["task_type"]))
+    trainable, total = pm.get_nb_trainable_parameters()
+    return {"model_source": m["source"], "config_from": conf_from, "lora_r": r["lora_r"],
+            "lora_alpha": r["lora_alpha"], "target_modules": ",".join(r["target_modules"]),
+            "tie_word_embeddings_serialized": conf.get("tie_word_embeddings"), "params_base": base_total,
+            "params_trainable": trainable, "params_total": total, "peft_trainable_line": peft_trainable_line(pm)}
+
+
+def count(recipe_path: str, cfg: dict) -> list[dict]:
+    """count for a lora_sft recipe (one line) or a lora_sweep recipe (one line per rank)."""
+    from .lib.config import load_recipe, sweep_run_recipe
+
+    recipe = load_recipe(recipe_path, cfg)
+    if recipe["stage"] == "lora_sft":
+        return [count_lora(cfg, recipe, str(recipe_path))]
+    if recipe["stage"] == "lora_sweep":
+        return [count_lora(cfg, sweep_run_recipe(recipe, k, str(recipe_path)), f"{recipe_path} (rank {k})")
+                for k in recipe["ranks"]]
+    raise fail(f"{recipe_path}: key stage", f"{recipe['stage']!r} trains no adapter", "count a lora_sft or lora_sweep recipe")
+
+
+def workflow_env(recipe: dict, scale: str) -> str:
+    """The env (envs/<env>.yaml, its image) a recipe's job runs in. THUDM/chatglm3-6b's remote code runs only on
+    the transformers that envs/chatglm3.yaml pins (recipes say `env: chatglm3`); at tiny scale the same code runs
+    on the tiny native-GLM model, which needs the project's current stack (envs/finetune.yaml)."""
+    return "chatglm3" if scale == "full" and recipe["env"] == "chatglm3" else "finetune"
+
+
+def workflow_runtime(recipe: dict, scale: str) -> int:
+    """Minutes. Seed 000 on one RTX 4090: 100 steps 8 min, one AdvertiseGen epoch (1,791 / 1,194 steps) 2.2 h;
+    the limits leave room for a slower GPU, the held-out evaluation and the model download."""
+    if scale == "tiny":
+        return 30
+    if recipe["stage"] == "lora_compare":
+        return 180
+    return 120 if recipe.get("max_steps") else 720
+
+
+def _cmd(a) -> None:
+    from .lib.config import config_from_args
+
+    cfg = config_from_args(a)
+    if a.action == "count":
+        for c in count(a.recipe, cfg):
+            print(f"{c['model_source']} (config {c['config_from']}), LoRA r={c['lora_r']} alpha={c['lora_alpha']:g} "
+                  f"on {c['target_modules']}:")
+            print(c["peft_trainable_line"])
+        return
+    if not a.out:
+        raise fail("--out", "training needs an output directory", "give --out results/<target>")
+    m = train(a.recipe, a.out, cfg)
+    print(f"{m['target']}: {m['global_step']} steps, loss {m['train_loss_first']:.3f} -> {m['train_loss_last']:.3f}, "
+          f"eval loss {m.get('eval_loss', float('nan')):.3f}, trainable {m['params_trainable']} "
+          f"({m['params_trainable_pct']:.4f}%), {m['tokens_per_s']:.1f} tokens/s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .lib.config import stage_parser
+
+    p = stage_parser("quantune.lora_sft", __doc__, _cmd, out_required=False)
+    p.add_argument("action", nargs="?", choices=["train", "count"], default="train",
+                   help="train (default), or count: the LoRA parameter count from the model's config (no --out)")
+    return p
+
+
+def main(argv=None) -> int:
+    return run_cli(build_parser, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
