@@ -174,7 +174,8 @@ def prepare(recipe_path: str, cfg: dict, run_recipe: dict | None = None) -> Job:
     if recipe["stage"] != "lora_sft":
         raise fail(f"{where}: key stage", f"{recipe['stage']!r} is not lora_sft",
                    f"run it with python -m quantune.{recipe['stage']}")
-    r = check_sft_recipe(recipe, cfg, where)
+    # load_recipe has checked a recipe file; a sweep's run recipe is checked here
+    r = recipe if run_recipe is None else check_sft_recipe(recipe, cfg, where)
     if r["env"] == "chatglm3" and cfg["scale"] == "full":
         _check_pinned_transformers(where)
     m = resolve_model(cfg, r["model"], where, must_exist=True)
