@@ -143,6 +143,7 @@ def test_evaluate_targets_build_on_the_tiny_world(tiny_world, results_root):
     assert "eval_opt67b" in html and "metrics.json" in html and "evaluate" in html
 
 
+@pytest.mark.slow
 def test_every_built_metrics_json_matches_its_stage_declaration(tiny_world, results_root, tmp_path):
     """config/schemas/metrics/<stage>.schema.yaml declares each stage's metrics.json; every file built in this
     test session (this module runs last) is checked, and an undeclared key is one line naming file and key."""
