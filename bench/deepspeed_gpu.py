@@ -63,12 +63,12 @@ def matmul_tflops(n: int = 8192, warmup: int = 3, iters: int = 20) -> float:
 
 
 def recipe_full() -> dict:
-    import yaml
+    from quantune.lib.config import SCHEMA_DIR, fill_defaults, load_yaml
 
-    from quantune.sft import with_defaults
-
-    raw = yaml.safe_load((ROOT / "recipes" / "qwen3_deepspeed_sft.yaml").read_text())
-    return with_defaults({k: v for k, v in raw.items() if k != "tiny"})  # the top level is the full scale
+    raw = load_yaml(ROOT / "recipes" / "qwen3_deepspeed_sft.yaml")
+    # the top level is the full scale; the keys the recipe leaves out take the schema's defaults
+    schema = load_yaml(SCHEMA_DIR / "recipes" / "sft.schema.yaml")
+    return fill_defaults({k: v for k, v in raw.items() if k != "tiny"}, schema)
 
 
 def worker(a) -> None:
@@ -76,7 +76,8 @@ def worker(a) -> None:
     import torch
     from transformers import AutoModelForCausalLM, Qwen3Config, Trainer, TrainerCallback
 
-    from quantune.sft import count_params, training_args
+    from quantune.lib.models import count_parameters
+    from quantune.sft import training_args
 
     recipe = recipe_full()
     recipe["deepspeed_config"] = a.zero
@@ -97,7 +98,7 @@ def worker(a) -> None:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(Qwen3Config(**shape), dtype=torch.float32)
         model.config.use_cache = False
-        params = count_params(model)["params_total"]
+        params = count_parameters(model)["params_total"]
         g = torch.Generator().manual_seed(0)
         n_rows = total * micro * accum * args.world_size
         ids = torch.randint(0, shape["vocab_size"], (n_rows, seq), generator=g)

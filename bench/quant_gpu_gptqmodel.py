@@ -1,6 +1,6 @@
 """The quantize stage's GPTQModel backend (`backend: gptqmodel`) on an OPT-6.7B-shaped model: wall time and peak
-GPU memory of GPTQ W4 g128 through the project's own code (quantune.quantize.quantize_gptqmodel: GPTQModel.load of
-a saved model directory, quantize(calibration), save) with recipes/gptq_opt67b.yaml at full scale.
+GPU memory of GPTQ W4 g128 through the project's own code (quantune.lib.quant_backends.quantize_gptqmodel:
+GPTQModel.load of a saved model directory, quantize(calibration), save) with recipes/gptq_opt67b.yaml at full scale.
 
 The model is bench/quant_gpu.py's: OPTConfig of facebook/opt-6.7b with random bf16 weights, built on the GPU and
 saved to a temporary directory (GPTQModel loads from a path), with a word-level tokenizer over the same vocabulary

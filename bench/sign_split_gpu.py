@@ -1,4 +1,4 @@
-"""CUDA check of quantune.quantize.sign_split (fp16, model on the GPU): a random OPT, RTN / AWQ / GPTQ 3-bit
+"""CUDA check of quantune.lib.measure.sign_split (fp16, model on the GPU): a random OPT, RTN / AWQ / GPTQ 3-bit
 through quantize_llmcompressor, then sign_split; the quantized model must compute the same logits afterwards and
 W + dW must reproduce the quantized model's NLL."""
 import json, sys, time, os
@@ -6,8 +6,9 @@ sys.path.insert(0, "src")
 import torch
 from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 from tokenizers import Tokenizer, models
-from quantune import quantize as q
-from quantune.lib.measure import perplexity
+from quantune.lib.measure import perplexity, sign_split
+from quantune.lib.quant_arch import quantized_linears
+from quantune.lib.quant_backends import quantize_llmcompressor
 
 torch.manual_seed(0)
 cfg = OPTConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, ffn_dim=2048, vocab_size=4096,
@@ -29,13 +30,13 @@ for method in ("rtn", "awq", "gptq"):
     rec = {"method": method, "bits": 3, "group_size": 128, "zero_point": True, "ignore": ["lm_head"], "calibration_batch_size": 4}
     original = None
     if method == "gptq":
-        original = {n: m.weight.detach().to("cpu", copy=True) for n, m in q.quantized_linears(model, ["lm_head"])}
+        original = {n: m.weight.detach().to("cpu", copy=True) for n, m in quantized_linears(model, ["lm_head"])}
     t = time.perf_counter()
-    q.quantize_llmcompressor(model, tok, rec, None if method == "rtn" else calib, awq_maps if method == "awq" else None)
+    quantize_llmcompressor(model, tok, rec, None if method == "rtn" else calib, awq_maps if method == "awq" else None)
     with torch.no_grad():
         before = model(ids[:256][None].cuda()).logits
     quant = perplexity(model, ids, 256, 256)["nll"]
-    s = q.sign_split(model, ids, 256, 256, original)
+    s = sign_split(model, ids, 256, 256, original)
     with torch.no_grad():
         after = model(ids[:256][None].cuda()).logits
     r = dict(s, nll_base=base, nll_quant=quant, restored=bool(torch.equal(before, after)),

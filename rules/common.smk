@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from quantune.lib.config import (
     resolve_model,
     results_dir,
     pretrain_settings,
+    shape_config_of,
+    shape_world_dir,
     tiny_world_dir,
 )
 from quantune.lib.models import TOKENIZER_OF_FAMILY, cpu_has_avx2
@@ -33,6 +36,7 @@ except QuantuneError as _e:
 SCALE = CFG["scale"]
 RES = results_dir(CFG)
 TW = tiny_world_dir(CFG)
+SW = shape_world_dir(CFG)
 ENVS = str(Path(workflow.basedir) / "envs")
 
 # every step is `python -m quantune.<stage>` from this checkout's src/, run by the Python that runs Snakemake
@@ -108,7 +112,7 @@ def dataset_input(name, key="dataset"):
 
 
 def gpu_count(name):
-    """GPUs a recipe's job asks for: none at tiny scale, the recipe's `gpus` (default 1) at full."""
+    """GPUs a recipe's job asks for: none at tiny scale, the recipe's `gpus` (default 1) at shape and full."""
     return 0 if SCALE == "tiny" else int(RECIPES[name].get("gpus", 1))
 
 

@@ -31,15 +31,17 @@ def test_atomic_dir_keeps_finished_output_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
-def test_metrics_are_flat_and_carry_provenance(tmp_path):
-    m = write_metrics(tmp_path / "m.json", {"ppl": 12.5, "name": "x", "ok": True, "skip": None})
+def test_metrics_hold_numbers_strings_and_objects_and_carry_provenance(tmp_path):
+    m = write_metrics(tmp_path / "m.json", {"ppl": 12.5, "name": "x", "ok": True, "skip": None,
+                                            "runs": {"4": {"loss": 1.5, "gone": None, "best": False}}})
     on_disk = json.loads((tmp_path / "m.json").read_text())
     assert on_disk == m
     assert on_disk["ppl"] == 12.5 and on_disk["ok"] == 1 and "skip" not in on_disk
+    assert on_disk["runs"] == {"4": {"loss": 1.5, "best": 0}}
     assert on_disk["version_torch"].startswith("2.13")
     assert "git_commit" in on_disk
-    with pytest.raises(TypeError, match="flat"):
-        write_metrics(tmp_path / "bad.json", {"nested": {"a": 1}})
+    with pytest.raises(TypeError, match="key 'runs.4.curve' has a list"):
+        write_metrics(tmp_path / "bad.json", {"runs": {"4": {"curve": [1, 2]}}})
 
 
 def test_read_json_errors_name_the_file(tmp_path):
@@ -47,3 +49,27 @@ def test_read_json_errors_name_the_file(tmp_path):
     bad.write_text("{oops")
     with pytest.raises(QuantuneError, match=r"x\.json:1: invalid JSON"):
         read_json(bad)
+
+
+def test_out_of_gpu_memory_is_one_line_naming_the_recipe_and_the_keys(capsys):
+    """A step that runs out of GPU memory ends with one line (recipe, what happened, the keys to change), exit 3."""
+    import argparse
+
+    import torch
+
+    from quantune.lib.common import run_cli
+
+    def boom(a):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB\nmore detail")
+
+    def build():
+        p = argparse.ArgumentParser(prog="python -m quantune.lora_sft")
+        p.add_argument("--recipe")
+        p.set_defaults(func=boom)
+        return p
+
+    assert run_cli(build, ["--recipe", "recipes/qlora_chatglm_cosine.yaml"]) == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("quantune: error: recipes/qlora_chatglm_cosine.yaml: out of GPU memory")
+    assert "Tried to allocate 3.00 GiB" in err and "fix: lower per_device_train_batch_size" in err

@@ -16,7 +16,7 @@ def test_shipped_config_and_recipes_are_valid_at_both_scales():
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("scale", "huge", r"key scale: value 'huge' is not allowed; fix: use one of: tiny, full"),
+    ("scale", "huge", r"key scale: value 'huge' is not allowed; fix: use one of: tiny, shape, full"),
     ("tiny_world.pretrain.stepz", 3, r"key tiny_world\.pretrain\.stepz: unknown key 'stepz'"),
     ("tiny_world.pretrain.steps", "many", r"key tiny_world\.pretrain\.steps: value 'many' has the wrong type"),
     ("models.opt-2.7b.path", "/no/such/dir", r"key models\.opt-2\.7b\.path: /no/such/dir does not exist"),
@@ -79,9 +79,12 @@ def test_logical_names_resolve_per_scale_and_local_path_wins(cfg, tmp_path):
     tiny = resolve_model(cfg, "opt-6.7b")
     assert tiny["source"].endswith("tiny_world/models/opt") and tiny["local"]
     full = resolve_model({**cfg, "scale": "full"}, "opt-6.7b")
-    assert full == {"source": "facebook/opt-6.7b", "family": "opt", "trust_remote_code": False, "local": False}
+    assert full == {"source": "facebook/opt-6.7b", "family": "opt", "trust_remote_code": False, "local": False,
+                    "hub_config": str(ROOT / "config" / "hub_configs" / "opt-6.7b.json")}
     assert resolve_model({**cfg, "scale": "full"}, "chatglm3-6b")["trust_remote_code"] is True
     assert resolve_model(cfg, "chatglm3-6b")["trust_remote_code"] is False  # only the real model needs it
+    shape = resolve_model({**cfg, "scale": "shape"}, "chatglm3-6b")  # the shape world's native GLM
+    assert shape["source"].endswith("results/shape/shape_world/models/chatglm3-6b") and not shape["trust_remote_code"]
     local = copy.deepcopy(cfg)
     local["models"]["opt-6.7b"]["path"] = str(tmp_path)
     for scale in ("tiny", "full"):
@@ -89,3 +92,27 @@ def test_logical_names_resolve_per_scale_and_local_path_wins(cfg, tmp_path):
     ds = resolve_dataset({**cfg, "scale": "full"}, "wikitext2")
     assert ds["source"] == "Salesforce/wikitext" and ds["hub_config"] == "wikitext-2-raw-v1"
     assert resolve_dataset(cfg, "advertisegen")["source"].endswith("tiny_world/data/advertisegen")
+    assert resolve_dataset({**cfg, "scale": "shape"}, "c4")["source"].endswith("shape_world/data/c4")
+
+
+def test_shape_scale_runs_the_full_recipe_with_only_steps_and_rows_capped(cfg, tmp_path):
+    """Scale shape: the full recipe's values (batch, lengths, calibration, bits) on the shape world; the config's
+    caps lower only the keys a stage has (a smaller recipe value stays); a recipe's shape block caps only."""
+    shape = {**cfg, "scale": "shape"}
+    gptq = load_recipe(ROOT / "recipes" / "gptq_opt67b.yaml", shape)
+    full = load_recipe(ROOT / "recipes" / "gptq_opt67b.yaml", {**cfg, "scale": "full"})
+    assert {k: gptq[k] for k in ("calibration_samples", "calibration_seq_len", "context", "bits", "group_size",
+                                 "dtype")} == {k: full[k] for k in ("calibration_samples", "calibration_seq_len",
+                                                                    "context", "bits", "group_size", "dtype")}
+    assert (gptq["calibration_samples"], gptq["calibration_seq_len"]) == (128, 2048)
+    caps = cfg["shape_world"]["caps"]
+    assert gptq["max_eval_tokens"] == caps["max_eval_tokens"] and "max_eval_tokens" not in full
+    assert gptq["gen_tokens"] == min(full["gen_tokens"], caps["gen_tokens"])
+    cosine = load_recipe(ROOT / "recipes" / "qlora_chatglm_cosine.yaml", shape)
+    assert cosine["max_steps"] == caps["max_steps"] and cosine["per_device_train_batch_size"] == 24
+    assert (cosine["max_input_length"], cosine["max_output_length"], cosine["lora_r"]) == (1024, 2048, 8)
+    assert "max_steps" not in load_recipe(ROOT / "recipes" / "qwen3_deepspeed_sft.yaml", shape)  # sft: no such key
+    own = BASE + "shape:\n  gen_tokens: 8\n"
+    assert load_recipe(_recipe(tmp_path, "d", own), shape)["gen_tokens"] == 8
+    with pytest.raises(QuantuneError, match=r"e\.yaml: key shape\.context: scale shape runs the full recipe"):
+        load_recipe(_recipe(tmp_path, "e", BASE + "shape:\n  context: 128\n"), shape)

@@ -157,7 +157,7 @@ def test_chatglm3_jobs_get_their_pinned_env_at_full_scale_only(tmp_path):
 
 @pytest.mark.slow
 def test_steps100_killed_after_a_checkpoint_resumes_from_it(tiny_world, results_root, tmp_path):
-    from quantune.lora_sft import checkpoint_dir
+    from quantune.lib.common import checkpoint_dir
 
     # a private output directory: the shared results/qlora_chatglm_steps100 target is left alone
     out = tmp_path / "qlora_chatglm_steps100"
@@ -217,9 +217,10 @@ def test_adapters_train_and_beat_the_untuned_base(tiny_world, results_root):
     c = json.loads((results_root / "qlora_compare" / "metrics.json").read_text())
     for lab in ("linear", "cosine"):  # x100 scores; the untuned base writes no ad copy at all
         for metric, margin in (("bleu4", 0.5), ("rougeL", 5.0)):
-            tuned, base = c[f"{lab}_greedy_{metric}"], c[f"base_greedy_{metric}"]
+            tuned, base = c["scores"][lab]["greedy"][metric], c["scores"]["base"]["greedy"][metric]
             assert tuned > base + margin and tuned > 3 * base, (lab, metric, tuned, base)
     assert c["num_prompts"] == 32 and c["split"] == "test"
+    assert c["adapters"] == {"linear": "qlora_chatglm_linear", "cosine": "qlora_chatglm_cosine"}
     md = (results_root / "qlora_compare" / "comparison.md").read_text()
     assert "| base | greedy |" in md and "| cosine | sampled |" in md and "## Side by side (greedy)" in md
     table = json.loads((results_root / "qlora_compare" / "comparison.json").read_text())

@@ -212,7 +212,7 @@ def test_rank_sweep_one_job_per_rank_one_table_one_plot(tiny_world, results_root
     for r in rows:
         k, m = int(r["rank"]), runs[int(r["rank"])]
         for key in ("params_trainable", "train_runtime", "train_loss_last", "bleu4", "rougeL", "peak_mem_mb"):
-            assert float(r[key]) == pytest.approx(m[key]) and agg[f"r{k}_{key}"] == pytest.approx(m[key])
+            assert float(r[key]) == pytest.approx(m[key]) and agg["runs"][str(k)][key] == pytest.approx(m[key])
     md = (out / "lora_rank_sweep.md").read_text()
     assert sum(1 for line in md.splitlines() if re.match(r"^\| (4|8|16|32) \|", line)) == 4
     assert (out / "lora_rank_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

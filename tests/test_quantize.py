@@ -207,9 +207,9 @@ def test_gptq_and_awq_against_round_to_nearest_at_4_and_3_bits(built):
     for m, bits, q, rtn in rows:  # both move the predictions less than RTN does, and do less curvature damage
         assert q["kl_vs_base"] < rtn["kl_vs_base"], msg
         assert q["ppl_even"] < rtn["ppl_even"], msg
-    for m, bits, q, rtn in rows:  # GPTQ: lower perplexity than RTN, and at most half RTN's KL, at 4 and 3 bits
+    for m, bits, q, rtn in rows:  # GPTQ: at most half RTN's KL, at 4 and 3 bits
         if m == "gptq":
-            assert q["ppl_quant"] < rtn["ppl_quant"] and q["kl_vs_base"] < 0.5 * rtn["kl_vs_base"], msg
+            assert q["kl_vs_base"] < 0.5 * rtn["kl_vs_base"], msg
     losers = [(m, bits, q, rtn) for m, bits, q, rtn in rows if not q["ppl_quant"] < rtn["ppl_quant"]]
     for m, bits, q, rtn in losers:  # a loss in perplexity is allowed only where the odd term (luck) explains it
         gap = q["nll_even"] - rtn["nll_even"] + q["nll_odd"] - rtn["nll_odd"]
@@ -221,7 +221,8 @@ def test_gptq_and_awq_against_round_to_nearest_at_4_and_3_bits(built):
             "luck) of that method's rounding is larger than RTN's by more than its even part is smaller. The tiny "
             "model has no outlier channels (max/median channel |x| 2-4 into q/k/v and fc1, up to ~20 into fc2, "
             "against ~100 in OPT-6.7B), so AWQ's even-part gain is small (~10%); test_awq_protects_salient_channels"
-            " checks the mechanism on the same model with salient channels. Measured:\n" + msg)
+            " checks the mechanism on the same model with salient channels. Which method loses where depends on the "
+            "CPU's kernels (the sign of g.dW is luck); the even part and KL do not. Measured:\n" + msg)
 
 
 def test_sign_split_measures_the_quantized_model_and_its_mirror_and_puts_the_model_back(tiny_world):

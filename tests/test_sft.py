@@ -67,7 +67,7 @@ def tiny_qwen3(tiny_world, results_root):
 def test_padding_never_reaches_the_loss(tiny_qwen3):
     import torch
 
-    from quantune.sft import IGNORE, collator, encode_pair
+    from quantune.lib.sft_data import IGNORE, collator, encode_pair
 
     _, recipe, model, tok, rows = tiny_qwen3
     feats = [encode_pair(tok, r["prompt"], r["chosen"], recipe["prompt_template"], 96, False) for r in rows[:6]]
@@ -96,7 +96,7 @@ def test_padding_never_reaches_the_loss(tiny_qwen3):
 
 
 def test_prompt_mask_switch_truncation_and_eos(tiny_qwen3):
-    from quantune.sft import IGNORE, collator, encode_pair
+    from quantune.lib.sft_data import IGNORE, collator, encode_pair
 
     _, recipe, model, tok, rows = tiny_qwen3
     tmpl = recipe["prompt_template"]
@@ -131,7 +131,7 @@ def test_prompt_mask_switch_truncation_and_eos(tiny_qwen3):
 
 
 def test_split_is_90_10_with_the_recipe_seed(tiny_qwen3):
-    from quantune.sft import dedupe_pairs, split_rows
+    from quantune.lib.sft_data import dedupe_pairs, split_rows
 
     _, recipe, _, _, loaded = tiny_qwen3
     assert recipe["seed"] == 42 and recipe["eval_fraction"] == 0.1 and recipe["dedupe"] is True
@@ -244,7 +244,7 @@ def test_zero3_run_resumes_after_a_kill(tiny_world, results_root, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from quantune.lib.common import checkpoint_dir
-    from quantune.sft import complete_checkpoints
+    from quantune.lib.trainer import complete_checkpoints
 
     zero = json.loads((ROOT / "recipes/deepspeed/zero3.json").read_text())
     zero["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False

@@ -17,7 +17,7 @@ def targets(scale):
     return names + (["tiny_world"] if scale == "tiny" else []) + ["all"]
 
 
-@pytest.mark.parametrize("scale", ["tiny", "full"])
+@pytest.mark.parametrize("scale", ["tiny", "shape", "full"])
 def test_every_target_resolves_in_a_dry_run(scale, tmp_path):
     r = snakemake("-n", *targets(scale), "--config", f"scale={scale}", results=tmp_path)
     out = r.stdout + r.stderr
@@ -30,13 +30,16 @@ def test_every_target_resolves_in_a_dry_run(scale, tmp_path):
     for rule, res in jobs:
         if rule == "evaluate":
             gpu = int(re.search(r"gpu=(\d+)", res).group(1))
-            assert gpu == (1 if scale == "full" else 0), (rule, res)
-    if scale == "full":
-        assert "tiny_pretrain" not in out, "full scale must not build the tiny world"
+            assert gpu == (0 if scale == "tiny" else 1), (rule, res)
+    if scale != "tiny":
+        assert "tiny_pretrain" not in out, f"scale {scale} must not build the tiny world's models"
+    if scale == "shape":  # every logical model a recipe names is built from its hub config, on the GPU
+        for model in ("opt-6.7b", "chatglm3-6b", "qwen3-0.6b", "qwen2.5-1.5b", "mt0-large", "distilgpt2"):
+            assert f"shape_world/models/{model}" in out, model
 
 
 @pytest.mark.parametrize("override,line", [
-    ("scale=huge", "key scale: value 'huge' is not allowed; fix: use one of: tiny, full"),
+    ("scale=huge", "key scale: value 'huge' is not allowed; fix: use one of: tiny, shape, full"),
     ("recipes_dir=5", "key recipes_dir: value 5 has the wrong type; fix: give a string"),
 ])
 def test_bad_config_stops_before_any_job_with_one_line(override, line):
@@ -158,3 +161,28 @@ def test_every_built_metrics_json_matches_its_stage_declaration(tiny_world, resu
     bad.write_text(json.dumps({**m, "w_bits": 4}))
     with pytest.raises(QuantuneError, match=rf"^{re.escape(str(bad))}: key w_bits: undeclared key; fix: declare it"):
         check_metrics(bad)
+
+
+@pytest.mark.slow
+def test_a_shape_scale_target_runs_for_real_at_the_models_real_size(tmp_path):
+    """lora_distilgpt2_quick at scale shape on the CPU: DistilGPT2 built from its hub config.json with random
+    weights (the real parameter count), the real recipe (batch 1, 256 + 256 tokens, r 8 on c_attn / c_proj), a
+    few steps (caps lowered further here for CI), and the full recipe's projected time in metrics.json."""
+    from quantune.lib.metrics import check_metrics
+
+    caps = tmp_path / "shape_ci.yaml"
+    caps.write_text(f"results: {{shape: {tmp_path / 'shape'}}}\n"
+                    "shape_world:\n  caps: {max_steps: 3, max_eval_samples: 8}\n"
+                    "  data:\n    zh_instructions_raw: {format: alpaca, rows: {train: 1300},"
+                    " lengths: {prompt: [8, 40], input: [5, 50], answer: [20, 250]}}\n")
+    snakemake("lora_distilgpt2_quick", "--configfile", str(caps), "--set-resources", "shape_model:gpu=0",
+              "lora_sft:gpu=0", "--config", "scale=shape", results=tmp_path)
+    out = tmp_path / "shape" / "lora_distilgpt2_quick"
+    m = check_metrics(out / "metrics.json")
+    assert m["scale"] == "shape" and m["model_source"].endswith("shape_world/models/distilgpt2")
+    assert m["params_total"] == 82_318_080 and m["params_trainable"] == 405_504  # DistilGPT2 + r 8, as counted
+    assert (m["global_step"], m["full_recipe_steps"], m["batch_size"]) == (3, 50, 1)
+    assert m["max_input_length"] == 256 and m["projected_full_seconds"] == pytest.approx(50 * m["seconds_per_step"])
+    built = json.loads((tmp_path / "shape" / "shape_world" / "models" / "distilgpt2" / "shape_model.json").read_text())
+    assert built["vocab_size"] == 50257 and built["hub_config"].endswith("config/hub_configs/distilgpt2.json")
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

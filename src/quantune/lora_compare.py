@@ -122,7 +122,7 @@ def compare(recipe_path: str, out: str, cfg: dict) -> dict:
                                "temperature": rc["temperature"], "top_p": rc["top_p"], "sample_seed": rc["sample_seed"],
                                "quantization": rc["quantization"], "device": device, "load_seconds": load_s,
                                "generation_seconds": gen_s, "peak_mem_mb": peak_memory_mb(),
-                               "adapters": ",".join(f"{lab}={t}" for lab, t in rc["adapters"].items())}
+                               "adapters": dict(rc["adapters"])}
     train_m = {lab: read_json(d / "metrics.json") for lab, d in dirs.items()}
     metrics.update(score_metrics(scores, train_m))
     table = [{"prompt": prompts[i], "reference": ref,
@@ -133,20 +133,30 @@ def compare(recipe_path: str, out: str, cfg: dict) -> dict:
     return write_comparison(Path(out), rc, dirs, scores, table, md, metrics)
 
 
+TRAINING_KEYS = ("train_loss_first", "train_loss_last", "eval_loss", "train_runtime", "total_flos", "tokens_per_s")
+
+
 def score_metrics(scores: dict, train_m: dict) -> dict:
-    """<system>_<mode>_<metric> (and _gain over the base) and each adapter's training numbers, <label>_<key>."""
+    """scores: {system: {mode: {metric: value}}}; gain_vs_base: the same for each adapter, minus the base's (when
+    the base was scored); training: {label: {key: value}}, each adapter's numbers from its lora_sft metrics.json."""
     key = {"bleu-4": "bleu4", "rouge-1": "rouge1", "rouge-2": "rouge2", "rouge-l": "rougeL"}
+    out: dict[str, Any] = {"scores": {s: {mode: {key[k]: v for k, v in sc.items()} for mode, sc in by.items()}
+                                      for s, by in scores.items()}}
+    if "base" in scores:
+        out["gain_vs_base"] = {s: {mode: {key[k]: v - scores["base"][mode][k] for k, v in sc.items()}
+                                   for mode, sc in by.items()} for s, by in scores.items() if s != "base"}
+    out["training"] = {lab: {k: tm[k] for k in TRAINING_KEYS if k in tm} for lab, tm in train_m.items()}
+    return out
+
+
+def tb_numbers(metrics: dict, prefix: str = "") -> dict:
+    """The numbers of a metrics.json, objects included, for TensorBoard (final/scores/base/greedy/bleu4)."""
     out = {}
-    for s, by in scores.items():
-        for mode, sc in by.items():
-            for k, v in sc.items():
-                out[f"{s}_{mode}_{key[k]}"] = v
-                if s != "base" and "base" in scores:
-                    out[f"{s}_{mode}_{key[k]}_gain"] = v - scores["base"][mode][k]
-    for lab, tm in train_m.items():
-        for k in ("train_loss_first", "train_loss_last", "eval_loss", "train_runtime", "total_flos", "tokens_per_s"):
-            if k in tm:
-                out[f"{lab}_{k}"] = tm[k]
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update(tb_numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)):
+            out[f"{prefix}{k}"] = v
     return out
 
 
@@ -168,7 +178,7 @@ def write_comparison(out: Path, rc: dict, dirs: dict, scores: dict, table: list,
         plot_losses(curves_epoch, tmp / "loss_curves_epoch.png", "epoch (fraction of the training data seen)",
                     "training loss per adapter")
         with TBWriter(tmp / "tb", rc["name"]) as tb:
-            tb.final({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            tb.final(tb_numbers(metrics))
             tb.text("comparison", md)
         return write_metrics(tmp / "metrics.json", metrics)
 
@@ -222,7 +232,7 @@ def _cmd(a) -> None:
     from .lib.config import config_from_args
 
     m = compare(a.recipe, a.out, config_from_args(a))
-    print(json.dumps({k: v for k, v in m.items() if k.endswith("_greedy_bleu4") or k.endswith("_greedy_rougeL")}))
+    print(json.dumps({s: {k: by["greedy"][k] for k in ("bleu4", "rougeL")} for s, by in m["scores"].items()}))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,22 +21,22 @@ the repository's copy named by `hub_config` at full scale): no weights are downl
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .lib.common import atomic_dir, checkpoint_dir, fail, read_json, run_cli, seed_everything, write_json, write_jsonl, write_metrics
+from .lib.common import atomic_dir, checkpoint_dir, fail, run_cli, seed_everything, write_json, write_jsonl, write_metrics
 from .lib.lora import add_lora, check_target_modules, check_targets_in, compute_dtype, load_base, lora_config
 from .lib.lora import peft_trainable_line
 from .lib.models import pick_device, set_cpu_threads
 from .lib.plots import plot_losses
 from .lib.prompts import ANSWER_FIELD, SFTCollator, build_split, template_of
+from .lib.trainer import (complete_checkpoints, fingerprint, keep_checkpoints_of, run_record, tokens_counting,
+                          total_optimizer_steps)
 
 
 def _fmt_of(cfg: dict, recipe: dict) -> str:
@@ -90,65 +90,6 @@ def _check_pinned_transformers(where: str) -> None:
                    "run through snakemake --use-conda (or activate an env built from envs/chatglm3.yaml)")
 
 
-def last_complete_checkpoint(ckpt_root: Path) -> Path | None:
-    """The newest checkpoint-N whose trainer state, optimizer and adapter weights were all written."""
-    best = None
-    for p in ckpt_root.glob("checkpoint-*"):
-        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if not m or not p.is_dir():
-            continue
-        done = (p / "trainer_state.json").is_file() and (p / "optimizer.pt").is_file() and (
-            any(p.glob("adapter_model.*")))
-        if done and (best is None or int(m.group(1)) > best[0]):
-            best = (int(m.group(1)), p)
-    return best[1] if best else None
-
-
-def fingerprint(recipe: dict, m: dict) -> str:
-    """What a checkpoint must match to be resumed: the recipe as run and the model it started from."""
-    keep = {k: v for k, v in recipe.items() if k not in ("logging_steps", "save_steps", "save_total_limit",
-                                                          "description", "max_eval_samples",
-                                                          "per_device_eval_batch_size")}
-    blob = json.dumps({"recipe": keep, "model": m["source"]}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def total_optimizer_steps(recipe: dict, n_rows: int) -> int:
-    if recipe.get("max_steps"):
-        return int(recipe["max_steps"])
-    batches = math.ceil(n_rows / recipe["per_device_train_batch_size"])
-    per_epoch = max(1, math.ceil(batches / recipe["gradient_accumulation_steps"]))
-    return max(1, math.ceil(per_epoch * float(recipe["num_train_epochs"])))
-
-
-def _tokens_counting() -> Any:
-    from transformers import TrainingArguments
-
-    return "non_padding" if "non_padding" in (TrainingArguments.__doc__ or "") else True
-
-
-def _state_callback():
-    from transformers import TrainerCallback
-
-    class _Record(TrainerCallback):
-        """Tokens seen when this run (first or resumed) began, for this run's own tokens/s."""
-
-        def __init__(self):
-            self.tokens_at_begin, self.step_at_begin = 0, 0
-            self.t_begin, self.elapsed = time.time(), {}
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.tokens_at_begin = int(getattr(state, "num_input_tokens_seen", 0) or 0)
-            self.step_at_begin = int(state.global_step)
-            self.t_begin = time.time()
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:  # seconds since this run's training began, per logged step
-                self.elapsed[int(state.global_step)] = time.time() - self.t_begin
-
-    return _Record()
-
-
 @dataclass
 class Job:
     """One lora_sft run as checked before any weight is loaded: the recipe with its defaults, the resolved model,
@@ -196,19 +137,19 @@ def prepare(recipe_path: str, cfg: dict, run_recipe: dict | None = None) -> Job:
                seq2seq=r["task_type"] == "SEQ_2_SEQ_LM", device=device, train_rows=train_rows, eval_rows=eval_rows)
 
 
+# keys that change nothing a checkpoint holds: a checkpoint written under other values of them is resumed
+RESUME_IGNORES = ("logging_steps", "save_steps", "save_total_limit", "description", "max_eval_samples",
+                  "per_device_eval_batch_size")
+# an adapter checkpoint is complete when its trainer state, optimizer and adapter weights were all written
+ADAPTER_CHECKPOINT = ("trainer_state.json", "optimizer.pt", "adapter_model.*")
+
+
 def resume_point(out_p: Path, job: Job, recipe_path: str) -> tuple[Path, Path | None]:
     """The checkpoint directory and the checkpoint to resume from; checkpoints of another recipe or model go."""
-    ckpt_root = checkpoint_dir(out_p)
-    fp = fingerprint(job.r, job.m)
-    fp_file = ckpt_root / "fingerprint.json"
-    if ckpt_root.exists():
-        old = json.loads(fp_file.read_text()).get("fingerprint") if fp_file.is_file() else None
-        if old != fp:
-            print(f"discarding checkpoints in {ckpt_root}: they were written for another recipe or model")
-            shutil.rmtree(ckpt_root)
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    write_json(fp_file, {"fingerprint": fp, "recipe": str(recipe_path)})
-    return ckpt_root, last_complete_checkpoint(ckpt_root)
+    fp = fingerprint(job.r, job.m["source"], RESUME_IGNORES)
+    ckpt_root = keep_checkpoints_of(checkpoint_dir(out_p), fp, recipe_path)
+    done = complete_checkpoints(ckpt_root, ADAPTER_CHECKPOINT)
+    return ckpt_root, done[-1] if done else None
 
 
 def training_arguments(job: Job, ckpt_root: Path, steps: int, warmup: int, cdt):
@@ -225,7 +166,7 @@ def training_arguments(job: Job, ckpt_root: Path, steps: int, warmup: int, cdt):
         optim=r["optim"], logging_steps=r["logging_steps"], logging_first_step=True, save_strategy="steps",
         save_steps=r["save_steps"], save_total_limit=r["save_total_limit"], seed=r["seed"], data_seed=r["seed"],
         report_to="none", remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
-        include_num_input_tokens_seen=_tokens_counting(), use_cpu=job.device == "cpu",
+        include_num_input_tokens_seen=tokens_counting(), use_cpu=job.device == "cpu",
         bf16=job.device == "cuda" and cdt == torch.bfloat16, fp16=job.device == "cuda" and cdt == torch.float16,
     )
     if r.get("max_steps"):
@@ -275,7 +216,7 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
     cdt = compute_dtype(r, device)
     tb_dir = ckpt_root / "tb"
     writer = TBWriter(tb_dir, r["name"])
-    rec = _state_callback()
+    rec = run_record()
     trainer = Trainer(model=model, args=training_arguments(job, ckpt_root, steps, warmup, cdt), train_dataset=train_ds,
                       eval_dataset=eval_ds, data_collator=collator_for(job, tok),
                       callbacks=[trainer_callback(writer), rec])
@@ -295,6 +236,9 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
                    train_rows=len(train_ds), eval_rows=len(eval_ds) if eval_ds is not None else 0,
                    warmup_steps=warmup, planned_steps=steps, compute_dtype=str(cdt).replace("torch.", ""),
                    peak_mem_mb=peak, load_seconds=load_s, peft_trainable_line=peft_line)
+    if "shape_full" in r and metrics.get("seconds_per_step"):  # the full recipe's run on this device, projected
+        full_steps = total_optimizer_steps({**r, **r["shape_full"]}, len(train_ds))
+        metrics.update(full_recipe_steps=full_steps, projected_full_seconds=full_steps * metrics["seconds_per_step"])
     gens = None
     if after_train is not None:
         extra = dict(after_train(model, tok, r, device))
@@ -330,7 +274,7 @@ def run_metrics(job: Job, trainer, rec, tm: dict, ev: dict, ev0: dict) -> dict:
         "train_runtime": tm.get("train_runtime"), "train_samples_per_second": tm.get("train_samples_per_second"),
         "total_flos": tm.get("total_flos", trainer.state.total_flos), "train_loss": tm.get("train_loss"),
         "train_loss_first": hist[0]["loss"] if hist else None, "train_loss_last": hist[-1]["loss"] if hist else None,
-        "tokens_seen": tokens_total, "tokens_counted": "non_padding" if _tokens_counting() == "non_padding" else "all",
+        "tokens_seen": tokens_total, "tokens_counted": "non_padding" if tokens_counting() == "non_padding" else "all",
         "tokens_per_s": tokens_run / tm["train_runtime"] if tm.get("train_runtime") else None,
         "eval_loss": ev.get("eval_loss"), "eval_ppl": math.exp(ev["eval_loss"]) if "eval_loss" in ev else None,
         "eval_loss_before": ev0.get("eval_loss"),
@@ -339,6 +283,7 @@ def run_metrics(job: Job, trainer, rec, tm: dict, ev: dict, ev0: dict) -> dict:
     run_steps = metrics["steps_this_run"]
     if tm.get("train_runtime") and run_steps:
         metrics["seconds_per_step"] = tm["train_runtime"] / run_steps
+        metrics["optimizer_steps_per_s"] = run_steps / tm["train_runtime"]
     if hist and hist[0]["loss"]:
         metrics["train_loss_drop_pct"] = 100.0 * (hist[0]["loss"] - hist[-1]["loss"]) / hist[0]["loss"]
     if r.get("record_losses"):  # the seed's per-step table: loss, lr and elapsed seconds at each logged step
@@ -371,28 +316,13 @@ def write_target(out_p: Path, job: Job, model, trainer, metrics: dict, gens, tb_
     return flat
 
 
-def model_config_json(m: dict, where: str) -> tuple[dict, str]:
-    """The serialized config.json of a resolved model and where it was read: the local directory (tiny world or
-    `path`), else the repository's copy named by the model's `hub_config`. No hub access."""
-    if m["local"]:  # resolved with must_exist: config.json is there
-        p = Path(m["source"]) / "config.json"
-        return read_json(p), str(p)
-    if m.get("hub_config"):
-        from .lib.config import ROOT
-
-        p = Path(m["hub_config"])
-        return read_json(p), str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
-    raise fail(f"{where}: key model", f"{m['source']} has no config.json here (no hub_config in config/config.yaml)",
-               "add hub_config: config/hub_configs/<name>.json (a copy of the hub config.json) to the model's entry")
-
-
 def count_lora(cfg: dict, recipe: dict, where: str) -> dict:
     """Trainable / total parameters of the recipe's model with its LoRA, on the meta device: what PEFT prints
     after loading the real weights (quantization aside: PEFT counts a 4-bit weight as its full-precision size)."""
     from peft import get_peft_model
 
     from .lib.config import resolve_model
-    from .lib.models import meta_model_from_config
+    from .lib.models import meta_model_from_config, model_config_json
 
     r = check_sft_recipe(recipe, cfg, where)
     m = resolve_model(cfg, r["model"], where, must_exist=True)

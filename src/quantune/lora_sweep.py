@@ -1,6 +1,7 @@
 """The lora_sweep stage: one lora_sft run per LoRA rank of the recipe's `ranks` (lora_alpha = alpha_per_rank x
 rank) into <target>/r<rank>/, each scored by greedy generation on held-out prompts (BLEU-4 / ROUGE-L); then one
-table (<target>.md, <target>.csv) and one plot (<target>.png) over the ranks, and metrics.json with r<rank>_<field>.
+table (<target>.md, <target>.csv) and one plot (<target>.png) over the ranks, and metrics.json with
+runs: {"<rank>": {field: value}}.
 
     python -m quantune.lora_sweep --rank 8 --recipe recipes/lora_rank_sweep.yaml --out results/lora_rank_sweep/r8
     python -m quantune.lora_sweep --recipe recipes/lora_rank_sweep.yaml --out results/lora_rank_sweep
@@ -122,13 +123,12 @@ def sweep(recipe_path: str, out: str, cfg: dict) -> dict:
     metrics: dict[str, Any] = {"target": rc["name"], "stage": "lora_sweep", "scale": cfg["scale"], "model": rc["model"],
                                "model_source": first["model_source"], "dataset": rc["dataset"],
                                "ranks": ",".join(map(str, ranks)), "alpha_per_rank": rc["alpha_per_rank"],
-                               "target_modules": first["target_modules"], "global_step": first["global_step"]}
+                               "target_modules": first["target_modules"], "global_step": first["global_step"],
+                               "runs": {}}
     for k in ranks:
         m = runs[k]
         w.writerow([k] + [m.get(key, "") for key, _, _ in SWEEP_COLUMNS])
-        for key, _, _ in SWEEP_COLUMNS:
-            if isinstance(m.get(key), (int, float)):
-                metrics[f"r{k}_{key}"] = m[key]
+        metrics["runs"][str(k)] = {key: m[key] for key, _, _ in SWEEP_COLUMNS if isinstance(m.get(key), (int, float))}
     md += ["", f"Per run: `r<rank>/` (adapter, metrics.json, trainer_log.jsonl, generations.jsonl, tb/). "
            f"Plot: `{rc['name']}.png`. Data: `{rc['name']}.csv`."]
     _plot_sweep(runs, out_p / f"{rc['name']}.png", rc["name"])
@@ -187,7 +187,7 @@ def _cmd(a) -> None:
               f"trainable {m['params_trainable']}, BLEU-4 {m['bleu4']:.2f}, ROUGE-L {m['rougeL']:.2f}")
     else:
         m = sweep(a.recipe, a.out, cfg)
-        print(json.dumps({k: v for k, v in m.items() if k.startswith("r") and k[1:2].isdigit()}))
+        print(json.dumps(m["runs"]))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,6 @@ for GPTQ in its own env (envs/gptqmodel.yaml), imported only when a recipe says 
 from __future__ import annotations
 
 import argparse
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,9 @@ from .lib.common import atomic_dir, fail, run_cli, write_metrics
 from .lib.measure import (PeakMemory, first_window_logits, generation_speed, kl_divergence, kl_reference, perplexity,
                           release_memory, safetensors_bytes, sign_split, split_metrics, weights_bytes)
 from .lib.models import count_parameters, load_model, pick_device, set_cpu_threads
+from .lib.quant_arch import check_against_model, quantized_linears
 from .lib.quant_backends import bnb_config, quantize_gptqmodel, quantize_llmcompressor
+from .lib.quant_data import calibration_samples, eval_ids
 
 # method -> backends that implement it (the first is the default)
 METHOD_BACKENDS = {
@@ -125,146 +126,6 @@ def check(recipe: dict, cfg: dict, where: str) -> dict:
     check_recipe(recipe, where)
     backend = backend_of(recipe)
     return {**METHOD_DEFAULTS[(backend, recipe["method"])], **recipe, "backend": backend}
-
-
-def match_name(name: str, target: str, module=None) -> bool:
-    """compressed-tensors' matching rule (also GPTQModel-free): 're:<regex>' is re.match on the module name,
-    anything else is the exact name or, given the module, one of its class names."""
-    if target.startswith("re:"):
-        return re.match(target[3:], name) is not None
-    return target == name or (module is not None and any(c.__name__ == target for c in type(module).__mro__))
-
-
-def quantized_linears(model, ignore: list[str]) -> list[tuple[str, Any]]:
-    """The Linear layers a weight-only scheme targets (llm-compressor semantics: class Linear, minus ignore)."""
-    import torch
-
-    return [(name, mod) for name, mod in model.named_modules()
-            if isinstance(mod, torch.nn.Linear) and not any(match_name(name, ign, mod) for ign in ignore)]
-
-
-def _decoder_blocks(model) -> int:
-    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "num_layers", None)
-    return int(n or 0)
-
-
-def check_against_model(recipe: dict, model, where: str) -> dict:
-    """Checks that need the architecture (a meta-device model): the group size divides every quantized
-    layer's input dimension; AWQ mappings exist for the family and each resolves to one smooth layer and its
-    balance layers per decoder block. Returns what the run uses (the AWQ mappings)."""
-    info: dict[str, Any] = {"architecture": type(model).__name__}
-    method = recipe["method"]
-    if method not in ("gptq", "awq", "rtn"):
-        return info
-    layers = quantized_linears(model, recipe["ignore"])
-    if not layers:
-        raise fail(f"{where}: key ignore", f"no Linear layer of {info['architecture']} is left to quantize",
-                   "ignore fewer modules")
-    gs = recipe["group_size"]
-    if gs != -1:
-        bad = [(n, m.in_features) for n, m in layers if m.in_features % gs]
-        if bad:
-            name, cols = bad[0]
-            divisors = [g for g in (32, 64, 128, 256) if all(m.in_features % g == 0 for _, m in layers)]
-            raise fail(f"{where}: key group_size",
-                       f"group size {gs} does not divide the input dimension of {len(bad)} layer(s) of "
-                       f"{info['architecture']}, e.g. {name} ({cols} inputs)",
-                       f"use a group size that divides every layer ({', '.join(map(str, divisors)) or 'none of 32..256'}),"
-                       " -1 for per-channel scales, or add those layers to ignore")
-    info["quantized_layers"] = len(layers)
-    if method == "awq":
-        info["awq_mappings"] = _awq_mappings(recipe, model, where)
-    return info
-
-
-def _awq_mappings(recipe: dict, model, where: str) -> list[dict]:
-    """The recipe's AWQ mappings (smooth layer -> balance layers), or llm-compressor's registry entry for the
-    architecture; either way each must match one smooth layer per decoder block. llm-compressor itself falls
-    back to Llama-style names for an unknown architecture, which do not exist in e.g. OPT: refuse that here."""
-    arch = type(model).__name__
-    if "awq_mappings" in recipe:
-        maps = [{"smooth": m["smooth"], "balance": list(m["balance"])} for m in recipe["awq_mappings"]]
-        key = "awq_mappings"
-    else:
-        from llmcompressor.modifiers.transform.awq.mappings import AWQ_MAPPING_REGISTRY
-
-        if arch not in AWQ_MAPPING_REGISTRY:
-            raise fail(f"{where}: key awq_mappings", f"model family {arch} has no AWQ mappings in llm-compressor "
-                       "and the recipe gives none",
-                       "write them out (smooth layer -> balance layers per decoder block, as in recipes/awq_opt67b.yaml)")
-        maps = [{"smooth": m.smooth_layer, "balance": list(m.balance_layers)} for m in AWQ_MAPPING_REGISTRY[arch]]
-        key = f"awq_mappings (llm-compressor's {arch} entry)"
-    names = {n: m for n, m in model.named_modules() if n}
-    blocks = _decoder_blocks(model)
-    import torch
-
-    for i, m in enumerate(maps):
-        smooth = [n for n in names if match_name(n, m["smooth"])]
-        if not smooth:
-            raise fail(f"{where}: key {key}[{i}].smooth", f"{m['smooth']!r} matches no module of {arch}",
-                       "write the mappings for this model family (print(model) shows the module names)")
-        if blocks and len(smooth) != blocks:
-            raise fail(f"{where}: key {key}[{i}].smooth",
-                       f"{m['smooth']!r} matches {len(smooth)} modules of {arch}, not one per decoder block "
-                       f"({blocks}), e.g. {', '.join(sorted(smooth)[:2])}",
-                       r"anchor the regex to the block, e.g. 're:.*layers\.\d+\.final_layer_norm$'")
-        for b in m["balance"]:
-            bal = [n for n in names if match_name(n, b)]
-            if not bal or not all(isinstance(names[n], torch.nn.Linear) for n in bal):
-                raise fail(f"{where}: key {key}[{i}].balance", f"{b!r} matches no Linear layer of {arch}",
-                           "name the Linear layers that read the smooth layer's output")
-            if blocks and len(bal) != blocks:
-                raise fail(f"{where}: key {key}[{i}].balance",
-                           f"{b!r} matches {len(bal)} layers of {arch}, not one per decoder block ({blocks})",
-                           r"anchor the regex to the block, e.g. 're:.*layers\.\d+\.fc1$'")
-    return maps
-
-
-# ================================================================ data
-
-def calibration_samples(cfg: dict, recipe: dict, tokenizer, where: str) -> dict:
-    """`calibration_samples` windows of `calibration_seq_len` tokens: documents of the calibration split in a
-    seeded random order, tokenized and concatenated, cut into consecutive windows, of which a seeded random
-    choice without replacement is kept (the GPTQ paper: 128 random 2048-token C4 segments)."""
-    import random
-
-    from .lib.config import resolve_dataset
-    from .lib.data import load_split
-
-    n, seq = recipe["calibration_samples"], recipe["calibration_seq_len"]
-    ds = resolve_dataset(cfg, recipe["calibration_dataset"], where, "calibration_dataset")
-    split = recipe["calibration_split"]
-    rows = load_split(ds, split)
-    docs = [r["text"] for r in rows if r["text"].strip()]
-    rng = random.Random(recipe["seed"])
-    rng.shuffle(docs)
-    want = 4 * n * seq  # a pool four times what is kept, so that the windows come from many documents
-    stream: list[int] = []
-    for i in range(0, len(docs), 256):
-        for ids in tokenizer([d + "\n\n" for d in docs[i:i + 256]], add_special_tokens=False)["input_ids"]:
-            stream.extend(ids)
-        if len(stream) >= want:
-            break
-    windows = len(stream) // seq
-    if windows < n:
-        raise fail(f"{where}: key calibration_samples",
-                   f"the calibration text ({ds['source']}, split {split}) has {len(stream)} tokens, fewer than "
-                   f"{n} x {seq}", "lower calibration_samples or calibration_seq_len, or give more text")
-    picks = sorted(rng.sample(range(windows), n))
-    return {"input_ids": [stream[k * seq:(k + 1) * seq] for k in picks], "pool_tokens": len(stream),
-            "source": ds["source"], "split": split}
-
-
-def eval_ids(cfg: dict, recipe: dict, tokenizer, where: str):
-    from .lib.config import resolve_dataset
-    from .lib.data import join_text, load_split
-    from .lib.measure import token_stream
-
-    ds = resolve_dataset(cfg, recipe["eval_dataset"], where, "eval_dataset")
-    return token_stream(tokenizer, join_text(load_split(ds, recipe["eval_split"])),
-                        recipe.get("max_eval_tokens"))
-
-
 
 
 # ================================================================ the quantize stage

@@ -125,24 +125,29 @@ def git_commit() -> str:
     return "unknown"
 
 
+def _metric_value(key: str, v: Any) -> Any:
+    """A metrics.json value: a number or a string, or an object of them (declared per stage); bools become 0/1,
+    numpy / torch scalars plain numbers, None is left out."""
+    if isinstance(v, bool):
+        return int(v)
+    if hasattr(v, "item") and callable(v.item):
+        return v.item()
+    if isinstance(v, dict):
+        return {str(k): x for k, x in ((k, _metric_value(f"{key}.{k}", x)) for k, x in v.items()) if x is not None}
+    if v is None or isinstance(v, (int, float, str)):
+        return v
+    raise TypeError(f"metrics.json holds numbers, strings and objects of them: key {key!r} has a {type(v).__name__}")
+
+
 def write_metrics(path: str | os.PathLike, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Write a flat metrics.json (numbers and strings only) with versions and the git commit."""
-    flat: dict[str, Any] = {}
-    for k, v in metrics.items():
-        if isinstance(v, bool):
-            v = int(v)
-        if hasattr(v, "item") and callable(v.item):  # numpy / torch scalars
-            v = v.item()
-        if v is None:
-            continue
-        if not isinstance(v, (int, float, str)):
-            raise TypeError(f"metrics.json must be flat: key {k!r} has a {type(v).__name__}")
-        flat[k] = v
-    flat.update(library_versions())
-    flat["git_commit"] = git_commit()
-    flat["written_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    write_json(path, flat)
-    return flat
+    """Write metrics.json (numbers, strings, and objects of them where the stage declares one) with the library
+    versions and the git commit."""
+    out = {k: v for k, v in ((k, _metric_value(k, v)) for k, v in metrics.items()) if v is not None}
+    out.update(library_versions())
+    out["git_commit"] = git_commit()
+    out["written_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_json(path, out)
+    return out
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -169,7 +174,31 @@ def run_cli(build: Callable[[], argparse.ArgumentParser], argv: list[str] | None
     except QuantuneError as e:
         print(f"quantune: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # out of GPU memory: one line naming the recipe, what it needed and what to change
+        if type(e).__name__ != "OutOfMemoryError":
+            raise
+        print(f"quantune: error: {out_of_memory_line(getattr(args, 'recipe', None) or parser.prog, e)}",
+              file=sys.stderr)
+        return 3
     return 0
+
+
+def out_of_memory_line(where: str, err: Exception) -> str:
+    """torch.cuda.OutOfMemoryError as one line: the peak the run reached (the most it measurably needed), the
+    device's total, and the recipe keys that lower activation memory. Nothing of a finished target is touched:
+    every output is written atomically after the work is done."""
+    import torch
+
+    peak = total = None
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+    first = str(err).strip().splitlines()[0][:160] if str(err).strip() else "CUDA out of memory"
+    have = f" (peak {peak:.1f} GiB allocated of the GPU's {total:.1f} GiB)" if peak is not None else ""
+    return str(fail(where, f"out of GPU memory{have}: {first}",
+                    "lower per_device_train_batch_size (raise gradient_accumulation_steps to keep the rows per "
+                    "optimizer step), shorten max_input_length / max_output_length / max_seq_len, or set "
+                    "gradient_checkpointing: true"))
 
 
 def progress(iterable=None, *, total: int | None = None, initial: int = 0, desc: str = "", unit: str = "it"):

@@ -1,7 +1,9 @@
 """The one place that validates the workflow config and the recipes, and resolves logical names.
 
 A recipe is a YAML file under recipes/: real-scale values at the top level, and an optional `tiny:` block
-(the recipe's tiny scale profile) whose keys replace top-level keys when the workflow runs at scale tiny.
+(the recipe's tiny scale profile) whose keys replace top-level keys when the workflow runs at scale tiny. At scale
+shape the real values run on the shape world, with only the config's `shape_world.caps` and the recipe's own
+`shape:` block (caps only) lowering steps and rows scored or generated.
 Every recipe names its `stage`; `config/schemas/recipes/<stage>.schema.yaml` fixes the keys that stage reads.
 
     python -m quantune.lib.config check [--config config/config.yaml] [--set scale=full]
@@ -20,7 +22,9 @@ import yaml
 from .common import ROOT, QuantuneError, fail, run_cli
 
 SCHEMA_DIR = ROOT / "config" / "schemas"
-SCALES = ("tiny", "full")
+SCALES = ("tiny", "shape", "full")
+SHAPE_CAPS = ("max_steps", "max_eval_tokens", "kl_tokens", "gen_tokens", "num_prompts", "max_new_tokens",
+              "max_eval_samples", "repeats")
 
 
 # ---------------------------------------------------------------- loading
@@ -94,6 +98,7 @@ def validate_schema(obj: Any, schema: dict, source: str) -> None:
 def check_config(cfg: dict, source: str = "config/config.yaml") -> dict:
     """Validate the workflow config (after --config overrides) and cross-check its references."""
     validate(cfg, "config.schema.yaml", source)
+    cfg["results"].setdefault("shape", f"{cfg['results']['tiny']}/shape")
     fams = cfg["tiny_world"]["families"]
     for name, fam in fams.items():
         if fam["model_type"] != name:
@@ -114,8 +119,9 @@ def _check_entries(cfg: dict, source: str) -> dict:
                        "point it at a local model directory or remove the key to use the hub id")
         if cfg["scale"] == "full" and not m.get("path") and not m.get("hub"):
             raise fail(f"{source}: key models.{name}", "neither hub nor path is set", "set one of them")
-        if m.get("hub_config"):
-            _check_hub_config(m["hub_config"], f"{source}: key models.{name}.hub_config")
+        for key in ("hub_config", "shape_config"):
+            if m.get(key):
+                _check_hub_config(m[key], f"{source}: key models.{name}.{key}")
     for name, d in cfg["datasets"].items():
         if d.get("path") and not Path(d["path"]).exists():
             raise fail(f"{source}: key datasets.{name}.path", f"{d['path']} does not exist",
@@ -132,22 +138,28 @@ DATASET_KEYS = ("dataset", "eval_dataset", "calibration_dataset", "check_dataset
 
 def job_config(cfg: dict, recipe: dict) -> dict:
     """The part of the config one recipe's job reads: the scale, the results directories and the models and data
-    sets the recipe names. A rule passes this (not the whole config), so an edit to one model's entry changes
-    the params of the jobs that use that model only."""
-    return {"scale": cfg["scale"], "results": cfg["results"], "recipes_dir": cfg["recipes_dir"],
-            "models": {recipe[k]: cfg["models"][recipe[k]] for k in MODEL_KEYS if k in recipe},
-            "datasets": {recipe[k]: cfg["datasets"][recipe[k]] for k in DATASET_KEYS if k in recipe}}
+    sets the recipe names (at scale shape also the shape world's caps, which change the recipe). A rule passes
+    this (not the whole config), so an edit to one model's entry changes the params of the jobs that use that
+    model only."""
+    out = {"scale": cfg["scale"], "results": cfg["results"], "recipes_dir": cfg["recipes_dir"],
+           "models": {recipe[k]: cfg["models"][recipe[k]] for k in MODEL_KEYS if k in recipe},
+           "datasets": {recipe[k]: cfg["datasets"][recipe[k]] for k in DATASET_KEYS if k in recipe}}
+    if cfg["scale"] == "shape":
+        out["shape_world"] = cfg["shape_world"]
+    return out
 
 
 @lru_cache(maxsize=None)
 def _job_schema() -> dict:
     full = _schema("config.schema.yaml")
-    return {**full, "required": list(JOB_KEYS), "properties": {k: full["properties"][k] for k in JOB_KEYS}}
+    return {**full, "required": list(JOB_KEYS),
+            "properties": {k: full["properties"][k] for k in (*JOB_KEYS, "shape_world")}}
 
 
 def check_job_config(cfg: dict, source: str = "--job-json") -> dict:
     """Validate a job's config (job_config's shape: the config schema's entries for the keys it holds)."""
     validate_schema(cfg, _job_schema(), source)
+    cfg["results"].setdefault("shape", f"{cfg['results']['tiny']}/shape")
     return _check_entries(cfg, source)
 
 
@@ -204,6 +216,20 @@ def tiny_world_dir(cfg: dict) -> str:
     return f"{cfg['results']['tiny']}/tiny_world"
 
 
+def shape_world_dir(cfg: dict) -> str:
+    return f"{cfg['results']['shape']}/shape_world"
+
+
+def shape_config_of(cfg: dict, name: str) -> str:
+    """The config.json the shape world builds a model from: its shape_config, else its hub_config."""
+    m = cfg["models"][name]
+    path = m.get("shape_config") or m.get("hub_config")
+    if not path:
+        raise fail(f"config/config.yaml: key models.{name}", "no hub_config at scale shape",
+                   "add hub_config: config/hub_configs/<name>.json (a copy of the hub config.json)")
+    return str(hub_config_path(path))
+
+
 def resolve_model(cfg: dict, name: str, where: str = "recipe", key: str = "model", must_exist: bool = False) -> dict:
     """Logical model name -> {source, family, trust_remote_code, local}. A local path always wins. At full scale
     a model with a `hub_config` also gets hub_config: the absolute path of the repository's copy of its config.json.
@@ -215,6 +241,12 @@ def resolve_model(cfg: dict, name: str, where: str = "recipe", key: str = "model
                    f"use one of: {', '.join(sorted(cfg['models']))} (or add it to config/config.yaml models)")
     m = cfg["models"][name]
     trust = bool(m.get("trust_remote_code", False))
+    if cfg["scale"] == "shape":  # the shape world's random-weight model (native architecture: no remote code)
+        source = f"{shape_world_dir(cfg)}/models/{name}"
+        if must_exist and not (Path(source) / "config.json").is_file():
+            raise fail(f"{where}: key {key}", f"the shape-world model {name!r} is not built ({source}/config.json "
+                       "is missing)", f"build it first: snakemake --config scale=shape {source}")
+        return {"source": source, "family": m["tiny"], "trust_remote_code": False, "local": True}
     if m.get("path"):
         if must_exist and not (Path(m["path"]) / "config.json").is_file():
             raise fail(f"{where}: key {key}", f"{m['path']} (models.{name}.path) has no config.json",
@@ -239,6 +271,12 @@ def resolve_dataset(cfg: dict, name: str, where: str = "recipe", key: str = "dat
                    f"use one of: {', '.join(sorted(cfg['datasets']))} (or add it to config/config.yaml datasets)")
     d = cfg["datasets"][name]
     out = {"format": d["format"], "hub_config": d.get("hub_config"), "data_files": d.get("data_files")}
+    if cfg["scale"] == "shape":
+        if name not in cfg.get("shape_world", {}).get("data", {}):
+            raise fail("config/config.yaml: key shape_world.data", f"no entry for data set {name!r}",
+                       f"add shape_world.data.{name} (format, rows, lengths)")
+        return {**out, "source": f"{shape_world_dir(cfg)}/data/{name}", "local": True, "hub_config": None,
+                "data_files": None}
     if d.get("path"):
         return {**out, "source": d["path"], "local": True, "hub_config": None, "data_files": None}
     if cfg["scale"] == "tiny":
@@ -312,7 +350,12 @@ def load_recipe(path: str | os.PathLike, cfg: dict) -> dict:
     tiny = raw.get("tiny") or {}
     if not isinstance(tiny, dict):
         raise fail(f"{path}: key tiny", "must be a mapping of keys to replace at tiny scale", "indent its keys")
-    base = {k: v for k, v in raw.items() if k != "tiny"}
+    shape = raw.get("shape") or {}
+    for k in shape if isinstance(shape, dict) else ["(top level)"]:
+        if k not in SHAPE_CAPS:
+            raise fail(f"{path}: key shape.{k}", "scale shape runs the full recipe; its block only caps steps and rows",
+                       f"remove it or use one of: {', '.join(SHAPE_CAPS)}")
+    base = {k: v for k, v in raw.items() if k not in ("tiny", "shape")}
     validate(base, recipe_schema_name(stage), str(path))
     scaled = copy.deepcopy(base)
     for k, v in tiny.items():
@@ -321,7 +364,13 @@ def load_recipe(path: str | os.PathLike, cfg: dict) -> dict:
         scaled[k] = v
     # the tiny profile must itself produce a valid recipe (catches unknown keys and wrong types inside it)
     validate(scaled, recipe_schema_name(stage), f"{path} (tiny block)")
-    recipe = fill_defaults(scaled if cfg["scale"] == "tiny" else base, _schema(recipe_schema_name(stage)))
+    if cfg["scale"] == "shape":
+        scaled = shape_recipe(base, {**cfg["shape_world"]["caps"], **shape}, _schema(recipe_schema_name(stage)))
+        rename = cfg["models"].get(base.get("model"), {}).get("shape_modules", {})
+        if rename and "target_modules" in scaled:  # the shape model's names for the recipe's LoRA targets
+            scaled["target_modules"] = [n for t in scaled["target_modules"] for n in rename.get(t, [t])]
+        validate(scaled, recipe_schema_name(stage), f"{path} (shape caps)")
+    recipe = fill_defaults(scaled if cfg["scale"] != "full" else base, _schema(recipe_schema_name(stage)))
     recipe["name"] = recipe.get("name") or path.stem
     if recipe["name"] != path.stem:
         raise fail(f"{path}: key name", f"{recipe['name']!r} differs from the file name", f"set it to {path.stem!r}")
@@ -332,7 +381,20 @@ def load_recipe(path: str | os.PathLike, cfg: dict) -> dict:
         if key in recipe:
             resolve_dataset(cfg, recipe[key], where=str(path), key=key)
     recipe["scale"] = cfg["scale"]
+    if cfg["scale"] == "shape":  # what the caps replaced: the full recipe's values (None: the key was unset)
+        recipe["shape_full"] = {k: base.get(k) for k in SHAPE_CAPS if k in scaled and scaled[k] != base.get(k)}
     return stage_check(recipe, cfg, str(path))
+
+
+def shape_recipe(base: dict, caps: dict, schema: dict) -> dict:
+    """The full recipe at scale shape: each cap the stage has lowers that key (a recipe's smaller value stays);
+    a LoRA run's max_steps caps its epochs too (max_steps wins over num_train_epochs in transformers)."""
+    out = copy.deepcopy(base)
+    props = schema.get("properties", {})
+    for k, cap in caps.items():
+        if k in props:
+            out[k] = min(out[k], cap) if isinstance(out.get(k), int) else cap
+    return out
 
 
 def check_references(recipes: dict[str, dict], paths: dict[str, str]) -> None:
@@ -372,11 +434,13 @@ def sweep_run_recipe(recipe: dict, rank: int, where: str) -> dict:
     if rank not in ranks:
         raise fail(f"{where}: key ranks", f"rank {rank} is not in the sweep {ranks}",
                    f"use one of: {', '.join(map(str, ranks))}, or add it to ranks")
-    run = {k: v for k, v in recipe.items() if k not in SWEEP_ONLY_KEYS + ("name", "scale", "description")}
+    run = {k: v for k, v in recipe.items() if k not in SWEEP_ONLY_KEYS + ("name", "scale", "description", "shape_full")}
     run.update(stage="lora_sft", lora_r=int(rank), lora_alpha=recipe["alpha_per_rank"] * int(rank))
     validate(run, recipe_schema_name("lora_sft"), f"{where} (rank {rank})")
     run = fill_defaults(run, _schema(recipe_schema_name("lora_sft")))
     run["name"], run["scale"] = recipe["name"], recipe["scale"]
+    if "shape_full" in recipe:
+        run["shape_full"] = recipe["shape_full"]
     return run
 
 

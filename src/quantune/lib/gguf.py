@@ -26,7 +26,7 @@ CONVERT_OUTTYPES = ["f32", "f16", "bf16", "q8_0"]
 
 
 def target_dir(cfg: dict, target: str) -> Path:
-    from .lib.config import results_dir
+    from .config import results_dir
 
     return Path(results_dir(cfg)) / target
 
@@ -127,7 +127,7 @@ def tensor_summary(info: dict, path: str | Path) -> dict:
 
 
 def write_tb(out: Path, scalars: dict, metrics: dict) -> None:
-    from .lib.tb import TBWriter
+    from .tb import TBWriter
 
     with TBWriter(out / "tb") as tb:
         tb.scalars(scalars, 0)

@@ -22,7 +22,7 @@ def compute_dtype(recipe: dict, device: str):
 
 def check_target_modules(m: dict, recipe: dict, where: str) -> None:
     """Instantiate the architecture on the meta device (no weights) and check every LoRA target exists."""
-    from .lib.models import meta_model
+    from .models import meta_model
 
     try:
         meta = meta_model(m["source"], trust_remote_code=m["trust_remote_code"])
@@ -48,7 +48,7 @@ def load_base(m: dict, recipe: dict, device: str, training: bool):
     import torch
     from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
 
-    from .lib.models import model_class
+    from .models import model_class
 
     cdt = compute_dtype(recipe, device)
     kwargs: dict[str, Any] = {"trust_remote_code": m["trust_remote_code"], _dtype_kwarg(): cdt}

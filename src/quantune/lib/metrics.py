@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -48,7 +49,9 @@ def check_metrics(path: str | Path) -> dict:
         e = errors[0]
         key = ".".join(map(str, e.absolute_path))
         if e.validator == "additionalProperties":
-            extra = sorted(set(e.instance) - set(e.schema.get("properties", {})))
+            pats = [re.compile(p) for p in e.schema.get("patternProperties", {})]
+            extra = sorted(k for k in set(e.instance) - set(e.schema.get("properties", {}))
+                           if not any(p.search(k) for p in pats))
             key, what = (extra[0], "undeclared key") if extra else (key, e.message)
         else:
             what = e.message[:200]

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .common import atomic_dir, fail, write_json
+from .common import ROOT, atomic_dir, fail, read_json, write_json
 
 SPECIAL = {"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"}
 SEQ2SEQ_FAMILIES = {"mt5"}
@@ -188,6 +188,19 @@ def meta_model(source: str, *, trust_remote_code: bool = False):
     return _build_on_meta(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code), trust_remote_code)
 
 
+def model_config_json(m: dict, where: str) -> tuple[dict, str]:
+    """The serialized config.json of a resolved model (config.resolve_model) and where it was read: the local
+    directory (tiny world or `path`), else the repository's copy named by the model's `hub_config`. No hub access."""
+    if m["local"]:  # resolved with must_exist: config.json is there
+        p = Path(m["source"]) / "config.json"
+        return read_json(p), str(p)
+    if m.get("hub_config"):
+        p = Path(m["hub_config"])
+        return read_json(p), str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+    raise fail(f"{where}: key model", f"{m['source']} has no config.json here (no hub_config in config/config.yaml)",
+               "add hub_config: config/hub_configs/<name>.json (a copy of the hub config.json) to the model's entry")
+
+
 def meta_model_from_config(config_json: dict, *, trust_remote_code: bool = False):
     """The model a config.json describes, built on the meta device (no weights, no memory), with its output
     embedding tied or untied as the checkpoint would load it.
@@ -214,8 +227,12 @@ def meta_model_from_config(config_json: dict, *, trust_remote_code: bool = False
 
 
 def count_parameters(model) -> dict[str, float]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Total / trainable parameters; a parameter ZeRO-3 has partitioned counts its full size (ds_numel)."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = int(getattr(p, "ds_numel", p.numel()))
+        total += n
+        trainable += n if p.requires_grad else 0
     return {"params_total": total, "params_trainable": trainable,
             "params_trainable_pct": round(100.0 * trainable / max(total, 1), 4)}
 

@@ -1,0 +1,85 @@
+"""The wheels (and the few sdists) a GPU machine without a package registry needs to run one group of shape-scale
+targets (scripts/gpu_check.sh): the closure of the group's packages at the versions this checkout's .venv holds
+(requirements.lock), less what the GPU image already has (scripts/gpu_image_packages.txt, one name a line),
+downloaded for CPython 3.12 on x86-64 Linux into a git-ignored folder.
+
+    .venv/bin/python scripts/gpu_wheels.py quantize --out .whl      # on a machine that reaches PyPI
+    .venv/bin/python scripts/gpu_wheels.py qlora --minus lora --out .whl   # what a machine that ran lora lacks
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ["snakemake", "jsonschema", "pyyaml", "datasets"]
+TEXT = ["jieba", "nltk", "rouge-chinese"]  # BLEU / ROUGE of generations (lora_compare, lora_sweep)
+GROUPS = {  # the packages each group's stages import beyond the image's torch / transformers / peft
+    "lora": BASE + TEXT,
+    "qlora": BASE + TEXT + ["bitsandbytes"],
+    "quantize": BASE + ["llmcompressor"],
+    "bnb": BASE + ["bitsandbytes"],
+    "sft": BASE + ["deepspeed"],
+}
+SKIP = {"pulp"}  # snakemake's ILP scheduler only (16 MB): scripts/gpu_check.sh runs --scheduler greedy
+SDIST_ONLY = {"deepspeed"}  # its wheel-less build needs torch: installed there with DS_BUILD_OPS=0
+PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
+             "manylinux2014_x86_64", "manylinux1_x86_64", "any"]
+
+
+def norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def closure(roots: list[str]) -> dict[str, str]:
+    """name -> installed version for the roots and everything they require (no extras)."""
+    seen: dict[str, str] = {}
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if norm(name) in seen:
+            continue
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            sys.exit(f"gpu_wheels: {name} is not installed in {sys.prefix}; fix: run scripts/setup.sh first")
+        seen[norm(name)] = dist.version
+        for r in dist.requires or []:
+            req = Requirement(r)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return seen
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("group", choices=sorted(GROUPS))
+    p.add_argument("--out", default=str(ROOT / ".whl"))
+    p.add_argument("--minus", action="append", default=[], choices=sorted(GROUPS),
+                   help="leave out what this group's wheels already installed there (a later group on a kept machine)")
+    a = p.parse_args()
+    image = {norm(x) for x in (ROOT / "scripts" / "gpu_image_packages.txt").read_text().splitlines()
+             if x.strip() and not x.startswith("#")}
+    have = set().union(*(closure(GROUPS[g]) for g in a.minus)) if a.minus else set()
+    need = {n: v for n, v in closure(GROUPS[a.group]).items() if n not in image | SKIP | have}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(out)]
+    plat = [x for p_ in PLATFORMS for x in ("--platform", p_)]
+    binary = pip + ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp", *plat]
+    for n, v in sorted(need.items()):  # a wheel for CPython 3.12 on x86-64, else the sdist (built there)
+        spec = f"{n}=={v}"
+        if n in SDIST_ONLY or subprocess.run(binary + [spec], capture_output=True).returncode != 0:
+            subprocess.run(pip + ["--no-binary=:all:", "--no-build-isolation", spec], check=True)
+    print(f"gpu_wheels: {a.group}: {len(need)} packages in {out}: {', '.join(sorted(need))}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

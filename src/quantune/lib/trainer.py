@@ -1,0 +1,108 @@
+"""What the training stages (sft, lora_sft) share around the Hugging Face Trainer.
+
+Checkpoints of a training target (results/.checkpoints/<target>/, common.checkpoint_dir): which checkpoint-N
+directories are complete, dropping the rest, and discarding those written for another recipe or model, so that
+a rerun resumes only from what it would itself have written. And a run's steps and its own record: the tokens and
+step it began at and the seconds at each logged step, for this run's throughput when it resumed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import write_json
+
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+TRAINER_STATE = ("trainer_state.json",)  # the file the Trainer writes last into a checkpoint
+
+
+def complete_checkpoints(ckpt_dir: Path, required: tuple[str, ...] = TRAINER_STATE) -> list[Path]:
+    """checkpoint-N directories the Trainer finished writing, oldest first: each name or glob pattern of
+    `required` matches a file in it."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and _CHECKPOINT.fullmatch(p.name)]
+    done = [p for p in found if all(any(f.is_file() for f in p.glob(pat)) for pat in required)]
+    return sorted(done, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def drop_incomplete_checkpoints(ckpt_dir: Path, required: tuple[str, ...] = TRAINER_STATE) -> list[str]:
+    """Remove the checkpoint-* directories an interrupted run left half written; returns their names."""
+    dropped = []
+    if ckpt_dir.is_dir():
+        complete = set(complete_checkpoints(ckpt_dir, required))
+        for p in ckpt_dir.glob("checkpoint-*"):
+            if p.is_dir() and p not in complete:
+                shutil.rmtree(p, ignore_errors=True)
+                dropped.append(p.name)
+    return dropped
+
+
+def fingerprint(recipe: dict, model_source: str, ignore: tuple[str, ...] = ()) -> str:
+    """What a checkpoint must match to be resumed: the recipe as run (less the keys in `ignore`, which do not
+    change what is trained) and the model it started from."""
+    keep = {k: v for k, v in recipe.items() if k not in ignore}
+    blob = json.dumps({"recipe": keep, "model": model_source}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def keep_checkpoints_of(ckpt_root: Path, fp: str, recipe_path: str) -> Path:
+    """ckpt_root, emptied first when its checkpoints were written under another fingerprint; records `fp`."""
+    fp_file = ckpt_root / "fingerprint.json"
+    if ckpt_root.exists():
+        old = json.loads(fp_file.read_text()).get("fingerprint") if fp_file.is_file() else None
+        if old != fp:
+            print(f"discarding checkpoints in {ckpt_root}: they were written for another recipe or model")
+            shutil.rmtree(ckpt_root)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    write_json(fp_file, {"fingerprint": fp, "recipe": str(recipe_path)})
+    return ckpt_root
+
+
+# ---------------------------------------------------------------- a run's steps and its own record
+
+def total_optimizer_steps(recipe: dict, n_rows: int) -> int:
+    """The optimizer steps a run of the recipe takes: its max_steps, else its epochs over n_rows rows."""
+    if recipe.get("max_steps"):
+        return int(recipe["max_steps"])
+    batches = math.ceil(n_rows / recipe["per_device_train_batch_size"])
+    per_epoch = max(1, math.ceil(batches / recipe["gradient_accumulation_steps"]))
+    return max(1, math.ceil(per_epoch * float(recipe["num_train_epochs"])))
+
+
+def tokens_counting() -> Any:
+    """TrainingArguments' include_num_input_tokens_seen: "non_padding" where this transformers has it (the
+    pinned transformers of envs/chatglm3.yaml counts every token: True)."""
+    from transformers import TrainingArguments
+
+    return "non_padding" if "non_padding" in (TrainingArguments.__doc__ or "") else True
+
+
+def run_record():
+    """A TrainerCallback recording where this run (first or resumed) began, for this run's own tokens/s, and
+    the seconds since it began at each logged step."""
+    from transformers import TrainerCallback
+
+    class _Record(TrainerCallback):
+        """Tokens seen when this run (first or resumed) began, for this run's own tokens/s."""
+
+        def __init__(self):
+            self.tokens_at_begin, self.step_at_begin = 0, 0
+            self.t_begin, self.elapsed = time.time(), {}
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.tokens_at_begin = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+            self.step_at_begin = int(state.global_step)
+            self.t_begin = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:  # seconds since this run's training began, per logged step
+                self.elapsed[int(state.global_step)] = time.time() - self.t_begin
+
+    return _Record()
