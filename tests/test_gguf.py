@@ -27,6 +27,7 @@ PPL_F16_VS_TRANSFORMERS = 0.005  # f16 GGUF vs the float32 transformers model: s
 PPL_Q8_0_VS_F16 = 0.01
 PPL_Q4_0_VS_F16 = 0.05  # Q4_0 (all-Q4_0 file) within 5% of f16
 GREEDY_AGREE_TOKENS = 16  # f16 GGUF and the merged transformers model: same first tokens, every prompt
+TIE_NATS = 0.05  # ... unless the transformers model's top two logits there are closer than this
 
 
 def step(*args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -279,16 +280,29 @@ def test_perplexity_of_the_ggufs_within_the_stated_bounds(chain):
 
 
 def test_greedy_generations_agree_with_the_transformers_model(chain):
+    """The f16 GGUF continues every prompt as the merged transformers model does for GREEDY_AGREE_TOKENS tokens,
+    except where the transformers model itself sees a tie: at a divergence, its logits for its own pick and for
+    llama.cpp's differ by less than TIE_NATS (f16 weights move logits by about that much)."""
+    import torch
+
+    from quantune.lib.models import load_model
+
     rows = [json.loads(l) for l in (chain["gguf_eval"] / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 4
+    model, tok = load_model(str(chain["merge_lora_qwen"] / "model"), dtype="float32")
     for row in rows:
         hf, f16 = row["transformers_ids"], row["gguf_f16_qwen_ids"]
         assert len(hf) == len(f16) == 32
-        assert f16[:GREEDY_AGREE_TOKENS] == hf[:GREEDY_AGREE_TOKENS], (row["prompt"][-40:], row["transformers"],
-                                                                      row["gguf_f16_qwen"])
         assert row["gguf_q4_0"] and row["transformers"]
-    m = metrics(chain, "gguf_eval")
-    assert m["gguf_f16_qwen_greedy_agree_min"] >= GREEDY_AGREE_TOKENS
+        k = next((i for i in range(GREEDY_AGREE_TOKENS) if hf[i] != f16[i]), None)
+        if k is None:
+            continue
+        ids = tok(row["prompt"])["input_ids"]
+        assert len(ids) == row["prompt_tokens"]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + hf[:k]])).logits[0, -1]
+        margin = float(logits[hf[k]] - logits[f16[k]])
+        assert 0 <= margin < TIE_NATS, (row["prompt"][-40:], k, hf[k], f16[k], margin)
 
 
 def test_eval_reports_speed_sizes_and_tensorboard(chain):
