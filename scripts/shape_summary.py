@@ -65,10 +65,11 @@ def row(target: str, res: Path, gpu: str) -> dict:
 def shape_world_rows(res: Path, gpu: str) -> list[dict]:
     out = []
     for b in sorted((res / "shape_world" / "benchmarks").glob("shape_*.tsv")):
-        name = b.stem
-        sub = {"shape_model": "models", "shape_dataset": "data"}.get(name.rsplit("_", 1)[0].split("_", 2)[0] + "_"
-                                                                        + name.split("_")[1], "")
-        built = res / "shape_world" / sub / name.split("_", 2)[-1] if sub else res / "shape_world" / "tokenizer"
+        name = b.stem  # shape_tokenizer, shape_model_<model>, shape_dataset_<data set> (rules/shape.smk)
+        built = res / "shape_world" / "tokenizer"
+        for prefix, sub in (("shape_model_", "models"), ("shape_dataset_", "data")):
+            if name.startswith(prefix):
+                built = res / "shape_world" / sub / name[len(prefix):]
         out.append({"target": name, "gpu": gpu, "wall_s": wall_s(b), "status": "ok" if built.exists() else "failed"})
     return out
 

@@ -21,6 +21,7 @@ def test_shipped_config_and_recipes_are_valid_at_both_scales():
     ("tiny_world.pretrain.steps", "many", r"key tiny_world\.pretrain\.steps: value 'many' has the wrong type"),
     ("models.opt-2.7b.path", "/no/such/dir", r"key models\.opt-2\.7b\.path: /no/such/dir does not exist"),
     ("models.opt-2.7b.tiny", "bert", r"key models\.opt-2\.7b\.tiny: value 'bert' is not allowed"),
+    ("tiny_data.bogus", {"train": 1}, r"key tiny_data\.bogus: unknown key 'bogus'"),  # beside pattern-declared keys
 ])
 def test_bad_config_is_one_clear_line(cfg, key, value, message):
     bad = copy.deepcopy(cfg)
@@ -114,5 +115,7 @@ def test_shape_scale_runs_the_full_recipe_with_only_steps_and_rows_capped(cfg, t
     assert "max_steps" not in load_recipe(ROOT / "recipes" / "qwen3_deepspeed_sft.yaml", shape)  # sft: no such key
     own = BASE + "shape:\n  gen_tokens: 8\n"
     assert load_recipe(_recipe(tmp_path, "d", own), shape)["gen_tokens"] == 8
+    small = BASE.replace("gen_tokens: 128", "gen_tokens: 5")  # below the cap: the recipe's value stays
+    assert load_recipe(_recipe(tmp_path, "f", small), shape)["gen_tokens"] == 5
     with pytest.raises(QuantuneError, match=r"e\.yaml: key shape\.context: scale shape runs the full recipe"):
         load_recipe(_recipe(tmp_path, "e", BASE + "shape:\n  context: 128\n"), shape)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,6 @@ from .common import ROOT, QuantuneError, fail, run_cli
 
 SCHEMA_DIR = ROOT / "config" / "schemas"
 SCALES = ("tiny", "shape", "full")
-SHAPE_CAPS = ("max_steps", "max_eval_tokens", "kl_tokens", "gen_tokens", "num_prompts", "max_new_tokens",
-              "max_eval_samples", "repeats")
 
 
 # ---------------------------------------------------------------- loading
@@ -47,16 +46,29 @@ def _schema(name: str) -> dict:
     return load_yaml(SCHEMA_DIR / name)
 
 
+def shape_caps() -> list[str]:
+    """The keys scale shape may cap (shape_world.caps, a recipe's shape: block): the config schema's list."""
+    return _schema("config.schema.yaml")["properties"]["shape_world"]["properties"]["caps"]["propertyNames"]["enum"]
+
+
 def _key_path(err) -> str:
     parts = [str(p) for p in err.absolute_path]
     return ".".join(parts) if parts else "(top level)"
+
+
+def unknown_keys(err) -> list[str]:
+    """The keys an additionalProperties error is about: neither a declared property nor matched by a declared
+    patternProperties pattern."""
+    pats = [re.compile(p) for p in err.schema.get("patternProperties", {})]
+    return sorted(k for k in set(err.instance) - set(err.schema.get("properties", {}))
+                  if not any(p.search(k) for p in pats))
 
 
 def _explain(err) -> tuple[str, str]:
     """Turn a jsonschema error into (what, fix) for the one-line message."""
     v = err.validator
     if v == "additionalProperties":
-        extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+        extra = unknown_keys(err)
         known = sorted(err.schema.get("properties", {}))
         return (f"unknown key {extra[0]!r}" if extra else err.message,
                 f"remove it or use one of: {', '.join(known)}" if known else "remove it")
@@ -87,7 +99,7 @@ def validate_schema(obj: Any, schema: dict, source: str) -> None:
         what, fix = _explain(err)
         key = _key_path(err)
         if err.validator == "additionalProperties":
-            extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+            extra = unknown_keys(err)
             if extra:
                 key = ".".join([*map(str, err.absolute_path), extra[0]])
         raise fail(f"{source}: key {key}", what, fix)
@@ -98,7 +110,6 @@ def validate_schema(obj: Any, schema: dict, source: str) -> None:
 def check_config(cfg: dict, source: str = "config/config.yaml") -> dict:
     """Validate the workflow config (after --config overrides) and cross-check its references."""
     validate(cfg, "config.schema.yaml", source)
-    cfg["results"].setdefault("shape", f"{cfg['results']['tiny']}/shape")
     fams = cfg["tiny_world"]["families"]
     for name, fam in fams.items():
         if fam["model_type"] != name:
@@ -112,7 +123,9 @@ def check_config(cfg: dict, source: str = "config/config.yaml") -> dict:
 
 
 def _check_entries(cfg: dict, source: str) -> dict:
-    """The models' and data sets' own checks (local paths exist, a source at full scale, hub configs)."""
+    """The models' and data sets' own checks (local paths exist, a source at full scale, hub configs), and the
+    default of results.shape (<tiny>/shape) for a config that overrides `results` without it."""
+    cfg["results"].setdefault("shape", f"{cfg['results']['tiny']}/shape")
     for name, m in cfg["models"].items():
         if m.get("path") and not Path(m["path"]).exists():
             raise fail(f"{source}: key models.{name}.path", f"{m['path']} does not exist",
@@ -159,7 +172,6 @@ def _job_schema() -> dict:
 def check_job_config(cfg: dict, source: str = "--job-json") -> dict:
     """Validate a job's config (job_config's shape: the config schema's entries for the keys it holds)."""
     validate_schema(cfg, _job_schema(), source)
-    cfg["results"].setdefault("shape", f"{cfg['results']['tiny']}/shape")
     return _check_entries(cfg, source)
 
 
@@ -352,9 +364,9 @@ def load_recipe(path: str | os.PathLike, cfg: dict) -> dict:
         raise fail(f"{path}: key tiny", "must be a mapping of keys to replace at tiny scale", "indent its keys")
     shape = raw.get("shape") or {}
     for k in shape if isinstance(shape, dict) else ["(top level)"]:
-        if k not in SHAPE_CAPS:
+        if k not in shape_caps():
             raise fail(f"{path}: key shape.{k}", "scale shape runs the full recipe; its block only caps steps and rows",
-                       f"remove it or use one of: {', '.join(SHAPE_CAPS)}")
+                       f"remove it or use one of: {', '.join(shape_caps())}")
     base = {k: v for k, v in raw.items() if k not in ("tiny", "shape")}
     validate(base, recipe_schema_name(stage), str(path))
     scaled = copy.deepcopy(base)
@@ -382,7 +394,7 @@ def load_recipe(path: str | os.PathLike, cfg: dict) -> dict:
             resolve_dataset(cfg, recipe[key], where=str(path), key=key)
     recipe["scale"] = cfg["scale"]
     if cfg["scale"] == "shape":  # what the caps replaced: the full recipe's values (None: the key was unset)
-        recipe["shape_full"] = {k: base.get(k) for k in SHAPE_CAPS if k in scaled and scaled[k] != base.get(k)}
+        recipe["shape_full"] = {k: base.get(k) for k in shape_caps() if k in scaled and scaled[k] != base.get(k)}
     return stage_check(recipe, cfg, str(path))
 
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from functools import lru_cache
 from pathlib import Path
 
 from .common import ROOT, fail, run_cli
+from .config import unknown_keys
 
 METRICS_SCHEMAS = ROOT / "config" / "schemas" / "metrics"
 
@@ -49,9 +49,7 @@ def check_metrics(path: str | Path) -> dict:
         e = errors[0]
         key = ".".join(map(str, e.absolute_path))
         if e.validator == "additionalProperties":
-            pats = [re.compile(p) for p in e.schema.get("patternProperties", {})]
-            extra = sorted(k for k in set(e.instance) - set(e.schema.get("properties", {}))
-                           if not any(p.search(k) for p in pats))
+            extra = unknown_keys(e)
             key, what = (extra[0], "undeclared key") if extra else (key, e.message)
         else:
             what = e.message[:200]
