@@ -26,6 +26,7 @@ GROUPS = {  # the packages each group's stages import beyond the image's torch /
     "quantize": BASE + ["llmcompressor"],
     "bnb": BASE + ["bitsandbytes"],
     "sft": BASE + ["deepspeed"],
+    "data": BASE + ["datasketch"],
 }
 SKIP = {"pulp"}  # snakemake's ILP scheduler only (16 MB): scripts/gpu_check.sh runs --scheduler greedy
 SDIST_ONLY = {"deepspeed"}  # its wheel-less build needs torch: installed there with DS_BUILD_OPS=0

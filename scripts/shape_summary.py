@@ -17,6 +17,7 @@ GROUPS = {
     "lora": ["lora_distilgpt2_quick", "lora_mt0_large", "lora_sft_qwen", "lora_rank_sweep"],
     "qlora": ["qlora_chatglm_steps100", "qlora_chatglm_linear", "qlora_chatglm_cosine", "qlora_compare"],
     "quantize": ["eval_opt67b", "rtn_opt67b", "gptq_opt67b", "awq_opt67b"],
+    "awq": ["awq_opt67b", "awq_opt67b_w3"],  # AWQ alone at 4 and 3 bits (a rerun after a fix)
     "quantize_w3": ["rtn_opt67b_w3", "gptq_opt67b_w3", "awq_opt67b_w3", "quant_compare"],
     "bnb": ["eval_opt27b", "bnb_int8_opt27b", "bnb_nf4_opt27b"],
     "sft": ["qwen3_deepspeed_sft"],

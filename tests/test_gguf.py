@@ -142,6 +142,8 @@ def test_llamacpp_tokenizes_like_transformers(chain, llama_cpp):
     m = metrics(chain, "gguf_f16_qwen")
     assert m["gguf_architecture"] == "llama" and m["gguf_tokenizer_model"] == "llama"
     assert m["tokenizer_check_agree"] == m["tokenizer_check_texts"] == 32, m["tokenizer_check_first_diff"]
+    # the tiny llama's transformers tokenizer adds no BOS; llama.cpp's SentencePiece default would add one
+    assert (m["hf_adds_bos"], m["hf_adds_eos"]) == (m["llamacpp_adds_bos"], m["llamacpp_adds_eos"]) == (0, 0), m
     hf = AutoTokenizer.from_pretrained(chain["merge_lora_qwen"] / "model")
     llm = llama_cpp.Llama(str(chain["gguf_f16_qwen"] / "model-f16.gguf"), vocab_only=True, verbose=False)
     for text in ["Hello world\n\n  two  spaces\tand a tab", "床前明月光，疑是地上霜。", "x = 12345 + 678",
@@ -149,6 +151,8 @@ def test_llamacpp_tokenizes_like_transformers(chain, llama_cpp):
         a = hf(text, add_special_tokens=False)["input_ids"]
         b = llm.tokenize(text.encode(), add_bos=False, special=False)
         assert a == b, f"{text!r}: transformers {a} vs llama.cpp {b}"
+        # what each runtime feeds the model, special tokens included
+        assert hf(text)["input_ids"] == llm.tokenize(text.encode(), add_bos=True, special=False)
         # the ids map back to the text; llama.cpp's plain detokenize keeps SentencePiece's dummy-prefix space
         assert llm.detokenize(b).decode() == " " + text and hf.decode(a) == text
     llm.close()

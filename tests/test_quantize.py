@@ -103,6 +103,24 @@ def test_opt_mappings_of_the_recipe_resolve_one_per_block():
     assert info["quantized_layers"] == 24 and len(info["awq_mappings"]) == 4
 
 
+def test_awq_grid_loss_of_fp16_outputs_is_finite_where_their_fp16_sum_overflows():
+    """AWQ's grid search in fp16: one batch's summed squared error past 65,504 must not become inf (the whole
+    search then fails); the loss is the float32 mean over every batch, as if computed in float64."""
+    import torch
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    from quantune.lib.quant_backends import fp32_awq_loss
+
+    g = torch.Generator().manual_seed(0)
+    ref = [torch.randn(4, 256, 4096, generator=g).half() for _ in range(2)]
+    quant = [(x.float() + 0.2 * torch.randn(x.shape, generator=g)).half() for x in ref]
+    assert torch.nn.functional.mse_loss(ref[0], quant[0], reduction="sum").isinf()  # the fp16 sum overflows
+    want = sum(((x.double() - y.double()) ** 2).sum() for x, y in zip(ref, quant)).item() / sum(x.numel() for x in ref)
+    with fp32_awq_loss():
+        got = AWQModifier(mappings=[])._compute_loss(ref, quant)
+    assert got == pytest.approx(want, rel=1e-5)
+
+
 def test_bad_recipe_stops_snakemake_before_any_job(tmp_path):
     rdir = tmp_path / "recipes"
     rdir.mkdir()

@@ -10,6 +10,8 @@ another model directory instead of the recipe's `merged` target.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -22,9 +24,47 @@ from .lib.gguf import converter_dir, import_llama_cpp, read_gguf, target_dir
 from .lib.gguf import tensor_summary, write_tb
 
 
+def special_tokens_added(ids_plain: list[int], ids_special: list[int], bos: int | None, eos: int | None) -> dict:
+    """Which special tokens a runtime adds around a text: its ids with special tokens against its ids without."""
+    extra = len(ids_special) - len(ids_plain)
+    adds_bos = int(extra > 0 and bos is not None and ids_special[:1] == [bos] and ids_special[1:1 + len(ids_plain)] == ids_plain)
+    adds_eos = int(extra > 0 and eos is not None and ids_special[-1:] == [eos] and len(ids_special) == len(ids_plain) + adds_bos + 1)
+    return {"adds_bos": adds_bos, "adds_eos": adds_eos}
+
+
+def hf_special_tokens(hf_dir: str | Path) -> dict:
+    """What the transformers tokenizer the model was trained and scored with adds to a text (BOS, EOS)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    probe = "a b"
+    return special_tokens_added(tok(probe, add_special_tokens=False)["input_ids"], tok(probe)["input_ids"],
+                                tok.bos_token_id, tok.eos_token_id)
+
+
+@contextlib.contextmanager
+def converter_view(src: Path, special: dict):
+    """The model directory as the converter reads it: every file linked, and tokenizer_config.json stating
+    add_bos_token / add_eos_token as the transformers tokenizer behaves. Where the file leaves them out, the
+    converter and llama.cpp fall back to the vocabulary type's default (BOS added for SentencePiece), and a
+    model served by llama.cpp would see a token it never saw in training."""
+    with tempfile.TemporaryDirectory(prefix="gguf-src-") as d:
+        view = Path(d) / src.name
+        view.mkdir()
+        for f in src.iterdir():
+            if f.name != "tokenizer_config.json":
+                (view / f.name).symlink_to(f.resolve())
+        tc_path = src / "tokenizer_config.json"
+        tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
+        tc.update(add_bos_token=bool(special["adds_bos"]), add_eos_token=bool(special["adds_eos"]))
+        (view / "tokenizer_config.json").write_text(json.dumps(tc, indent=2), encoding="utf-8")
+        yield view
+
+
 def hf_vs_llamacpp_tokens(gguf_path: str | Path, hf_dir: str | Path, texts: list[str]) -> dict:
-    """Tokenize the same texts with transformers' tokenizer and llama.cpp's (from the GGUF's vocab): a wrong
-    vocab mapping (e.g. a pre-tokenizer forced onto an unknown hash) changes tokenization silently."""
+    """Tokenize the same texts as each runtime feeds them to the model, special tokens included: transformers'
+    tokenizer and llama.cpp's (from the GGUF's vocab and its add_bos / add_eos flags). A wrong vocab mapping
+    (e.g. a pre-tokenizer forced onto an unknown hash) or a BOS only one of them adds changes the ids silently."""
     from transformers import AutoTokenizer
 
     llama_cpp = import_llama_cpp()
@@ -33,17 +73,21 @@ def hf_vs_llamacpp_tokens(gguf_path: str | Path, hf_dir: str | Path, texts: list
     agree, first_diff = 0, ""
     n_tokens = 0
     for t in texts:
-        a = hf(t, add_special_tokens=False)["input_ids"]
-        b = llm.tokenize(t.encode("utf-8"), add_bos=False, special=False)
+        a = hf(t)["input_ids"]
+        b = llm.tokenize(t.encode("utf-8"), add_bos=True, special=False)  # add_bos: llama.cpp's add_special
         n_tokens += len(a)
         if a == b:
             agree += 1
         elif not first_diff:
             i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             first_diff = f"text {texts.index(t)} token {i}: hf {a[i:i + 5]} llama.cpp {b[i:i + 5]}"
+    probe = b"a b"
+    ll = special_tokens_added(llm.tokenize(probe, add_bos=False, special=False),
+                              llm.tokenize(probe, add_bos=True, special=False), llm.token_bos(), llm.token_eos())
     llm.close()
     return {"tokenizer_check_texts": len(texts), "tokenizer_check_agree": agree,
-            "tokenizer_check_tokens": n_tokens, "tokenizer_check_first_diff": first_diff or "none"}
+            "tokenizer_check_tokens": n_tokens, "tokenizer_check_first_diff": first_diff or "none",
+            "llamacpp_adds_bos": ll["adds_bos"], "llamacpp_adds_eos": ll["adds_eos"]}
 
 
 def check_texts(cfg: dict, recipe: dict, n: int) -> list[str]:
@@ -71,11 +115,13 @@ def convert(recipe_path: str, out: str, cfg: dict, merged: str | None = None) ->
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=outp)
     os.close(fd)
     t0 = time.time()
-    cmd = [sys.executable, str(conv / "convert_hf_to_gguf.py"), str(src), "--outfile", tmp,
-           "--outtype", recipe["outtype"]]
-    print("+", " ".join(cmd), flush=True)
+    special = hf_special_tokens(src)
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # the converter's own gguf-py
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    with converter_view(src, special) as view:
+        cmd = [sys.executable, str(conv / "convert_hf_to_gguf.py"), str(view), "--outfile", tmp,
+               "--outtype", recipe["outtype"]]
+        print("+", " ".join(cmd), flush=True)
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     sys.stdout.write(r.stdout[-20000:])
     sys.stdout.write(r.stderr[-20000:])
     if r.returncode != 0:
@@ -104,7 +150,8 @@ def convert(recipe_path: str, out: str, cfg: dict, merged: str | None = None) ->
     metrics = {"target": recipe["name"], "stage": "gguf_convert", "scale": cfg["scale"], "merged": str(src),
                "outtype": recipe["outtype"], "gguf_path": str(final), "converter": str(conv),
                "converter_release": (conv / "VERSION").read_text().strip(), "convert_seconds": convert_s,
-               **tensor_summary(info, final), **tokcheck}
+               **tensor_summary(info, final), **tokcheck,
+               "hf_adds_bos": special["adds_bos"], "hf_adds_eos": special["adds_eos"]}
     write_tb(outp, {"quant/gguf_file_mb": metrics["gguf_file_bytes"] / 2**20,
                      "quant/bits_per_weight": metrics["gguf_bits_per_weight"]}, metrics)
     return write_metrics(outp / "metrics.json", metrics)

@@ -59,6 +59,39 @@ def _cpu_safe_calibration():
         IntermediatesCache.pin_memory = orig
 
 
+class _Float32Batches:
+    """A list of tensors read one at a time as float32 (no copy of the whole list)."""
+
+    def __init__(self, tensors: list):
+        self.tensors = tensors
+
+    def __len__(self):
+        return len(self.tensors)
+
+    def __getitem__(self, i):
+        return self.tensors[i].float()
+
+    def __iter__(self):
+        return (t.float() for t in self.tensors)
+
+
+@contextlib.contextmanager
+def fp32_awq_loss():
+    """llm-compressor 0.14.0.1's AWQ grid search sums each batch's squared error in the model's dtype
+    (mse_loss(reduction="sum") of fp16 outputs): past 65,504 the sum is inf, every grid point is non-finite and
+    it raises "No finite loss was found" (seen at scale shape: random OPT-6.7b in fp16, batches of 8 x 512 x
+    4096 outputs; upstream vllm-project/llm-compressor#2213). The loss is taken on float32 reads of each batch
+    instead; at float32 (the tiny scale) nothing changes."""
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    orig = AWQModifier._compute_loss
+    AWQModifier._compute_loss = lambda self, a, b: orig(self, _Float32Batches(a), _Float32Batches(b))
+    try:
+        yield
+    finally:
+        AWQModifier._compute_loss = orig
+
+
 @contextlib.contextmanager
 def _gptq_losses(sink: list):
     """Collect GPTQ's per-layer reconstruction losses that llm-compressor logs (METRIC 'error <loss>')."""
@@ -94,7 +127,7 @@ def quantize_llmcompressor(model, tokenizer, recipe: dict, samples: dict | None,
         kwargs = dict(dataset=DataLoader(rows, batch_size=recipe["calibration_batch_size"], shuffle=False,
                                          collate_fn=default_data_collator))
     losses: list[float] = []
-    with _cpu_safe_calibration(), _gptq_losses(losses):
+    with _cpu_safe_calibration(), fp32_awq_loss(), _gptq_losses(losses):
         oneshot(model=model, processor=tokenizer, recipe=llmcompressor_modifiers(recipe, awq_mappings), **kwargs)
     out = {}
     if losses:
