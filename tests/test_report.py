@@ -100,6 +100,26 @@ class Page(HTMLParser):
             self.missing_cells += 1
 
 
+def test_at_scale_shape_quality_columns_are_greyed_and_cost_columns_are_not(synthetic, tmp_path):
+    out = build_report(synthetic, read_recipes(ROOT / "recipes"), tmp_path / "REPORT.md",
+                       tmp_path / "report" / "index.html", tmp_path / "report" / "figures", scale="shape")
+    assert "gptq_opt67b" in out["built"]
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert "Scale shape" in html and "mean nothing" in html
+    own = re.sub(r'<div class="embedded">.*?</div>', "", html, flags=re.S)  # a target's own Markdown, embedded
+    assert html.count("the quality numbers below mean nothing") == html.count('<div class="embedded">') > 0
+    heads = re.findall(r"<th( class=\"shape-quality\"[^>]*)?>([^<]*)</th>", own)
+    greyed = {h for cls, h in heads if cls}
+    plain = {h for cls, h in heads if not cls}
+    assert any("ppl" in h for h in greyed) and not [h for h in plain if "ppl" in h], [h for h in plain if "ppl" in h]
+    assert any("size" in h.lower() for h in plain) and not any("size" in h.lower() for h in greyed)
+    md = (tmp_path / "REPORT.md").read_text()
+    assert "*212.5*" in md_row(md, "gptq_opt67b")  # ppl_quant, italic in Markdown
+    tiny = build_report(synthetic, read_recipes(ROOT / "recipes"), tmp_path / "t.md", tmp_path / "t.html",
+                        tmp_path / "tf", scale="tiny")
+    assert tiny["built"] == out["built"] and 'class="shape-quality"' not in (tmp_path / "t.html").read_text()
+
+
 def test_layout_sections_not_built_and_html_from_synthetic_results(synthetic, tmp_path):
     out = build_report(synthetic, read_recipes(ROOT / "recipes"), tmp_path / "REPORT.md",
                        tmp_path / "report" / "index.html", tmp_path / "report" / "figures")

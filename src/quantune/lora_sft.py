@@ -9,7 +9,10 @@ SEQ_2_SEQ_LM), loaded in 4-bit NF4 with double quantization (`quantization: nf4`
 Hugging Face Trainer on `advertisegen` (content -> summary) or `alpaca` (instruction/input -> output) rows.
 Prompt and answer are tokenized separately and truncated to max_input_length / max_output_length; prompt and
 padding positions get label -100; batches are padded to their longest row (`padding: longest`) unless the
-recipe asks for `padding: max_length`. Checkpoints go to results/.checkpoints/<target>/ every `save_steps`;
+recipe asks for `padding: max_length`, or `padding: packed` (transformers' DataCollatorWithFlattening: a batch's
+rows end to end in one row, no pad, position ids restarting at each row, from which transformers' own decoders
+build a block-diagonal causal mask; the same rows per optimizer step and the same loss, averaged over the answer
+tokens of the batch). Checkpoints go to results/.checkpoints/<target>/ every `save_steps`;
 a rerun resumes from the last complete one. On success the target directory appears in one rename:
   adapter/ (PEFT save_pretrained, safetensors), metrics.json, tb/, trainer_log.jsonl, training_loss.png,
   recipe.json (the recipe as run, read back by lora_compare).
@@ -34,7 +37,7 @@ from .lib.lora import add_lora, check_target_modules, check_targets_in, compute_
 from .lib.lora import peft_trainable_line
 from .lib.models import pick_device, set_cpu_threads
 from .lib.plots import plot_losses
-from .lib.prompts import ANSWER_FIELD, SFTCollator, build_split, template_of
+from .lib.prompts import ANSWER_FIELD, IGNORE_INDEX, SFTCollator, build_split, template_of
 from .lib.trainer import (complete_checkpoints, fingerprint, keep_checkpoints_of, run_record, tokens_counting,
                           total_optimizer_steps)
 
@@ -71,7 +74,22 @@ def check_sft_recipe(recipe: dict, cfg: dict, where: str) -> dict:
     r["task_type"] = task_type_of(cfg, r, where)
     if "max_steps" not in r and "num_train_epochs" not in r:
         raise fail(where, "neither max_steps nor num_train_epochs is set", "set one of them")
+    if r.get("padding") == "packed":
+        check_packing(cfg, r, where)
     return r
+
+
+def check_packing(cfg: dict, r: dict, where: str) -> None:
+    """Packed rows stay apart only where the model builds its attention mask from per-row position ids
+    (transformers' own decoder code, masking_utils): not in an encoder-decoder, not in remote code."""
+    from .lib.config import resolve_model
+
+    if r["task_type"] == "SEQ_2_SEQ_LM":
+        raise fail(f"{where}: key padding", "packed rows need a decoder-only model; this one is an encoder-decoder",
+                   "use padding: longest")
+    if resolve_model(cfg, r["model"], where=where, key="model")["trust_remote_code"]:
+        raise fail(f"{where}: key padding", f"model {r['model']!r} runs remote code here, which would attend across "
+                   "packed rows", "use padding: longest at this scale")
 
 
 def _check_pinned_transformers(where: str) -> None:
@@ -166,7 +184,8 @@ def training_arguments(job: Job, ckpt_root: Path, steps: int, warmup: int, cdt):
         optim=r["optim"], logging_steps=r["logging_steps"], logging_first_step=True, save_strategy="steps",
         save_steps=r["save_steps"], save_total_limit=r["save_total_limit"], seed=r["seed"], data_seed=r["seed"],
         report_to="none", remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
-        include_num_input_tokens_seen=tokens_counting(), use_cpu=job.device == "cpu",
+        include_num_input_tokens_seen=True if r["padding"] == "packed" else tokens_counting(),  # packed: no pads
+        use_cpu=job.device == "cpu",
         bf16=job.device == "cuda" and cdt == torch.bfloat16, fp16=job.device == "cuda" and cdt == torch.float16,
     )
     if r.get("max_steps"):
@@ -176,8 +195,12 @@ def training_arguments(job: Job, ckpt_root: Path, steps: int, warmup: int, cdt):
     return TrainingArguments(**kw)
 
 
-def collator_for(job: Job, tok) -> SFTCollator:
+def collator_for(job: Job, tok):
     r = job.r
+    if r["padding"] == "packed":  # one row of the batch's rows end to end, position ids restarting at each
+        from transformers import DataCollatorWithFlattening
+
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
     if r["padding"] == "max_length":
         return SFTCollator(tok.pad_token_id, "max_length",
                            r["max_input_length"] + (0 if job.seq2seq else r["max_output_length"]),
@@ -217,6 +240,8 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
     tb_dir = ckpt_root / "tb"
     writer = TBWriter(tb_dir, r["name"])
     rec = run_record()
+    if r["padding"] == "packed":  # transformers builds the packed rows' block-diagonal mask only without a KV cache
+        model.config.use_cache = False
     trainer = Trainer(model=model, args=training_arguments(job, ckpt_root, steps, warmup, cdt), train_dataset=train_ds,
                       eval_dataset=eval_ds, data_collator=collator_for(job, tok),
                       callbacks=[trainer_callback(writer), rec])
@@ -274,7 +299,7 @@ def run_metrics(job: Job, trainer, rec, tm: dict, ev: dict, ev0: dict) -> dict:
         "train_runtime": tm.get("train_runtime"), "train_samples_per_second": tm.get("train_samples_per_second"),
         "total_flos": tm.get("total_flos", trainer.state.total_flos), "train_loss": tm.get("train_loss"),
         "train_loss_first": hist[0]["loss"] if hist else None, "train_loss_last": hist[-1]["loss"] if hist else None,
-        "tokens_seen": tokens_total, "tokens_counted": "non_padding" if tokens_counting() == "non_padding" else "all",
+        "tokens_seen": tokens_total, "tokens_counted": "non_padding" if r["padding"] == "packed" or tokens_counting() == "non_padding" else "all",
         "tokens_per_s": tokens_run / tm["train_runtime"] if tm.get("train_runtime") else None,
         "eval_loss": ev.get("eval_loss"), "eval_ppl": math.exp(ev["eval_loss"]) if "eval_loss" in ev else None,
         "eval_loss_before": ev0.get("eval_loss"),

@@ -20,7 +20,7 @@ from pathlib import Path
 from .lib.common import atomic_write_text, run_cli
 from .lib.metrics import declared_stages
 from .lib.report_lora import GGUF, LoRA, RankSweep
-from .lib.report_render import MISSING, Block, F, H2, P, T, fmt, render_html, render_markdown
+from .lib.report_render import MISSING, Block, F, H2, P, T, fmt, grey_quality, render_html, render_markdown
 from .lib.report_sections import SFT, Ctx, Evaluate, Other, QuantCompare, Quantization, Section, StageFields, TinyWorld
 from .lib.report_seed001 import seed001_table
 from .lib.report_targets import Target, declared_targets, scales
@@ -104,7 +104,10 @@ def _overview(results: Path, secs, built: list[Target], missing: list[Target], s
         "read from a target's `metrics.json` (or its TensorBoard events); a target that is not built is listed as "
         f"\"not built\", and a field a built target does not record is shown as \"{MISSING}\"."
         + (" Scale tiny: tiny models on a tiny corpus, numbers that test the pipeline, not the real models."
-           if scale == "tiny" else "")),
+           if scale == "tiny" else "")
+        + (" Scale shape: the full recipes on random-weight models of the real architectures. Time and memory are "
+           "the real ones; quality numbers (perplexity, loss, KL, BLEU, ROUGE) mean nothing at random weights and "
+           "are greyed (italic in REPORT.md)." if scale == "shape" else "")),
         T(["section", "target", "status", "stage", "written at (UTC)", "git commit"], rows)]
 
 
@@ -160,6 +163,8 @@ def build_report(results: str | Path, recipes: dict[str, str | dict], md_out: st
         blocks += [H2(sec.title, sec.key)] + [b for b in sec.render(ts, ctx) if not (b.kind == "p" and not b.text)]
     tb_blocks, runs = _tensorboard(results, tb_screenshot)
     blocks += tb_blocks + _provenance(targets)
+    if scale == "shape":
+        grey_quality(blocks)
 
     title = "quantune report"
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

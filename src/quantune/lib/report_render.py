@@ -46,6 +46,21 @@ class Block:
     rows: list[list[str]] = field(default_factory=list)
     path: Path | None = None
     anchor: str = ""
+    grey: frozenset[int] = frozenset()  # table columns whose numbers mean nothing at this scale
+
+
+# quality columns (perplexity, loss, KL, text scores): at scale shape (random weights) they mean nothing
+QUALITY = re.compile(r"ppl|perplex|loss|\bKL\b|\bkl|BLEU|ROUGE|accura|\beven\b|\bodd\b", re.I)
+
+
+def grey_quality(blocks: list[Block]) -> list[Block]:
+    """Mark every table's quality columns as greyed (scale shape: the models have random weights)."""
+    for b in blocks:
+        if b.kind == "table":
+            b.grey = frozenset(i for i, h in enumerate(b.headers) if QUALITY.search(h))
+        elif b.kind == "md":  # another file's tables: one line above them says it
+            b.text = "*Scale shape: random weights; the quality numbers below mean nothing.*\n\n" + b.text
+    return blocks
 
 
 def H2(text: str, anchor: str) -> Block:
@@ -93,7 +108,8 @@ def render_markdown(blocks: list[Block], title: str, base: Path) -> str:
         elif b.kind == "p":
             lines += [b.text, ""]
         elif b.kind == "table":
-            lines += markdown_table(b.headers, b.rows) + [""]
+            rows = [[f"*{c}*" if i in b.grey and c not in ("", MISSING) else c for i, c in enumerate(r)] for r in b.rows]
+            lines += markdown_table(b.headers, rows) + [""]
         elif b.kind == "figure":
             rel = os.path.relpath(b.path, base)
             lines += [f"![{b.text}]({rel})", "", f"*{b.text}*", ""]
@@ -120,7 +136,9 @@ def _inline_html(text: str) -> str:
     return "".join(out)
 
 
-def _cell_class(c: str) -> str:
+def _cell_class(c: str, grey: bool = False) -> str:
+    if grey:
+        return ' class="shape-quality" title="random weights at scale shape: this number means nothing"'
     if c.startswith("not built") or c.startswith("not measured") or c.startswith("unreadable"):
         return ' class="missing"'
     if c == "built":
@@ -140,6 +158,7 @@ h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:34px}h3{margin-top
 table{border-collapse:collapse;margin:8px 0 16px;font-size:13px;display:block;overflow-x:auto;max-width:fit-content}
 th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:left;vertical-align:top;max-width:420px;background:#fff}
 th{background:#f0f3f6}td.missing{color:#9a6700;background:#fff8c5;font-style:italic}td.built{color:#1a7f37}
+.shape-quality{color:#8c959f;background:#f6f8fa}
 figure{margin:10px 0 18px;display:inline-block;background:#fff;border:1px solid #ddd;padding:6px;max-width:100%}
 figure img{max-width:100%;height:auto;display:block}figcaption{font-size:12px;color:#57606a;margin-top:4px}
 code{background:#eff1f3;padding:1px 4px;border-radius:3px;font-size:12px}
@@ -158,9 +177,9 @@ def _html_block(b: Block, base: Path) -> str:
     if b.kind == "p":
         return f"<p>{_inline_html(_relink(b.text, base))}</p>"
     if b.kind == "table":
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in b.headers)
-        rows = "".join("<tr>" + "".join(f"<td{_cell_class(c)}>{_inline_html(c)}</td>" for c in r) + "</tr>"
-                       for r in b.rows)
+        head = "".join(f"<th{_cell_class(h, i in b.grey)}>{html.escape(h)}</th>" for i, h in enumerate(b.headers))
+        rows = "".join("<tr>" + "".join(f"<td{_cell_class(c, i in b.grey)}>{_inline_html(c)}</td>"
+                                        for i, c in enumerate(r)) + "</tr>" for r in b.rows)
         return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
     if b.kind == "figure":
         data = base64.b64encode(b.path.read_bytes()).decode("ascii")
