@@ -27,8 +27,10 @@ from .lib.gguf import tensor_summary, write_tb
 def special_tokens_added(ids_plain: list[int], ids_special: list[int], bos: int | None, eos: int | None) -> dict:
     """Which special tokens a runtime adds around a text: its ids with special tokens against its ids without."""
     extra = len(ids_special) - len(ids_plain)
-    adds_bos = int(extra > 0 and bos is not None and ids_special[:1] == [bos] and ids_special[1:1 + len(ids_plain)] == ids_plain)
-    adds_eos = int(extra > 0 and eos is not None and ids_special[-1:] == [eos] and len(ids_special) == len(ids_plain) + adds_bos + 1)
+    adds_bos = int(extra > 0 and bos is not None and ids_special[:1] == [bos]
+                   and ids_special[1:1 + len(ids_plain)] == ids_plain)
+    adds_eos = int(extra > 0 and eos is not None and ids_special[-1:] == [eos]
+                   and len(ids_special) == len(ids_plain) + adds_bos + 1)
     return {"adds_bos": adds_bos, "adds_eos": adds_eos}
 
 
