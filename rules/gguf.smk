@@ -22,7 +22,7 @@ use rule stage_step as merge with:
         runtime=lambda w: 10 if SCALE == "tiny" else 60,
         gpu=lambda w: gpu_count(w.name),
     params:
-        step="export merge",
+        step="merge",
 
 
 use rule merge as gguf_convert with:
@@ -37,7 +37,7 @@ use rule merge as gguf_convert with:
         runtime=lambda w: 10 if SCALE == "tiny" else 60,
         gpu=lambda w: gpu_count(w.name),
     params:
-        step="export convert",
+        step="gguf_convert",
 
 
 use rule merge as gguf_quantize with:
@@ -51,7 +51,7 @@ use rule merge as gguf_quantize with:
         runtime=lambda w: 10 if SCALE == "tiny" else 60,
         gpu=lambda w: gpu_count(w.name),
     params:
-        step="export quantize",
+        step="gguf_quantize",
 
 
 use rule merge as gguf_evaluate with:

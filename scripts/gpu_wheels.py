@@ -27,9 +27,15 @@ GROUPS = {  # the packages each group's stages import beyond the image's torch /
     "bnb": BASE + ["bitsandbytes"],
     "sft": BASE + ["deepspeed"],
     "data": BASE + ["datasketch"],
+    "gguf": BASE + ["llama-cpp-python", "gguf"],  # llama-cpp-python: its sdist, built there with CUDA
 }
 SKIP = {"pulp"}  # snakemake's ILP scheduler only (16 MB): scripts/gpu_check.sh runs --scheduler greedy
-SDIST_ONLY = {"deepspeed"}  # its wheel-less build needs torch: installed there with DS_BUILD_OPS=0
+SDIST_ONLY = {"deepspeed",  # its wheel-less build needs torch: installed there with DS_BUILD_OPS=0
+              "llama-cpp-python"}  # PyPI has no wheel; built there for the GPU (scripts/gpu_check.sh)
+# What a build of the llama-cpp-python sdist never reads (the submodule's git objects, llama.cpp's docs, the
+# vocabularies its tests load, the server's web UI): left out so that the sdist fits the device tool's 64 MiB carry
+SDIST_TRIM = {"llama-cpp-python": [".git", "vendor/llama.cpp/docs", "vendor/llama.cpp/models", "vendor/llama.cpp/benches",
+                                   "vendor/llama.cpp/tools/ui"]}
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64", "any"]
 
@@ -58,6 +64,20 @@ def closure(roots: list[str]) -> dict[str, str]:
     return seen
 
 
+def trim(sdist: Path, drop: list[str]) -> None:
+    """Rewrite an sdist without the given folders (paths below its top folder)."""
+    import tarfile
+
+    top = sdist.name[: -len(".tar.gz")]
+    tmp = sdist.with_suffix(".tmp")
+    with tarfile.open(sdist) as src, tarfile.open(tmp, "w:gz") as dst:
+        for m in src:
+            rel = m.name[len(top) + 1:]
+            if not any(rel == d or rel.startswith(d + "/") for d in drop):
+                dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+    tmp.replace(sdist)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("group", choices=sorted(GROUPS))
@@ -77,7 +97,11 @@ def main() -> int:
     for n, v in sorted(need.items()):  # a wheel for CPython 3.12 on x86-64, else the sdist (built there)
         spec = f"{n}=={v}"
         if n in SDIST_ONLY or subprocess.run(binary + [spec], capture_output=True).returncode != 0:
-            subprocess.run(pip + ["--no-binary=:all:", "--no-build-isolation", spec], check=True)
+            # deepspeed's metadata needs this environment's torch; llama-cpp-python's needs scikit-build-core
+            if subprocess.run(pip + ["--no-binary=:all:", "--no-build-isolation", spec]).returncode != 0:
+                subprocess.run(pip + ["--no-binary=:all:", spec], check=True)
+            if n in SDIST_TRIM:
+                trim(next(out.glob(f"{n.replace('-', '_')}-{v}.tar.gz")), SDIST_TRIM[n])
     print(f"gpu_wheels: {a.group}: {len(need)} packages in {out}: {', '.join(sorted(need))}")
     return 0
 

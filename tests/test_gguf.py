@@ -171,6 +171,35 @@ def test_without_the_sentencepiece_model_the_check_refuses(chain, results_root, 
     assert not list((tmp_path / "out").glob("*.gguf")) and not list((tmp_path / "out").glob(".*tmp"))
 
 
+def test_a_qwen2_bpe_the_converter_does_not_know_converts_with_qwen2_pre_tokenizer(tiny_world, results_root, tmp_path):
+    """A Qwen2 model with a vocabulary trained here (scale shape): transformers tokenizes it with Qwen2Tokenizer
+    (Qwen's regex, whatever the vocabulary), the converter refuses the unknown BPE hash, gguf_convert names the
+    pre-tokenizer llama.cpp implements for that class, and both runtimes then give the same ids."""
+    import gguf
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from quantune.lib.gguf import converter_dir
+
+    tok = AutoTokenizer.from_pretrained(tiny_world / "tokenizers" / "bpe")
+    cfg = AutoConfig.for_model("qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = tmp_path / "qwen2"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(model)
+    tok.save_pretrained(model)
+    assert type(AutoTokenizer.from_pretrained(model)).__name__ == "Qwen2Tokenizer"
+    plain = subprocess.run([sys.executable, str(converter_dir() / "convert_hf_to_gguf.py"), str(model), "--outfile",
+                            str(tmp_path / "plain.gguf"), "--outtype", "f16"], capture_output=True, text=True)
+    assert plain.returncode != 0 and "BPE pre-tokenizer was not recognized" in plain.stderr + plain.stdout
+    step("quantune.gguf_convert", "--recipe", str(RECIPES / "gguf_f16_qwen.yaml"), "--out", str(tmp_path / "out"),
+         "--merged", str(model), "--set", f"results.tiny={results_root}")
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["pre_tokenizer_fallback"] == "qwen2" and m["gguf_architecture"] == "qwen2", m
+    assert m["gguf_tokenizer_model"] == "gpt2" and m["tokenizer_check_agree"] == m["tokenizer_check_texts"] == 32, m
+    pre = gguf.GGUFReader(tmp_path / "out" / "model-f16.gguf").get_field("tokenizer.ggml.pre")
+    assert bytes(pre.parts[pre.data[0]]).decode() == "qwen2"
+
+
 # ---------------------------------------------------------------- quantize: sizes and tensor types
 
 def test_q4_0_is_smaller_than_f16_by_the_block_ratio(chain):

@@ -1,7 +1,10 @@
 """The workflow as a user drives it: dry runs of every target at both scales, config errors, and the
 tiny world built for real (the session fixture `tiny_world`)."""
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -19,9 +22,16 @@ def targets(scale):
 
 @pytest.mark.parametrize("scale", ["tiny", "shape", "full"])
 def test_every_target_resolves_in_a_dry_run(scale, tmp_path):
-    r = snakemake("-n", *targets(scale), "--config", f"scale={scale}", results=tmp_path)
+    r = snakemake("-n", "-p", *targets(scale), "--config", f"scale={scale}", results=tmp_path)
     out = r.stdout + r.stderr
     assert "This was a dry-run" in out
+    # every command a job would run names a stage module there is, with options its parser knows
+    commands = {m.group(1): m.group(2) for m in re.finditer(r"python -m (quantune\.\w+) (\w[\w-]*|--[\w-]+)", out)}
+    assert len(commands) >= 10, commands
+    for module, first in commands.items():
+        h = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        assert h.returncode == 0 and first in h.stdout, f"{module}: {(h.stderr or h.stdout)[-500:]}"
     for name in targets(scale):
         if name not in ("all", "tiny_world"):
             assert f"{name}/metrics.json" in out, f"{name} does not lead to its metrics.json"

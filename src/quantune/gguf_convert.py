@@ -44,6 +44,17 @@ def hf_special_tokens(hf_dir: str | Path) -> dict:
                                 tok.bos_token_id, tok.eos_token_id)
 
 
+# BPE pre-tokenizers that transformers fixes by tokenizer class, whatever the vocabulary, by llama.cpp's name for
+# them: used when the converter does not know the vocabulary's hash (lib/llamacpp_convert.py)
+PRE_TOKENIZER_OF_CLASS = {"Qwen2Tokenizer": "qwen2"}
+
+
+def pre_tokenizer_fallback(hf_dir: str | Path) -> str | None:
+    from transformers import AutoTokenizer
+
+    return PRE_TOKENIZER_OF_CLASS.get(type(AutoTokenizer.from_pretrained(str(hf_dir))).__name__)
+
+
 @contextlib.contextmanager
 def converter_view(src: Path, special: dict):
     """The model directory as the converter reads it: every file linked, and tokenizer_config.json stating
@@ -118,10 +129,12 @@ def convert(recipe_path: str, out: str, cfg: dict, merged: str | None = None) ->
     os.close(fd)
     t0 = time.time()
     special = hf_special_tokens(src)
+    pre = pre_tokenizer_fallback(src)
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # the converter's own gguf-py
     with converter_view(src, special) as view:
-        cmd = [sys.executable, str(conv / "convert_hf_to_gguf.py"), str(view), "--outfile", tmp,
-               "--outtype", recipe["outtype"]]
+        run = ([sys.executable, "-m", "quantune.lib.llamacpp_convert", str(conv), pre] if pre
+               else [sys.executable, str(conv / "convert_hf_to_gguf.py")])
+        cmd = [*run, str(view), "--outfile", tmp, "--outtype", recipe["outtype"]]
         print("+", " ".join(cmd), flush=True)
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     sys.stdout.write(r.stdout[-20000:])
@@ -153,7 +166,8 @@ def convert(recipe_path: str, out: str, cfg: dict, merged: str | None = None) ->
                "outtype": recipe["outtype"], "gguf_path": str(final), "converter": str(conv),
                "converter_release": (conv / "VERSION").read_text().strip(), "convert_seconds": convert_s,
                **tensor_summary(info, final), **tokcheck,
-               "hf_adds_bos": special["adds_bos"], "hf_adds_eos": special["adds_eos"]}
+               "hf_adds_bos": special["adds_bos"], "hf_adds_eos": special["adds_eos"],
+               "pre_tokenizer_fallback": pre or "none"}
     write_tb(outp, {"quant/gguf_file_mb": metrics["gguf_file_bytes"] / 2**20,
                      "quant/bits_per_weight": metrics["gguf_bits_per_weight"]}, metrics)
     return write_metrics(outp / "metrics.json", metrics)
