@@ -381,6 +381,23 @@ def test_quant_compare_table_csv_and_plot(built, results_root):
     assert "Nothing to be done" in r.stdout + r.stderr
 
 
+def test_readme_tiny_block_is_regenerated_from_the_built_metrics(built, results_root, tmp_path):
+    """scripts/readme_tiny.py rewrites the README's tiny quantization block from results/: every method's
+    perplexity, even part and KL as the metrics.json files hold them, and --check tells a stale block apart."""
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n  <!-- tiny:quant -->\n  old\n  <!-- /tiny:quant -->\nrest\n", encoding="utf-8")
+    cmd = [sys.executable, str(ROOT / "scripts" / "readme_tiny.py"), "--results", str(results_root), "--readme",
+           str(readme)]
+    assert subprocess.run(cmd + ["--check"], capture_output=True).returncode == 1
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    text = readme.read_text(encoding="utf-8")
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "  old\n" not in text
+    for name, m in built.items():
+        if name.split("_")[0] in ("rtn", "gptq", "awq"):
+            assert f"{m['ppl_quant']:.3f}" in text and f"{m['ppl_even']:.3f} / {m['kl_vs_base']:.2e}" in text, name
+    assert subprocess.run(cmd + ["--check"], capture_output=True).returncode == 0
+
+
 def test_full_scale_compare_shows_paper_anchors(tmp_path, monkeypatch):
     """At full scale the table puts the published numbers beside the measured ones (fake metrics here: the
     formatting, not the measurement, is under test)."""

@@ -34,11 +34,8 @@ def special_tokens_added(ids_plain: list[int], ids_special: list[int], bos: int 
     return {"adds_bos": adds_bos, "adds_eos": adds_eos}
 
 
-def hf_special_tokens(hf_dir: str | Path) -> dict:
+def hf_special_tokens(tok) -> dict:
     """What the transformers tokenizer the model was trained and scored with adds to a text (BOS, EOS)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(hf_dir))
     probe = "a b"
     return special_tokens_added(tok(probe, add_special_tokens=False)["input_ids"], tok(probe)["input_ids"],
                                 tok.bos_token_id, tok.eos_token_id)
@@ -49,10 +46,8 @@ def hf_special_tokens(hf_dir: str | Path) -> dict:
 PRE_TOKENIZER_OF_CLASS = {"Qwen2Tokenizer": "qwen2"}
 
 
-def pre_tokenizer_fallback(hf_dir: str | Path) -> str | None:
-    from transformers import AutoTokenizer
-
-    return PRE_TOKENIZER_OF_CLASS.get(type(AutoTokenizer.from_pretrained(str(hf_dir))).__name__)
+def pre_tokenizer_fallback(tok) -> str | None:
+    return PRE_TOKENIZER_OF_CLASS.get(type(tok).__name__)
 
 
 @contextlib.contextmanager
@@ -74,14 +69,11 @@ def converter_view(src: Path, special: dict):
         yield view
 
 
-def hf_vs_llamacpp_tokens(gguf_path: str | Path, hf_dir: str | Path, texts: list[str]) -> dict:
+def hf_vs_llamacpp_tokens(gguf_path: str | Path, hf, texts: list[str]) -> dict:
     """Tokenize the same texts as each runtime feeds them to the model, special tokens included: transformers'
     tokenizer and llama.cpp's (from the GGUF's vocab and its add_bos / add_eos flags). A wrong vocab mapping
     (e.g. a pre-tokenizer forced onto an unknown hash) or a BOS only one of them adds changes the ids silently."""
-    from transformers import AutoTokenizer
-
     llama_cpp = import_llama_cpp()
-    hf = AutoTokenizer.from_pretrained(str(hf_dir))
     llm = llama_cpp.Llama(str(gguf_path), vocab_only=True, verbose=False)
     agree, first_diff = 0, ""
     n_tokens = 0
@@ -113,6 +105,8 @@ def check_texts(cfg: dict, recipe: dict, n: int) -> list[str]:
 
 
 def convert(recipe_path: str, out: str, cfg: dict, merged: str | None = None) -> dict:
+    from transformers import AutoTokenizer
+
     from .lib.config import load_recipe
 
     recipe = load_recipe(recipe_path, cfg)
@@ -128,8 +122,9 @@ def convert(recipe_path: str, out: str, cfg: dict, merged: str | None = None) ->
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=outp)
     os.close(fd)
     t0 = time.time()
-    special = hf_special_tokens(src)
-    pre = pre_tokenizer_fallback(src)
+    tok = AutoTokenizer.from_pretrained(str(src))  # what the model was trained and is scored with
+    special = hf_special_tokens(tok)
+    pre = pre_tokenizer_fallback(tok)
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # the converter's own gguf-py
     with converter_view(src, special) as view:
         run = ([sys.executable, "-m", "quantune.lib.llamacpp_convert", str(conv), pre] if pre
@@ -147,7 +142,7 @@ def convert(recipe_path: str, out: str, cfg: dict, merged: str | None = None) ->
     convert_s = time.time() - t0
     try:  # checked before the file takes its final name: a failed check leaves no GGUF behind
         info = read_gguf(tmp)
-        tokcheck = hf_vs_llamacpp_tokens(tmp, src, texts)
+        tokcheck = hf_vs_llamacpp_tokens(tmp, tok, texts)
         bad = tokcheck["tokenizer_check_texts"] - tokcheck["tokenizer_check_agree"]
         if bad and recipe["require_same_tokens"]:
             raise fail(f"{recipe_path}: key require_same_tokens", f"llama.cpp tokenizes {bad} of "
