@@ -81,3 +81,8 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(small_world, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "b" / "m" / "metrics.json").read_text())["ppl_heldout"] == pytest.approx(
         whole["ppl_heldout"])
+    # a checkpoint saved with other settings is not resumed: the schedule it was part of is not this one's
+    pretrain("gpt2", SPEC, HP, str(d / "bpe"), str(d / "corpus"), str(tmp_path / "c" / "m"), stop_after=5)
+    fresh = pretrain("gpt2", SPEC, {**HP, "lr": HP["lr"] / 2}, str(d / "bpe"), str(d / "corpus"),
+                     str(tmp_path / "c" / "m"))
+    assert fresh["resumed_from_step"] == 0

@@ -4,6 +4,7 @@ checkpointed and resumable.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -22,17 +23,19 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 
 
 class Checkpointer:
-    """Saves model + optimizer + step + RNG state atomically; a rerun resumes from the last save."""
+    """Saves model + optimizer + step + RNG state atomically; a rerun resumes from the last save, unless that save
+    was made with other settings (steps, learning rate, model spec ...): it then starts again from step 0."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, settings: dict | None = None):
         self.path = Path(path)
+        self.settings = json.loads(json.dumps(settings or {}, sort_keys=True))
 
     def save(self, step: int, model, optim, gen=None) -> None:
         import torch
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        torch.save({"step": step, "model": model.state_dict(), "optim": optim.state_dict(),
+        torch.save({"step": step, "settings": self.settings, "model": model.state_dict(), "optim": optim.state_dict(),
                     "rng": torch.get_rng_state(), "gen": gen.get_state() if gen is not None else None}, tmp)
         os.replace(tmp, self.path)
 
@@ -42,6 +45,10 @@ class Checkpointer:
         if not self.path.is_file():
             return 0
         state = torch.load(self.path, map_location="cpu", weights_only=False)
+        if state.get("settings") != self.settings:
+            print(f"checkpoint {self.path} (step {state['step']}) was saved with other settings; starting from step 0",
+                  flush=True)
+            return 0
         model.load_state_dict(state["model"])
         optim.load_state_dict(state["optim"])
         torch.set_rng_state(state["rng"])
@@ -138,7 +145,8 @@ def pretrain(family: str, spec: dict, hp: dict, tokenizer_dir: str, corpus_dir: 
 
     ppl_untrained = _heldout_ppl(model, test_ids, seq, seq2seq)
     optim = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=0.01, betas=(0.9, 0.95))
-    ckpt = Checkpointer(Path(out).parent / ".checkpoints" / f"{Path(out).name}.pt")
+    ckpt = Checkpointer(Path(out).parent / ".checkpoints" / f"{Path(out).name}.pt",
+                        {"family": family, "spec": spec, "hp": hp})
     gen = torch.Generator().manual_seed(hp["seed"])
     start = ckpt.load(model, optim, gen)
     if start:

@@ -1,0 +1,131 @@
+"""QLoRA speed against the seed's configuration, through the lora_sft stage's own run (issue 17's bench): the
+`linear` and `cosine` recipes (seed 000's QLoRA of ChatGLM3-6B on AdvertiseGen) as committed, and variants that
+change only how the same rows are computed: the same rows per optimizer step, learning-rate schedule, steps,
+seed and data order, and the Trainer's loss (a token-level mean over the optimizer step's rows).
+
+    python bench/qlora_speed.py --out bench/results                     # scale shape, on the GPU machine
+    python bench/qlora_speed.py --scale tiny --out /tmp/qs              # the same code on the tiny GLM, CPU
+    python bench/qlora_speed.py --settings linear --variants fast --out DIR   # seed and one variant
+
+Variants (recipe overrides; `seed` twice, so that the loss tolerance is the seed configuration's own run-to-run
+spread): seed, packed (padding-free rows: padding packed), no_gc (gradient checkpointing off), one_micro_batch
+(the optimizer step's rows in one micro-batch: batch x accumulation, accumulation 1, checkpointing off), fast
+(packed + one micro-batch + checkpointing off), lean (packed, checkpointing on, the seed's micro-batch).
+Each run is the stage's `train` on a copy of the recipe in a temporary directory (scale shape: the shape caps'
+steps; logging and loss recording at every step). Writes qlora_speed.json (rows: setting, variant, overrides,
+real_tokens_per_s, seconds_per_step, peak_gib, loss at each step, gpu) and qlora_speed.md with the ratios to the
+first seed run and each variant's largest per-step loss difference from it against the two seed runs' difference.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = {"linear": "qlora_chatglm_linear", "cosine": "qlora_chatglm_cosine"}
+
+
+def variants(r: dict) -> dict[str, dict]:
+    one = {"per_device_train_batch_size": r["per_device_train_batch_size"] * r["gradient_accumulation_steps"],
+           "gradient_accumulation_steps": 1}
+    return {
+        "seed": {}, "seed_again": {},
+        "packed": {"padding": "packed"},
+        "no_gc": {"gradient_checkpointing": False},
+        "one_micro_batch": {**one, "gradient_checkpointing": False},
+        "fast": {**one, "gradient_checkpointing": False, "padding": "packed"},
+        "lean": {"padding": "packed", "gradient_checkpointing": True},
+    }
+
+
+def run_one(name: str, variant: str, over: dict, cfg: dict, tmp: Path) -> dict:
+    from quantune.lora_sft import train
+
+    r = yaml.safe_load((ROOT / "recipes" / f"{name}.yaml").read_text(encoding="utf-8"))
+    keys = {"logging_steps": 1, "record_losses": True, "save_steps": 10_000, "max_eval_samples": 8, **over}
+    if cfg["scale"] == "tiny":  # the tiny block wins over the recipe's keys at tiny scale
+        r.setdefault("tiny", {}).update(max_steps=12, **keys)
+    else:  # scale shape: the shape caps bound the steps (shape_world.caps.max_steps)
+        r.update(keys)
+    d = tmp / variant
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{name}.yaml"  # keeps the recipe's name: its checks apply
+    path.write_text(yaml.safe_dump(r, allow_unicode=True), encoding="utf-8")
+    m = train(str(path), str(d / "out"), cfg)
+    losses = {int(k[len("loss_step"):]): v for k, v in m.items() if k.startswith("loss_step")}
+    return {"setting": name, "variant": variant, "overrides": over, "scale": cfg["scale"],
+            "batch": f"{m['batch_size']} x {m['gradient_accumulation_steps']}", "padding": m["padding"],
+            "gradient_checkpointing": m["gradient_checkpointing"], "steps": m["global_step"],
+            "real_tokens_per_s": m["tokens_per_s"], "tokens_counted": m["tokens_counted"],
+            "seconds_per_step": m.get("seconds_per_step"), "peak_gib": round(m["peak_mem_mb"] / 1024, 3),
+            "peak_mem_kind": m["peak_mem_kind"], "losses": [losses[s] for s in sorted(losses)],
+            "device": m["device"], "gpu": gpu_name()}
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def max_diff(a: list[float], b: list[float]) -> float:
+    return max((abs(x - y) for x, y in zip(a, b)), default=float("nan"))
+
+
+def write(rows: list[dict], out: Path) -> None:
+    from quantune.lib.tables import markdown_table
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "qlora_speed.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    md = ["# QLoRA speed against the seed's configuration (lora_sft stage)", "",
+          "`python bench/qlora_speed.py --out bench/results`: each variant is the stage's run of the recipe with only "
+          "the listed keys changed (same rows per optimizer step, schedule, steps, seed, data order). Ratios are "
+          "against the first `seed` run; loss diff: the largest per-step difference from it, beside the two seed "
+          "runs' own.", ""]
+    for name in dict.fromkeys(r["setting"] for r in rows):
+        rs = [r for r in rows if r["setting"] == name]
+        base = rs[0]
+        noise = next((max_diff(r["losses"], base["losses"]) for r in rs if r["variant"] == "seed_again"), None)
+        md += [f"## {name} ({base['scale']}, {base['gpu']}; seed runs' loss spread: "
+               f"{'-' if noise is None else f'{noise:.2e}'})", ""]
+        md += markdown_table(
+            ["variant", "batch", "padding", "checkpointing", "real tokens/s", "x seed", "s / step", "peak GiB",
+             "x seed peak", "max loss diff"],
+            [[r["variant"], r["batch"], r["padding"], r["gradient_checkpointing"], f"{r['real_tokens_per_s']:.0f}",
+              f"{r['real_tokens_per_s'] / base['real_tokens_per_s']:.2f}", f"{r['seconds_per_step']:.3f}",
+              r["peak_gib"], f"{r['peak_gib'] / base['peak_gib']:.2f}", f"{max_diff(r['losses'], base['losses']):.2e}"]
+             for r in rs]) + [""]
+    (out / "qlora_speed.md").write_text("\n".join(md), encoding="utf-8")
+
+
+def main(argv=None) -> int:
+    from quantune.lib.config import load_config, load_recipe
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--variants", nargs="*", default=None, help="only these variants (seed always runs first)")
+    p.add_argument("--scale", default="shape", choices=["tiny", "shape"])
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override (dotted keys)")
+    a = p.parse_args(argv)
+    cfg = load_config(overrides={"scale": a.scale, **dict(kv.split("=", 1) for kv in a.set)})
+    rows = []
+    (ROOT / "results").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="qlora-speed-", dir=ROOT / "results") as tmp:
+        for s in a.settings:
+            name = SETTINGS[s]
+            for v, over in variants(load_recipe(ROOT / "recipes" / f"{name}.yaml", cfg)).items():
+                if a.variants and v != "seed" and v not in a.variants:
+                    continue
+                print(f"qlora_speed: {name} {v} {over}", flush=True)
+                rows.append(run_one(name, v, over, cfg, Path(tmp) / s))
+                write(rows, a.out)  # after each run: a later failure keeps what finished
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
