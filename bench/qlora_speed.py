@@ -10,7 +10,9 @@ seed and data order, and the Trainer's loss (a token-level mean over the optimiz
 Variants (recipe overrides; `seed` twice, so that the loss tolerance is the seed configuration's own run-to-run
 spread): seed, packed (padding-free rows: padding packed), no_gc (gradient checkpointing off), one_micro_batch
 (the optimizer step's rows in one micro-batch: batch x accumulation, accumulation 1, checkpointing off), fast
-(packed + one micro-batch + checkpointing off), lean (packed, checkpointing on, the seed's micro-batch).
+(packed + one micro-batch + checkpointing off), lean (packed, checkpointing on, the seed's micro-batch),
+max_length (every row padded to the length limits). A variant that fails (out of GPU memory) is a row with its
+one-line error; the next one still runs.
 Each run is the stage's `train` on a copy of the recipe in a temporary directory (scale shape: the shape caps'
 steps; logging and loss recording at every step). Writes qlora_speed.json (rows: setting, variant, overrides,
 real_tokens_per_s, seconds_per_step, peak_gib, loss at each step, gpu) and qlora_speed.md with the ratios to the
@@ -39,6 +41,7 @@ def variants(r: dict) -> dict[str, dict]:
         "one_micro_batch": {**one, "gradient_checkpointing": False},
         "fast": {**one, "gradient_checkpointing": False, "padding": "packed"},
         "lean": {"padding": "packed", "gradient_checkpointing": True},
+        "max_length": {"padding": "max_length"},  # every row padded to prompt + answer limits (what the seed avoided)
     }
 
 
@@ -66,6 +69,18 @@ def run_one(name: str, variant: str, over: dict, cfg: dict, tmp: Path) -> dict:
             "device": m["device"], "gpu": gpu_name()}
 
 
+def reset_gpu() -> None:
+    """Free what a failed run left on the GPU and restart the peak counter, so the next variant measures its own."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
 def gpu_name() -> str:
     import torch
 
@@ -87,7 +102,11 @@ def write(rows: list[dict], out: Path) -> None:
           "against the first `seed` run; loss diff: the largest per-step difference from it, beside the two seed "
           "runs' own.", ""]
     for name in dict.fromkeys(r["setting"] for r in rows):
-        rs = [r for r in rows if r["setting"] == name]
+        failed = [r for r in rows if r["setting"] == name and "error" in r]
+        rs = [r for r in rows if r["setting"] == name and "error" not in r]
+        if not rs or rs[0]["variant"] != "seed":
+            md += [f"## {name}", "", *(f"- {r['variant']}: failed: {r['error']}" for r in failed), ""]
+            continue
         base = rs[0]
         noise = next((max_diff(r["losses"], base["losses"]) for r in rs if r["variant"] == "seed_again"), None)
         md += [f"## {name} ({base['scale']}, {base['gpu']}; seed runs' loss spread: "
@@ -98,11 +117,12 @@ def write(rows: list[dict], out: Path) -> None:
             [[r["variant"], r["batch"], r["padding"], r["gradient_checkpointing"], f"{r['real_tokens_per_s']:.0f}",
               f"{r['real_tokens_per_s'] / base['real_tokens_per_s']:.2f}", f"{r['seconds_per_step']:.3f}",
               r["peak_gib"], f"{r['peak_gib'] / base['peak_gib']:.2f}", f"{max_diff(r['losses'], base['losses']):.2e}"]
-             for r in rs]) + [""]
+             for r in rs]) + [""] + [f"- {r['variant']}: failed: {r['error']}" for r in failed] + [""]
     (out / "qlora_speed.md").write_text("\n".join(md), encoding="utf-8")
 
 
 def main(argv=None) -> int:
+    from quantune.lib.common import QuantuneError, out_of_memory_line
     from quantune.lib.config import load_config, load_recipe
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,7 +142,15 @@ def main(argv=None) -> int:
                 if a.variants and v != "seed" and v not in a.variants:
                     continue
                 print(f"qlora_speed: {name} {v} {over}", flush=True)
-                rows.append(run_one(name, v, over, cfg, Path(tmp) / s))
+                try:
+                    rows.append(run_one(name, v, over, cfg, Path(tmp) / s))
+                except Exception as e:  # a one-line error of the stage, or out of GPU memory as the CLI says it
+                    if not isinstance(e, QuantuneError) and type(e).__name__ != "OutOfMemoryError":
+                        raise
+                    line = str(e) if isinstance(e, QuantuneError) else out_of_memory_line(f"{name} {v}", e)
+                    rows.append({"setting": name, "variant": v, "overrides": over, "error": line})
+                finally:
+                    reset_gpu()
                 write(rows, a.out)  # after each run: a later failure keeps what finished
     return 0
 

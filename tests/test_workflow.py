@@ -25,13 +25,18 @@ def test_every_target_resolves_in_a_dry_run(scale, tmp_path):
     r = snakemake("-n", "-p", *targets(scale), "--config", f"scale={scale}", results=tmp_path)
     out = r.stdout + r.stderr
     assert "This was a dry-run" in out
-    # every command a job would run names a stage module there is, with options its parser knows
-    commands = {m.group(1): m.group(2) for m in re.finditer(r"python -m (quantune\.\w+) (\w[\w-]*|--[\w-]+)", out)}
-    assert len(commands) >= 10, commands
-    for module, first in commands.items():
-        h = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
-                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-        assert h.returncode == 0 and first in h.stdout, f"{module}: {(h.stderr or h.stdout)[-500:]}"
+    # every command a job would run names a stage module there is, with a subcommand and options its parser knows
+    options: dict[tuple[str, str], set[str]] = {}
+    for m in re.finditer(r"python -m (quantune\.\w+) ([^>\n]*)", out):
+        words = m.group(2).split()
+        sub = words[0] if words and not words[0].startswith("-") else ""
+        options.setdefault((m.group(1), sub), set()).update(w.split("=")[0] for w in words if w.startswith("--"))
+    assert len({module for module, _ in options}) >= 10, options
+    for (module, sub), opts in options.items():
+        h = subprocess.run([sys.executable, "-m", module, *([sub] if sub else []), "--help"], cwd=ROOT,
+                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        assert h.returncode == 0, f"{module} {sub}: {(h.stderr or h.stdout)[-500:]}"
+        assert all(o in h.stdout for o in opts), (module, sub, sorted(o for o in opts if o not in h.stdout))
     for name in targets(scale):
         if name not in ("all", "tiny_world"):
             assert f"{name}/metrics.json" in out, f"{name} does not lead to its metrics.json"
