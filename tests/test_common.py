@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from conftest import ROOT
 from quantune.lib.common import atomic_dir, atomic_write_text, read_json, write_metrics, QuantuneError
 
 
@@ -73,3 +74,19 @@ def test_out_of_gpu_memory_is_one_line_naming_the_recipe_and_the_keys(capsys):
     assert len(err.splitlines()) == 1, err
     assert err.startswith("quantune: error: recipes/qlora_chatglm_cosine.yaml: out of GPU memory")
     assert "Tried to allocate 3.00 GiB" in err and "fix: lower per_device_train_batch_size" in err
+
+
+def test_compare_metrics_leaves_out_run_to_run_keys_and_finds_changed_values():
+    """scripts/compare_metrics.py: timings, peaks and provenance may differ; values, renamed or not, may not."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_metrics", ROOT / "scripts" / "compare_metrics.py")
+    cm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cm)
+    before = {"stage": "x", "ppl": 10.5, "tokens_per_s": 100.0, "peak_mem_mb": 5.0, "git_commit": "a",
+              "r4_eval_loss": 2.0, "version_torch": "1"}
+    after = {"stage": "x", "ppl": 10.5, "tokens_per_s": 90.0, "peak_mem_mb": 6.0, "git_commit": "b",
+             "runs": {"4": {"eval_loss": 2.0}}, "version_torch": "2"}
+    assert cm.compare(before, after) == []
+    assert cm.compare(before, {**after, "ppl": 10.6}) == ["ppl: 10.5 -> 10.6"]
+    assert "renamed keys differ" in cm.compare(before, {**after, "runs": {"4": {"eval_loss": 2.5}}})[0]
