@@ -407,3 +407,15 @@ def test_the_chain_resolves_in_a_dry_run(scale, tmp_path):
     assert "lora_sft_qwen" in jobs, "the chain does not start from the LoRA SFT target"
     if full:
         assert "tiny_pretrain" not in out, "full scale must not build the tiny world"
+
+
+@pytest.mark.slow
+def test_the_chain_builds_through_snakemake(tiny_world, results_root):
+    """The chain as `snakemake gguf_eval` runs it: the rules' commands, inputs and outputs, not only the steps."""
+    snakemake("gguf_eval", "--rerun-triggers", "mtime", "params", "input", results=results_root)
+    chain = ["lora_sft_qwen", "merge_lora_qwen", "gguf_f16_qwen", "gguf_q8_0", "gguf_q4_k_m", "gguf_q4_0", "gguf_eval"]
+    m = {n: json.loads((results_root / n / "metrics.json").read_text()) for n in chain}
+    assert m["gguf_f16_qwen"]["tokenizer_check_agree"] == m["gguf_f16_qwen"]["tokenizer_check_texts"] > 0
+    for n in ("gguf_q8_0", "gguf_q4_k_m", "gguf_q4_0"):
+        assert Path(m[n]["gguf_path"]).is_file() and m[n]["gguf_in_file_bytes"] == m["gguf_f16_qwen"]["gguf_file_bytes"]
+    assert {k for k in m["gguf_eval"] if k.endswith("_file_bytes")} >= {f"{n}_file_bytes" for n in chain[2:6]}
