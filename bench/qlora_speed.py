@@ -15,8 +15,9 @@ max_length (every row padded to the length limits). A variant that fails (out of
 one-line error; the next one still runs.
 Each run is the stage's `train` on a copy of the recipe in a temporary directory (scale shape: the shape caps'
 steps; logging and loss recording at every step). Writes qlora_speed.json (rows: setting, variant, overrides,
-real_tokens_per_s, seconds_per_step, peak_gib, loss at each step, gpu) and qlora_speed.md with the ratios to the
-first seed run and each variant's largest per-step loss difference from it against the two seed runs' difference.
+real_tokens_per_s, pad_fraction, seconds_per_step, peak_gib, loss at each step, gpu) and qlora_speed.md with the
+ratios to the first seed run and each variant's largest per-step loss difference from it against the two seed
+runs' difference.
 """
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ def run_one(name: str, variant: str, over: dict, cfg: dict, tmp: Path) -> dict:
     return {"setting": name, "variant": variant, "overrides": over, "scale": cfg["scale"],
             "batch": f"{m['batch_size']} x {m['gradient_accumulation_steps']}", "padding": m["padding"],
             "gradient_checkpointing": m["gradient_checkpointing"], "steps": m["global_step"],
-            "real_tokens_per_s": m["tokens_per_s"], "tokens_counted": m["tokens_counted"],
+            "real_tokens_per_s": m.get("real_tokens_per_s", m["tokens_per_s"]), "pad_fraction": m.get("pad_fraction"),
+            "computed_tokens_per_s": m.get("computed_tokens_per_s"),
             "seconds_per_step": m.get("seconds_per_step"), "peak_gib": round(m["peak_mem_mb"] / 1024, 3),
             "peak_mem_kind": m["peak_mem_kind"], "losses": [losses[s] for s in sorted(losses)],
             "device": m["device"], "gpu": gpu_name()}
@@ -112,9 +114,10 @@ def write(rows: list[dict], out: Path) -> None:
         md += [f"## {name} ({base['scale']}, {base['gpu']}; seed runs' loss spread: "
                f"{'-' if noise is None else f'{noise:.2e}'})", ""]
         md += markdown_table(
-            ["variant", "batch", "padding", "checkpointing", "real tokens/s", "x seed", "s / step", "peak GiB",
-             "x seed peak", "max loss diff"],
+            ["variant", "batch", "padding", "checkpointing", "real tokens/s", "padding computed", "x seed", "s / step",
+             "peak GiB", "x seed peak", "max loss diff"],
             [[r["variant"], r["batch"], r["padding"], r["gradient_checkpointing"], f"{r['real_tokens_per_s']:.0f}",
+              "-" if r["pad_fraction"] is None else f"{r['pad_fraction']:.1%}",
               f"{r['real_tokens_per_s'] / base['real_tokens_per_s']:.2f}", f"{r['seconds_per_step']:.3f}",
               r["peak_gib"], f"{r['peak_gib'] / base['peak_gib']:.2f}", f"{max_diff(r['losses'], base['losses']):.2e}"]
              for r in rs]) + [""] + [f"- {r['variant']}: failed: {r['error']}" for r in failed] + [""]

@@ -297,6 +297,11 @@ def test_packed_training_follows_the_padded_run_step_for_step(tiny_world, result
     assert abs(pack["eval_loss"] - pad["eval_loss"]) <= tol, (pack["eval_loss"], pad["eval_loss"])
     assert pad["tokens_counted"] == pack["tokens_counted"] == "non_padding"
     assert pack["tokens_seen"] == pad["tokens_seen"]  # real tokens both: the packed batch has no pads
+    # the stage's own count of the positions computed: the padded batches computed pads, the packed ones none
+    assert pad["input_tokens_real"] == pack["input_tokens_real"] == pack["input_tokens_computed"] == pad["tokens_seen"], (
+        pad["input_tokens_real"], pack["input_tokens_computed"], pad["tokens_seen"])
+    assert pack["pad_fraction"] == 0 and 0 < pad["pad_fraction"] < 1, (pad["pad_fraction"], pack["pad_fraction"])
+    assert pad["input_tokens_computed"] * (1 - pad["pad_fraction"]) == pytest.approx(pad["input_tokens_real"])
 
 
 def test_adapters_train_and_beat_the_untuned_base(tiny_world, results_root):

@@ -38,8 +38,8 @@ from .lib.lora import peft_trainable_line
 from .lib.models import pick_device, set_cpu_threads
 from .lib.plots import plot_losses
 from .lib.prompts import ANSWER_FIELD, IGNORE_INDEX, SFTCollator, build_split, template_of
-from .lib.trainer import (complete_checkpoints, fingerprint, keep_checkpoints_of, run_record, tokens_counting,
-                          total_optimizer_steps)
+from .lib.trainer import (TokenCount, complete_checkpoints, counting_trainer, fingerprint, keep_checkpoints_of,
+                          run_record, tokens_counting, total_optimizer_steps)
 
 
 def _fmt_of(cfg: dict, recipe: dict) -> str:
@@ -213,7 +213,6 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
     file's; after_train(model, tok, recipe, device) -> dict of extra metrics (key `_generations`: rows written to
     generations.jsonl), called after training and evaluation, before the outputs are written."""
     import torch
-    from transformers import Trainer
 
     from .lib.tb import TBWriter, peak_memory_mb, trainer_callback
 
@@ -239,12 +238,13 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
     cdt = compute_dtype(r, device)
     tb_dir = ckpt_root / "tb"
     writer = TBWriter(tb_dir, r["name"])
+    count = TokenCount()
     rec = run_record()
     if r["padding"] == "packed":  # transformers builds the packed rows' block-diagonal mask only without a KV cache
         model.config.use_cache = False
-    trainer = Trainer(model=model, args=training_arguments(job, ckpt_root, steps, warmup, cdt), train_dataset=train_ds,
-                      eval_dataset=eval_ds, data_collator=collator_for(job, tok),
-                      callbacks=[trainer_callback(writer), rec])
+    trainer = counting_trainer(count)(
+        model=model, args=training_arguments(job, ckpt_root, steps, warmup, cdt), train_dataset=train_ds,
+        eval_dataset=eval_ds, data_collator=collator_for(job, tok), callbacks=[trainer_callback(writer), rec])
     if resume:
         print(f"resuming {r['name']} from {resume}")
     ev0 = {}
@@ -256,6 +256,12 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
     peak = peak_memory_mb()
     ev = trainer.evaluate() if eval_ds is not None else {}
     metrics = run_metrics(job, trainer, rec, dict(result.metrics), ev, ev0)
+    if count.computed:  # this run's input positions: all computed, and those holding a real token
+        runtime = metrics["train_runtime"]
+        metrics.update(input_tokens_computed=count.computed, input_tokens_real=count.real,
+                       pad_fraction=1.0 - count.real / count.computed,
+                       computed_tokens_per_s=count.computed / runtime if runtime else None,
+                       real_tokens_per_s=count.real / runtime if runtime else None)
     trainable, total = model.get_nb_trainable_parameters()
     metrics.update(params_trainable=trainable, params_total=total, params_trainable_pct=100.0 * trainable / max(total, 1),
                    train_rows=len(train_ds), eval_rows=len(eval_ds) if eval_ds is not None else 0,
@@ -270,7 +276,9 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
         gens = extra.pop("_generations", None)
         metrics.update(extra)
     writer.scalars({"eval/loss": metrics["eval_loss"], "eval/ppl": metrics["eval_ppl"],
-                    "system/tokens_per_s": metrics["tokens_per_s"]}, trainer.state.global_step)
+                    "system/tokens_per_s": metrics["tokens_per_s"],
+                    **({"system/pad_fraction": metrics["pad_fraction"]} if "pad_fraction" in metrics else {})},
+                   trainer.state.global_step)
     writer.final({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
                  trainer.state.global_step)
     writer.close()

@@ -84,6 +84,34 @@ def tokens_counting() -> Any:
     return "non_padding" if "non_padding" in (TrainingArguments.__doc__ or "") else True
 
 
+class TokenCount:
+    """The input positions of the batches a run trained on: all of them (`computed`, padding included) and those
+    holding a real token (`real`: the attention mask's ones; a packed batch has no mask and no padding). Counted in
+    the training step (counting_trainer), not in the collator, which also sees the batch the data loader fetches
+    ahead and never trains on."""
+
+    def __init__(self):
+        self.computed, self.real = 0, 0
+
+    def add(self, inputs) -> None:
+        ids = inputs["input_ids"]
+        self.computed += int(ids.numel())
+        mask = inputs.get("attention_mask")
+        self.real += int(mask.sum()) if mask is not None else int(ids.numel())
+
+
+def counting_trainer(count: TokenCount):
+    """transformers' Trainer that adds each micro-batch it trains on to `count`."""
+    from transformers import Trainer
+
+    class _CountingTrainer(Trainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            count.add(inputs)
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    return _CountingTrainer
+
+
 def run_record():
     """A TrainerCallback recording where this run (first or resumed) began, for this run's own tokens/s, and
     the seconds since it began at each logged step."""
