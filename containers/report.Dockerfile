@@ -18,7 +18,7 @@ RUN micromamba create --yes --prefix /opt/env --override-channels --channel cond
 RUN micromamba run --prefix /opt/env python -m pip install --no-cache-dir \
         "tensorboard==2.21.0" \
         "matplotlib==3.11.2" \
-        "pillow==13.0.0" \
+        "pillow==12.3.0" \
         "markdown==3.11.3" \
         "pyyaml==6.0.3" \
         "selenium==4.51.0"

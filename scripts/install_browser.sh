@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 source scripts/lib.sh
-apt_install chromium chromium-driver
+apt_install chromium chromium-driver fonts-wqy-microhei   # a CJK font: the Chinese text of screenshots
 
 VENV_PY=${VENV_PY:-.venv/bin/python}
 if [ -x "$VENV_PY" ]; then

@@ -13,7 +13,7 @@ PY=${PYTHON:-python3}
 # torch first and exactly 2.13.0: on the CPU machines that is a local CPU wheel, never a CUDA build
 .venv/bin/python -m pip install -q "torch==2.13.0"
 # DS_BUILD_OPS=0: DeepSpeed's C++/CUDA ops are compiled on first use, not at install time
-DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -c requirements.lock -e ".[quantize,metrics,clean,deepspeed,dev]"
+DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -c requirements.lock -e ".[quantize,metrics,clean,deepspeed,webui,dev]"
 # the GGUF toolchain (llama-cpp-python built from source, gguf, llama.cpp's converter from the same sdist)
 bash scripts/install_llamacpp.sh
 # a single-node SLURM + MariaDB accounting, the SLURM executor plugin, hadolint, snakefmt, uv (the SLURM and env tests)
