@@ -65,6 +65,23 @@ def test_the_glm_base_and_the_linear_adapter_chat_in_their_formats(app):
     assert list(app.cache.models) == [LINEAR]  # max_models=1: the base was dropped for the adapter
 
 
+def test_the_gguf_and_the_merged_model_chat_in_the_adapters_template(app, results_root):
+    """A GGUF file (llama-cpp-python) and the merged model it came from both render the prompt as lora_sft_qwen
+    trained, found through the recipes' references, and both stream an answer."""
+    from quantune.lib.chat import Settings, stream
+
+    snakemake("gguf_q4_0", *TRIGGERS, results=results_root, timeout=3000)
+    app.reload()
+    gguf, merged = app.models["gguf_q4_0 (GGUF model-Q4_0)"], app.models["merge_lora_qwen (merge)"]
+    adapter = app.models["lora_sft_qwen (LoRA adapter)"]
+    assert gguf.kind == "gguf" and merged.kind == "hf"
+    assert gguf.fmt == merged.fmt == adapter.fmt and gguf.render("hi") == adapter.render("hi") != "hi"
+    for cm in (gguf, merged):
+        text, n, secs = list(stream(cm, app.cache.get(cm), "Give three tips for staying healthy.",
+                                    Settings(max_new_tokens=8)))[-1]
+        assert 0 < n <= 8 and secs > 0, (cm.label, text, n)
+
+
 def test_a_model_that_fails_to_load_is_one_line_and_the_next_still_answers(app, tmp_path):
     from quantune.lib.chat import ChatModel
 

@@ -201,8 +201,9 @@ def _stream_gguf(llm, prompt: str, s: Settings):
     kw = dict(max_tokens=s.max_new_tokens, stream=True, seed=s.seed, repeat_penalty=1.0)
     kw.update(temperature=s.temperature, top_p=s.top_p) if s.sample else kw.update(temperature=0.0, top_k=1)
     for chunk in llm.create_completion(prompt, **kw):
-        out += chunk["choices"][0]["text"]
-        n += 1
+        c = chunk["choices"][0]
+        out += c["text"]
+        n += 1 if c["text"] or c.get("finish_reason") is None else 0  # the closing chunk holds no token
         yield out, n, time.perf_counter() - t0
 
 
