@@ -8,11 +8,11 @@ seed and data order, and the Trainer's loss (a token-level mean over the optimiz
     python bench/qlora_speed.py --settings linear --variants fast --out DIR   # seed and one variant
 
 Variants (recipe overrides; `seed` twice, so that the loss tolerance is the seed configuration's own run-to-run
-spread): seed, packed (padding-free rows: padding packed), no_gc (gradient checkpointing off), one_micro_batch
-(the optimizer step's rows in one micro-batch: batch x accumulation, accumulation 1, checkpointing off), fast
-(packed + one micro-batch + checkpointing off), lean (packed, checkpointing on, the seed's micro-batch),
-max_length (every row padded to the length limits). A variant that fails (out of GPU memory) is a row with its
-one-line error; the next one still runs.
+spread): the recipe's speed modes seed, fast (packed + the step's rows in one micro-batch + checkpointing off)
+and lean (packed, checkpointing on, the written micro-batch), then single switches on the seed configuration:
+packed (padding-free rows), no_gc (gradient checkpointing off), one_micro_batch (batch x accumulation,
+accumulation 1, checkpointing off), max_length (every row padded to the length limits). A variant that fails
+(out of GPU memory) is a row with its one-line error; the next one still runs.
 Each run is the stage's `train` on a copy of the recipe in a temporary directory (scale shape: the shape caps'
 steps; logging and loss recording at every step). Writes qlora_speed.json (rows: setting, variant, overrides,
 real_tokens_per_s, pad_fraction, seconds_per_step, peak_gib, loss at each step, gpu) and qlora_speed.md with the
@@ -35,14 +35,15 @@ SETTINGS = {"linear": "qlora_chatglm_linear", "cosine": "qlora_chatglm_cosine"}
 def variants(r: dict) -> dict[str, dict]:
     one = {"per_device_train_batch_size": r["per_device_train_batch_size"] * r["gradient_accumulation_steps"],
            "gradient_accumulation_steps": 1}
+    seed = {"speed": "seed"}  # the recipe's keys as written (the committed recipes run speed: fast)
     return {
-        "seed": {}, "seed_again": {},
-        "packed": {"padding": "packed"},
-        "no_gc": {"gradient_checkpointing": False},
-        "one_micro_batch": {**one, "gradient_checkpointing": False},
-        "fast": {**one, "gradient_checkpointing": False, "padding": "packed"},
-        "lean": {"padding": "packed", "gradient_checkpointing": True},
-        "max_length": {"padding": "max_length"},  # every row padded to prompt + answer limits (what the seed avoided)
+        "seed": seed, "seed_again": seed,
+        "fast": {"speed": "fast"}, "lean": {"speed": "lean"},  # the recipe's modes (lora_sft.speed_settings)
+        # one switch at a time, on the seed configuration: what each part of fast is worth
+        "packed": {**seed, "padding": "packed"},
+        "no_gc": {**seed, "gradient_checkpointing": False},
+        "one_micro_batch": {**seed, **one, "gradient_checkpointing": False},
+        "max_length": {**seed, "padding": "max_length"},  # every row padded to the length limits (what the seed avoided)
     }
 
 
@@ -61,7 +62,8 @@ def run_one(name: str, variant: str, over: dict, cfg: dict, tmp: Path) -> dict:
     path.write_text(yaml.safe_dump(r, allow_unicode=True), encoding="utf-8")
     m = train(str(path), str(d / "out"), cfg)
     losses = {int(k[len("loss_step"):]): v for k, v in m.items() if k.startswith("loss_step")}
-    return {"setting": name, "variant": variant, "overrides": over, "scale": cfg["scale"],
+    return {"setting": name, "variant": variant, "mode": m["speed"], "speed_changes": m["speed_changes"],
+            "overrides": over, "scale": cfg["scale"],
             "batch": f"{m['batch_size']} x {m['gradient_accumulation_steps']}", "padding": m["padding"],
             "gradient_checkpointing": m["gradient_checkpointing"], "steps": m["global_step"],
             "real_tokens_per_s": m.get("real_tokens_per_s", m["tokens_per_s"]), "pad_fraction": m.get("pad_fraction"),
@@ -114,9 +116,9 @@ def write(rows: list[dict], out: Path) -> None:
         md += [f"## {name} ({base['scale']}, {base['gpu']}; seed runs' loss spread: "
                f"{'-' if noise is None else f'{noise:.2e}'})", ""]
         md += markdown_table(
-            ["variant", "batch", "padding", "checkpointing", "real tokens/s", "padding computed", "x seed", "s / step",
+            ["variant", "mode", "batch", "padding", "checkpointing", "real tokens/s", "padding computed", "x seed", "s / step",
              "peak GiB", "x seed peak", "max loss diff"],
-            [[r["variant"], r["batch"], r["padding"], r["gradient_checkpointing"], f"{r['real_tokens_per_s']:.0f}",
+            [[r["variant"], r["mode"], r["batch"], r["padding"], r["gradient_checkpointing"], f"{r['real_tokens_per_s']:.0f}",
               "-" if r["pad_fraction"] is None else f"{r['pad_fraction']:.1%}",
               f"{r['real_tokens_per_s'] / base['real_tokens_per_s']:.2f}", f"{r['seconds_per_step']:.3f}",
               r["peak_gib"], f"{r['peak_gib'] / base['peak_gib']:.2f}", f"{max_diff(r['losses'], base['losses']):.2e}"]

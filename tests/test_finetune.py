@@ -225,7 +225,9 @@ def test_chatglm3_jobs_get_their_pinned_env_at_full_scale_only(tmp_path):
 # ---------------------------------------------------------------- QLoRA, killed and resumed
 
 @pytest.mark.slow
-def test_steps100_killed_after_a_checkpoint_resumes_from_it(tiny_world, results_root, tmp_path):
+@pytest.mark.parametrize("speed", ["seed", "fast"])
+def test_steps100_killed_after_a_checkpoint_resumes_from_it(tiny_world, results_root, tmp_path, speed):
+    """Killed after a checkpoint, rerun: it resumes there (fast mode too: packed batches, the same data order)."""
     from quantune.lib.common import checkpoint_dir
 
     # a private output directory: the shared results/qlora_chatglm_steps100 target is left alone
@@ -233,8 +235,11 @@ def test_steps100_killed_after_a_checkpoint_resumes_from_it(tiny_world, results_
     ckpts = checkpoint_dir(out)
     recipe = yaml.safe_load(STEPS100.read_text())
     save_steps, max_steps = recipe["tiny"]["save_steps"], recipe["tiny"]["max_steps"]
+    path = tmp_path / "recipes" / STEPS100.name
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump({**recipe, "speed": speed}, allow_unicode=True))
 
-    first = run_step("--recipe", str(STEPS100), "--out", str(out), results_root=results_root,
+    first = run_step("--recipe", str(path), "--out", str(out), results_root=results_root,
                      start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline and first.poll() is None:
@@ -248,7 +253,7 @@ def test_steps100_killed_after_a_checkpoint_resumes_from_it(tiny_world, results_
     killed_at = max(int(p.name.split("-")[1]) for p in ckpts.glob("checkpoint-*"))
     assert killed_at < max_steps and not (out / "metrics.json").exists(), "target must not exist after a kill"
 
-    second = run_step("--recipe", str(STEPS100), "--out", str(out), results_root=results_root)
+    second = run_step("--recipe", str(path), "--out", str(out), results_root=results_root)
     log, _ = second.communicate(timeout=900)
     assert second.returncode == 0, log[-4000:]
     assert "resuming qlora_chatglm_steps100 from" in log, log[-3000:]
@@ -261,13 +266,13 @@ def test_steps100_killed_after_a_checkpoint_resumes_from_it(tiny_world, results_
     assert steps[0] == 1 and steps[-1] == max_steps, steps
     assert m["train_loss_last"] < m["train_loss_first"] - 0.3, (m["train_loss_first"], m["train_loss_last"])
     assert m["quantization"] == "nf4" and m["params_trainable"] > 0 and 0 < m["params_trainable_pct"] < 100
+    assert m["speed"] == speed and m["padding"] == ("packed" if speed == "fast" else "longest")
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "training_loss.png").is_file()
     assert not ckpts.exists(), "checkpoints are removed once the target is complete"
 
 
 # ---------------------------------------------------------------- linear vs cosine, through Snakemake
 
-@pytest.mark.slow
 @pytest.mark.slow
 def test_packed_training_follows_the_padded_run_step_for_step(tiny_world, results_root, tmp_path):
     """The stage with padding: packed against padding: longest, from the same weights and data order (the tiny
@@ -302,6 +307,46 @@ def test_packed_training_follows_the_padded_run_step_for_step(tiny_world, result
         pad["input_tokens_real"], pack["input_tokens_computed"], pad["tokens_seen"])
     assert pack["pad_fraction"] == 0 and 0 < pad["pad_fraction"] < 1, (pad["pad_fraction"], pack["pad_fraction"])
     assert pad["input_tokens_computed"] * (1 - pad["pad_fraction"]) == pytest.approx(pad["input_tokens_real"])
+
+
+@pytest.mark.slow
+def test_fast_and_lean_modes_follow_the_seed_configuration_step_for_step(tiny_world, results_root, tmp_path):
+    """speed: seed / fast / lean from one recipe (the tiny QLoRA, written as micro-batch 4 x accumulation 2 with
+    gradient checkpointing, 6 optimizer steps of 8 rows, fp32 on CPU): fast runs each step's 8 rows packed in one
+    micro-batch without checkpointing, lean packs them in the written micro-batches with checkpointing. Same rows
+    per optimizer step, schedule, data order and loss (the Trainer's token-level mean over the step's rows), so
+    the losses agree before any weight moves (1e-5) and then drift only as the packed-vs-padded test explains:
+    asserted within 5% of the loss drop at every step (the tolerance that test states and measures)."""
+    runs = {}
+    for mode in ("seed", "fast", "lean"):
+        r = yaml.safe_load(STEPS100.read_text())
+        r["tiny"].update(max_steps=6, logging_steps=1, save_steps=100, per_device_train_batch_size=4,
+                         gradient_accumulation_steps=2, gradient_checkpointing=True)
+        r.update(speed=mode, record_losses=True, max_eval_samples=16)
+        p = tmp_path / mode / STEPS100.name
+        p.parent.mkdir()
+        p.write_text(yaml.safe_dump(r, allow_unicode=True))
+        proc = run_step("--recipe", str(p), "--out", str(tmp_path / mode / "out"), results_root=results_root)
+        log, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, log[-4000:]
+        runs[mode] = json.loads((tmp_path / mode / "out" / "metrics.json").read_text())
+    seed, fast, lean = runs["seed"], runs["fast"], runs["lean"]
+    assert (seed["speed"], seed["speed_changes"]) == ("seed", {})
+    assert fast["speed_changes"] == {"padding": "packed", "per_device_train_batch_size": 8,
+                                     "gradient_accumulation_steps": 1, "gradient_checkpointing": False}
+    assert lean["speed_changes"] == {"padding": "packed"}  # checkpointing was on already
+    assert (fast["batch_size"], fast["gradient_accumulation_steps"], fast["padding"]) == (8, 1, "packed")
+    assert seed["global_step"] == fast["global_step"] == lean["global_step"] == 6
+    assert seed["input_tokens_real"] == fast["input_tokens_real"] == lean["input_tokens_real"]  # the same rows
+    assert fast["pad_fraction"] == lean["pad_fraction"] == 0 < seed["pad_fraction"]
+    losses = {m: [r[f"loss_step{i}"] for i in range(1, 7)] for m, r in runs.items()}
+    drop = losses["seed"][0] - losses["seed"][-1]
+    tol = 0.05 * drop
+    for mode in ("fast", "lean"):
+        assert max(abs(a - b) for a, b in zip(losses[mode][:2], losses["seed"][:2])) <= 1e-5, losses
+        assert drop > 0.2 and all(abs(a - b) <= tol for a, b in zip(losses[mode], losses["seed"])), (tol, losses)
+        assert abs(runs[mode]["eval_loss"] - seed["eval_loss"]) <= tol, (mode, runs[mode]["eval_loss"], seed["eval_loss"])
+    print("\nlosses per step:", json.dumps(losses), f"tolerance {tol:.4f}")
 
 
 def test_adapters_train_and_beat_the_untuned_base(tiny_world, results_root):

@@ -12,7 +12,10 @@ padding positions get label -100; batches are padded to their longest row (`padd
 recipe asks for `padding: max_length`, or `padding: packed` (transformers' DataCollatorWithFlattening: a batch's
 rows end to end in one row, no pad, position ids restarting at each row, from which transformers' own decoders
 build a block-diagonal causal mask; the same rows per optimizer step and the same loss, averaged over the answer
-tokens of the batch). Checkpoints go to results/.checkpoints/<target>/ every `save_steps`;
+tokens of the batch). `speed` (speed_settings) says how the recipe's rows are computed: `seed` as written (the
+seed notebooks' configuration), `fast` (packed where the model allows, the optimizer step's rows in one
+micro-batch, no gradient checkpointing) or `lean` (packed, checkpointing on); metrics.json records what it
+changed. Checkpoints go to results/.checkpoints/<target>/ every `save_steps`;
 a rerun resumes from the last complete one. On success the target directory appears in one rename:
   adapter/ (PEFT save_pretrained, safetensors), metrics.json, tb/, trainer_log.jsonl, training_loss.png,
   recipe.json (the recipe as run, read back by lora_compare).
@@ -28,7 +31,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,17 +82,47 @@ def check_sft_recipe(recipe: dict, cfg: dict, where: str) -> dict:
     return r
 
 
-def check_packing(cfg: dict, r: dict, where: str) -> None:
-    """Packed rows stay apart only where the model builds its attention mask from per-row position ids
-    (transformers' own decoder code, masking_utils): not in an encoder-decoder, not in remote code."""
+def packing_refusal(cfg: dict, r: dict, where: str) -> tuple[str, str] | None:
+    """Why rows cannot be packed for this recipe here, and the fix, or None. Packed rows stay apart only where the
+    model builds its attention mask from per-row position ids (transformers' own decoder code, masking_utils):
+    not in an encoder-decoder, not in remote code."""
     from .lib.config import resolve_model
 
     if r["task_type"] == "SEQ_2_SEQ_LM":
-        raise fail(f"{where}: key padding", "packed rows need a decoder-only model; this one is an encoder-decoder",
-                   "use padding: longest")
+        return "packed rows need a decoder-only model; this one is an encoder-decoder", "use padding: longest"
     if resolve_model(cfg, r["model"], where=where, key="model")["trust_remote_code"]:
-        raise fail(f"{where}: key padding", f"model {r['model']!r} runs remote code here, which would attend across "
-                   "packed rows", "use padding: longest at this scale")
+        return (f"model {r['model']!r} runs remote code here, which would attend across packed rows",
+                "use padding: longest at this scale")
+    return None
+
+
+def check_packing(cfg: dict, r: dict, where: str) -> None:
+    refused = packing_refusal(cfg, r, where)
+    if refused:
+        raise fail(f"{where}: key padding", *refused)
+
+
+def speed_settings(cfg: dict, r: dict, where: str) -> tuple[dict, dict, str]:
+    """The recipe as its `speed` mode runs it, what the mode changed, and a switch it could not turn on here.
+    The recipe's own keys are the seed configuration; fast and lean keep its rows per optimizer step, schedule,
+    data order and loss (the Trainer's token-level mean over the optimizer step's rows), and change only how the
+    rows are computed: packed padding-free where the model allows (`packing_refusal`), and for fast the step's
+    rows in one micro-batch with gradient checkpointing off, for lean the written micro-batch with checkpointing
+    on."""
+    if r["speed"] == "seed":
+        return r, {}, ""
+    want: dict[str, Any] = {}
+    refused = packing_refusal(cfg, r, where) if r["padding"] != "packed" else None
+    note = f"padding stays {r['padding']}: {refused[0]}" if refused else ""
+    if not refused:
+        want["padding"] = "packed"
+    if r["speed"] == "fast":
+        want.update(per_device_train_batch_size=r["per_device_train_batch_size"] * r["gradient_accumulation_steps"],
+                    gradient_accumulation_steps=1, gradient_checkpointing=False)
+    else:
+        want["gradient_checkpointing"] = True
+    changes = {k: v for k, v in want.items() if r[k] != v}
+    return {**r, **changes}, changes, note
 
 
 def _check_pinned_transformers(where: str) -> None:
@@ -121,6 +154,8 @@ class Job:
     device: str
     train_rows: list
     eval_rows: list
+    speed_changes: dict = field(default_factory=dict)  # what the recipe's speed mode changed (key -> value run)
+    speed_note: str = ""  # a switch the mode could not turn on here, and why
 
 
 def prepare(recipe_path: str, cfg: dict, run_recipe: dict | None = None) -> Job:
@@ -135,6 +170,7 @@ def prepare(recipe_path: str, cfg: dict, run_recipe: dict | None = None) -> Job:
                    f"run it with python -m quantune.{recipe['stage']}")
     # load_recipe has checked a recipe file; a sweep's run recipe is checked here
     r = recipe if run_recipe is None else check_sft_recipe(recipe, cfg, where)
+    r, changes, note = speed_settings(cfg, r, where)
     if r["env"] == "chatglm3" and cfg["scale"] == "full":
         _check_pinned_transformers(where)
     m = resolve_model(cfg, r["model"], where, must_exist=True)
@@ -152,7 +188,8 @@ def prepare(recipe_path: str, cfg: dict, run_recipe: dict | None = None) -> Job:
     if not train_rows:
         raise fail(f"{where}: key dataset", f"split {r['train_split']} is empty", "point the recipe at data")
     return Job(r=r, m=m, where=where, fmt=ds["format"], template=template_of(r, ds["format"], where),
-               seq2seq=r["task_type"] == "SEQ_2_SEQ_LM", device=device, train_rows=train_rows, eval_rows=eval_rows)
+               seq2seq=r["task_type"] == "SEQ_2_SEQ_LM", device=device, train_rows=train_rows, eval_rows=eval_rows,
+               speed_changes=changes, speed_note=note)
 
 
 # keys that change nothing a checkpoint holds: a checkpoint written under other values of them is resumed
@@ -238,6 +275,8 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
     cdt = compute_dtype(r, device)
     tb_dir = ckpt_root / "tb"
     writer = TBWriter(tb_dir, r["name"])
+    writer.text("config/speed", f"speed: {r['speed']}; changed: {job.speed_changes or 'nothing'}"
+                + (f"; {job.speed_note}" if job.speed_note else ""))
     count = TokenCount()
     rec = run_record()
     if r["padding"] == "packed":  # transformers builds the packed rows' block-diagonal mask only without a KV cache
@@ -302,6 +341,8 @@ def run_metrics(job: Job, trainer, rec, tm: dict, ev: dict, ev0: dict) -> dict:
         "warmup_ratio": float(r["warmup_ratio"]),
         "max_input_length": r["max_input_length"], "max_output_length": r["max_output_length"],
         "padding": r["padding"], "gradient_checkpointing": r["gradient_checkpointing"],
+        "speed": r["speed"], "speed_changes": dict(job.speed_changes),
+        **({"speed_note": job.speed_note} if job.speed_note else {}),
         "global_step": trainer.state.global_step, "epochs": float(trainer.state.epoch or 0),
         "resumed_from_step": rec.step_at_begin, "steps_this_run": trainer.state.global_step - rec.step_at_begin,
         "train_runtime": tm.get("train_runtime"), "train_samples_per_second": tm.get("train_samples_per_second"),
