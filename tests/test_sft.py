@@ -95,6 +95,74 @@ def test_padding_never_reaches_the_loss(tiny_qwen3):
     assert abs(loss_leaky - loss_wide) > 1e-2, f"control: unmasked padding should move the loss ({loss_leaky:.4f})"
 
 
+def test_packed_rows_give_the_padded_loss_and_gradients_and_never_see_each_other(tiny_qwen3):
+    """speed: fast packs a batch's rows into one padding-free row: the same loss and gradients as the padded batch
+    (fp32, 1e-5), each row's first label -100 (never predicted from the row before); without the per-row
+    position ids the rows attend to each other and the loss moves (the control)."""
+    import torch
+
+    from quantune.lib.sft_data import IGNORE, collator, encode_pair
+
+    _, recipe, model, tok, rows = tiny_qwen3
+    feats = [{k: v for k, v in encode_pair(tok, r["prompt"], r["chosen"], recipe["prompt_template"], 512, False).items()
+              if k != "truncated"} for r in rows[:5]]
+    padded, packed = collator(tok)(feats), collator(tok, packed=True)(feats)
+    lengths = [len(f["input_ids"]) for f in feats]
+    assert len(set(lengths)) > 1 and (padded["attention_mask"] == 0).any()  # the padded batch does pad
+    assert packed["input_ids"].shape == (1, sum(lengths)) and "attention_mask" not in packed
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    assert all(packed["labels"][0, s].item() == IGNORE for s in starts)
+    assert all(packed["position_ids"][0, s].item() == 0 for s in starts)
+    model.eval()  # no dropout: the two layouts compute the same function
+    # as the stage's model (sft._build_model): transformers builds packed rows' block-diagonal mask only without a
+    # KV cache, so with one the rows would see each other
+    use_cache, model.config.use_cache = model.config.use_cache, False
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    lp, gp = loss_and_grads(padded)
+    lk, gk = loss_and_grads(packed)
+    assert abs(lp - lk) <= 1e-5, (lp, lk)
+    assert len(gp) == len(gk) and max((a - b).abs().max().item() for a, b in zip(gp, gk)) <= 1e-5
+    with torch.no_grad():
+        leaky = model(**{k: v for k, v in packed.items() if k != "position_ids"}).loss.item()
+    model.config.use_cache = use_cache
+    assert abs(leaky - lk) > 1e-3, f"control: rows that see each other should move the loss ({leaky:.5f})"
+
+
+@pytest.mark.slow
+def test_fast_mode_follows_the_seed_configuration_epoch_by_epoch(tiny_world, results_root, tmp_path):
+    """speed: seed and fast from one recipe through the stage and its DeepSpeed launcher (the tiny Qwen3, written
+    as micro-batch 4 x accumulation 2 with gradient checkpointing, 2 epochs, fp32 on one CPU rank, dropout 0 as
+    Qwen3's config has it). fast runs each optimizer step's 8 rows packed in one micro-batch without checkpointing:
+    the same rows per step, schedule and data order, so the eval loss per epoch agrees up to summation order
+    (asserted within 1e-3; measured: equal to the printed 7 digits at every epoch)."""
+    runs = {}
+    for mode in ("seed", "fast"):
+        recipe = recipe_copy(tmp_path / mode, tiny={"num_train_epochs": 2, "max_rows": 120, "max_seq_len": 64,
+                                                    "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+                                                    "gradient_checkpointing": True, "logging_steps": 1},
+                             top={"speed": mode})
+        r = subprocess.run(sft_cmd(recipe, tmp_path / mode / "out", results_root), cwd=ROOT, env=sft_env(),
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        runs[mode] = json.loads((tmp_path / mode / "out" / "metrics.json").read_text())
+    seed, fast = runs["seed"], runs["fast"]
+    assert (seed["speed"], seed["speed_changes"], seed["padding"]) == ("seed", {}, "longest")
+    assert fast["speed_changes"] == {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
+                                     "gradient_checkpointing": False, "padding": "packed"}
+    assert fast["global_step"] == seed["global_step"] and fast["train_tokens"] == seed["train_tokens"]
+    diffs = [abs(fast[f"eval_loss_epoch{e}"] - seed[f"eval_loss_epoch{e}"]) for e in range(3)]
+    print(f"\neval loss per epoch, seed {[seed[f'eval_loss_epoch{e}'] for e in range(3)]}, "
+          f"fast {[fast[f'eval_loss_epoch{e}'] for e in range(3)]}")
+    assert diffs[0] <= 1e-5 and max(diffs) <= 1e-3, diffs
+    assert abs(fast["saved_model_eval_loss"] - fast["best_eval_loss"]) < 1e-4  # packed eval = reloaded model's
+
+
 def test_prompt_mask_switch_truncation_and_eos(tiny_qwen3):
     from quantune.lib.sft_data import IGNORE, collator, encode_pair
 
@@ -239,8 +307,10 @@ def test_sft_target_builds_on_the_tiny_world(tiny_world, results_root):
 
 
 @pytest.mark.slow
-def test_zero3_run_resumes_after_a_kill(tiny_world, results_root, tmp_path):
-    """ZeRO-3 without gathering weights on save: the output is consolidated by DeepSpeed's zero_to_fp32."""
+@pytest.mark.parametrize("speed", ["seed", "fast"])
+def test_zero3_run_resumes_after_a_kill(tiny_world, results_root, tmp_path, speed):
+    """ZeRO-3 without gathering weights on save: the output is consolidated by DeepSpeed's zero_to_fp32. In both
+    speed modes (fast: packed rows, one micro-batch per step)."""
     from transformers import AutoModelForCausalLM
 
     from quantune.lib.common import checkpoint_dir
@@ -251,7 +321,7 @@ def test_zero3_run_resumes_after_a_kill(tiny_world, results_root, tmp_path):
     (tmp_path / "zero3_sharded.json").write_text(json.dumps(zero))
     recipe = recipe_copy(tmp_path, tiny={"deepspeed_config": str(tmp_path / "zero3_sharded.json"),
                                          "num_train_epochs": 3, "max_rows": 120, "max_seq_len": 64,
-                                         "gradient_checkpointing": False, "logging_steps": 1})
+                                         "gradient_checkpointing": False, "logging_steps": 1}, top={"speed": speed})
     out = tmp_path / "out"
     log1 = open(tmp_path / "run1.log", "w")
     proc = subprocess.Popen(sft_cmd(recipe, out, results_root), cwd=ROOT, env=sft_env(), stdout=log1,
@@ -280,6 +350,7 @@ def test_zero3_run_resumes_after_a_kill(tiny_world, results_root, tmp_path):
     assert "resuming from" in r.stdout, r.stdout[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["zero_stage"] == 3 and m["resumed_from_step"] >= step1 > 0, (m["resumed_from_step"], step1)
+    assert m["speed"] == speed and m["padding"] == ("packed" if speed == "fast" else "longest")
     assert m["epochs_run"] == 3 and m["global_step"] == 3 * step1, (m["global_step"], step1)
     # the history before the kill came back with the checkpoint: every epoch's eval is there
     ppl = [m[f"eval_ppl_epoch{e}"] for e in range(4)]

@@ -37,7 +37,11 @@ from .lib.deepspeed import (check_deepspeed_config, check_gpus, ds_config_path, 
                             skip_cpu_shm_op)
 from .lib.models import count_parameters
 from .lib.sft_data import collator, dataset_loss, dedupe_pairs, prepare_data
-from .lib.trainer import complete_checkpoints, drop_incomplete_checkpoints
+from .lib.trainer import complete_checkpoints, drop_incomplete_checkpoints, fingerprint, keep_checkpoints_of
+
+# keys that change nothing a checkpoint holds: a checkpoint written under other values of them is resumed
+RESUME_IGNORES = ("logging_steps", "save_total_limit", "keep_checkpoints", "description", "early_stopping_patience",
+                  "early_stopping_threshold", "per_device_eval_batch_size")
 
 # ================================================================ checks (before any process starts)
 
@@ -57,6 +61,28 @@ def check_recipe(recipe: dict, cfg: dict, where: str) -> dict:
     return recipe
 
 
+def speed_settings(cfg: dict, recipe: dict, where: str) -> dict:
+    """The recipe as its `speed` mode runs it, with `speed_changes` (what the mode changed) and `speed_note` (a
+    switch it could not turn on here). The recipe's own keys are seed 003's configuration; fast keeps its rows per
+    optimizer step, schedule, data order and loss (each micro-batch's token-level mean, as the Trainer computes
+    it for one micro-batch per step) and changes how the rows are computed: packed padding-free (not for remote
+    code, which would attend across rows), the step's rows in one micro-batch, gradient checkpointing off."""
+    from .lib.config import resolve_model
+
+    want, note = {}, ""
+    if recipe["speed"] == "fast":
+        want = {"per_device_train_batch_size": recipe["per_device_train_batch_size"]
+                * recipe["gradient_accumulation_steps"], "gradient_accumulation_steps": 1,
+                "gradient_checkpointing": False}
+        if resolve_model(cfg, recipe["model"], where=where)["trust_remote_code"]:
+            note = f"padding stays {recipe['padding']}: model {recipe['model']!r} runs remote code here, which would " \
+                   "attend across packed rows"
+        else:
+            want["padding"] = "packed"
+    changes = {k: v for k, v in want.items() if recipe[k] != v}
+    return {**recipe, **changes, "speed_changes": changes, "speed_note": note}
+
+
 def check_inputs(recipe_path: str, cfg: dict) -> dict:
     """The checked recipe, its model and, for local data, enough rows for the split and the batch."""
     from .lib.config import load_recipe, resolve_dataset, resolve_model
@@ -66,6 +92,7 @@ def check_inputs(recipe_path: str, cfg: dict) -> dict:
     where = str(recipe_path)
     if recipe["stage"] != "sft":
         raise fail(f"{where}: key stage", f"{recipe['stage']!r} is not sft", "run this recipe with its own stage")
+    recipe = speed_settings(cfg, recipe, where)
     resolve_model(cfg, recipe["model"], where=where, must_exist=True)
     ds = resolve_dataset(cfg, recipe["dataset"], where=where)
     if ds["local"]:
@@ -185,6 +212,8 @@ def sft_metrics(recipe: dict, m: dict, zero: dict, world: int, device: str, lr: 
         "zero_offload_param": (zero.get("offload_param") or {}).get("device", "none"),
         "launcher": "deepspeed", "world_size": world, "device": device, "bf16": recipe["bf16"],
         "gradient_checkpointing": recipe["gradient_checkpointing"], "mask_prompt": recipe["mask_prompt"],
+        "padding": recipe["padding"], "speed": recipe["speed"], "speed_changes": recipe["speed_changes"],
+        **({"speed_note": recipe["speed_note"]} if recipe["speed_note"] else {}),
         "only_optimize_lora": lora, "lora_dim": recipe["lora_dim"] if lora else None, "learning_rate": lr,
         "per_device_train_batch_size": recipe["per_device_train_batch_size"],
         "per_device_eval_batch_size": recipe["per_device_eval_batch_size"],
@@ -264,7 +293,7 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
     model, tok = _build_model(m["source"], recipe, m["trust_remote_code"])
     params = count_parameters(model)
     train_ds, eval_ds, data_stats = prepare_data(cfg, recipe, tok)
-    coll = collator(tok)
+    coll = collator(tok, packed=recipe["padding"] == "packed")
 
     resume_from, start_step, tokens_before = resume_state(ckpt_dir)
     args.eval_on_start = resume_from is None  # the seed's "epoch 0" eval; a resumed run already has it
@@ -308,7 +337,7 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
 # ================================================================ the launcher side
 
 def _cmd(a) -> None:
-    from .lib.config import config_from_args, job_config
+    from .lib.config import config_from_args, job_config, resolve_model
 
     cfg = config_from_args(a)
     num_gpus = a.num_gpus
@@ -319,6 +348,9 @@ def _cmd(a) -> None:
     if num_gpus is None:
         num_gpus = 0 if cfg["scale"] == "tiny" else int(recipe["gpus"])
     check_gpus(num_gpus, f"{a.recipe}: key gpus (--num-gpus {num_gpus})")
+    # before any rank starts: checkpoints written under other settings (another speed mode, batch, model) go
+    source = resolve_model(cfg, recipe["model"], where=str(a.recipe))["source"]
+    keep_checkpoints_of(checkpoint_dir(Path(a.out)), fingerprint(recipe, source, RESUME_IGNORES), a.recipe)
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT / "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     worker = ["--worker", "--recipe", str(a.recipe), "--out", str(a.out), "--num-gpus", str(num_gpus),

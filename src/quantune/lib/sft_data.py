@@ -74,10 +74,15 @@ def tokenize(ds, tok, recipe: dict):
     return ds.map(fn, batched=True, remove_columns=cols, desc="tokenize")
 
 
-def collator(tok, pad_to_multiple_of: int | None = None):
-    """Dynamic padding (to the longest in the batch): ids with pad, attention 0, labels -100."""
-    from transformers import DataCollatorForSeq2Seq
+def collator(tok, pad_to_multiple_of: int | None = None, packed: bool = False):
+    """Dynamic padding (to the longest in the batch): ids with pad, attention 0, labels -100. packed: the batch's
+    rows end to end in one padding-free row (transformers' DataCollatorWithFlattening), position ids restarting at
+    each row (from which transformers' own decoders build a block-diagonal causal mask) and each row's first
+    label -100, so no row is predicted from the one before it."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
+    if packed:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE)
     return DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=IGNORE,
                                   pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
 
@@ -110,7 +115,7 @@ def dataset_loss(model, ds, coll, batch_size: int) -> float:
         for i in range(0, len(ds), batch_size):
             feats = [ds[j] for j in range(i, min(i + batch_size, len(ds)))]
             batch = {k: v.to(device) for k, v in coll(feats).items()}
-            loss = model(**batch).loss.float().item()
+            loss = model(**batch, use_cache=False).loss.float().item()  # no KV cache: packed rows stay apart
             total += loss * len(feats)
             n += len(feats)
     return total / max(n, 1)
