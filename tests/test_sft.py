@@ -156,6 +156,12 @@ def test_fast_mode_follows_the_seed_configuration_epoch_by_epoch(tiny_world, res
     assert fast["speed_changes"] == {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
                                      "gradient_checkpointing": False, "padding": "packed"}
     assert fast["global_step"] == seed["global_step"] and fast["train_tokens"] == seed["train_tokens"]
+    # the same real tokens went through the steps; the speed figures follow from the counts
+    assert fast["input_tokens_real"] == seed["input_tokens_real"] == fast["input_tokens_computed"] > 0
+    for m in (seed, fast):
+        assert m["real_tokens_per_s"] == pytest.approx(m["input_tokens_real"] / m["step_seconds"])
+        assert m["mfu"] == pytest.approx(m["flops_per_token"] * m["real_tokens_per_s"] / (m["matmul_tflops"] * 1e12))
+        assert 0 < m["step_seconds"] < m["train_seconds"] and m["matmul_dtype"] == "float32"
     diffs = [abs(fast[f"eval_loss_epoch{e}"] - seed[f"eval_loss_epoch{e}"]) for e in range(3)]
     print(f"\neval loss per epoch, seed {[seed[f'eval_loss_epoch{e}'] for e in range(3)]}, "
           f"fast {[fast[f'eval_loss_epoch{e}'] for e in range(3)]}")

@@ -19,7 +19,9 @@ Evaluation every epoch (and before the first: the seed's "epoch 0"), eval loss a
 metrics.json, the best epoch's model kept (`load_best_model_at_end`), early stopping, resume from the last complete
 checkpoint in `results/.checkpoints/<target>/`. The output `<out>/model/` is a Hugging Face model directory (ZeRO-3 shards
 gathered on save, or consolidated with DeepSpeed's zero_to_fp32; LoRA adapters merged), re-evaluated after
-loading with `AutoModelForCausalLM.from_pretrained`.
+loading with `AutoModelForCausalLM.from_pretrained`. `speed: fast` (speed_settings) computes the same rows
+faster: packed padding-free, one micro-batch per optimizer step, no gradient checkpointing; every run records
+its real tokens/s over the optimizer steps' own seconds and its model-FLOPs utilisation (speed_metrics).
 """
 from __future__ import annotations
 
@@ -37,7 +39,9 @@ from .lib.deepspeed import (check_deepspeed_config, check_gpus, ds_config_path, 
                             skip_cpu_shm_op)
 from .lib.models import count_parameters
 from .lib.sft_data import collator, dataset_loss, dedupe_pairs, prepare_data
-from .lib.trainer import complete_checkpoints, drop_incomplete_checkpoints, fingerprint, keep_checkpoints_of
+from .lib.measure import matmul_tflops, train_flops_per_token
+from .lib.trainer import (TokenCount, complete_checkpoints, counting_trainer, drop_incomplete_checkpoints, fingerprint,
+                          keep_checkpoints_of, step_timer)
 
 # keys that change nothing a checkpoint holds: a checkpoint written under other values of them is resumed
 RESUME_IGNORES = ("logging_steps", "save_total_limit", "keep_checkpoints", "description", "early_stopping_patience",
@@ -139,7 +143,7 @@ def _build_model(source: str, recipe: dict, trust_remote_code: bool):
 
 
 def training_args(recipe: dict, output_dir: str, use_cpu: bool, **overrides):
-    """The Trainer's arguments from the recipe (also what bench/deepspeed_gpu.py measures)."""
+    """The Trainer's arguments from the recipe."""
     from transformers import TrainingArguments
 
     kw = dict(
@@ -247,6 +251,21 @@ def outcome_metrics(state, evals: dict[int, float], train_loss: float, train_s: 
     return metrics
 
 
+def speed_metrics(count, timer, flops_token: float, device: str) -> dict:
+    """This rank's training steps (one GPU's share): the input positions computed and those holding a real token,
+    their rates over the steps' own seconds (evaluation and checkpoints left out), and the model-FLOPs utilisation
+    of the real tokens against this machine's matmul rate measured here (bf16 on a GPU, fp32 on a CPU)."""
+    if not (count.computed and timer.seconds):
+        return {}
+    rate, dtype = matmul_tflops(device)
+    real_s = count.real / timer.seconds
+    return {"input_tokens_computed": count.computed, "input_tokens_real": count.real,
+            "pad_fraction": 1.0 - count.real / count.computed, "step_seconds": timer.seconds,
+            "real_tokens_per_s": real_s, "computed_tokens_per_s": count.computed / timer.seconds,
+            "flops_per_token": flops_token, "matmul_tflops": rate, "matmul_dtype": dtype,
+            "mfu": flops_token * real_s / (rate * 1e12)}
+
+
 def saved_model_loss(final: Path, recipe: dict, device: str, eval_ds, coll) -> float:
     """Reload the output the way a user would and evaluate it on the same eval split."""
     import torch
@@ -267,8 +286,6 @@ def resume_state(ckpt_dir: Path) -> tuple[str | None, int, int]:
 
 
 def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
-    from transformers import Trainer
-
     from .lib.common import seed_everything
     from .lib.config import resolve_model
     from .lib.tb import TBWriter, peak_memory_mb
@@ -300,8 +317,11 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
     if is_main and resume_from is None:  # a fresh run: no events of an earlier run of this target in its tb/
         shutil.rmtree(outp / "tb", ignore_errors=True)
     writer = TBWriter(outp / "tb") if is_main else None
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=coll,
-                      processing_class=tok, callbacks=callbacks_for(recipe, writer))
+    count, timer = TokenCount(), step_timer()
+    trainer = counting_trainer(count)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                      data_collator=coll, processing_class=tok,
+                                      callbacks=callbacks_for(recipe, writer) + [timer])
+    flops_token = train_flops_per_token(model.config, params["params_total"], data_stats["tokens_mean_train"])
     if is_main:
         print(f"world size {args.world_size}, device {args.device}, ZeRO config {recipe['deepspeed_config']}, "
               f"train {len(train_ds)} / eval {len(eval_ds)} rows"
@@ -323,7 +343,8 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
     saved_loss = saved_model_loss(final, recipe, device, eval_ds, coll)
     metrics = {**sft_metrics(recipe, m, zero, world, device, lr, data_stats, params, evals),
                **outcome_metrics(state, evals, result.training_loss, train_s, start_step, tokens_before, peak,
-                                 final, saved_loss)}
+                                 final, saved_loss),
+               **speed_metrics(count, timer, flops_token, device)}
     writer.final({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, state.global_step)
     writer.close()
     if not recipe["keep_checkpoints"]:

@@ -275,3 +275,35 @@ def split_metrics(split: dict, base: dict) -> dict:
     return {"nll_odd": split["nll_odd"], "nll_even": split["nll_even"],
             "nll_fp_vs_base": split["nll_fp"] - base["nll"], "ppl_mirror": math.exp(split["nll_mirror"]),
             "ppl_even": math.exp(base["nll"] + split["nll_even"]), "sign_split_layers": split["sign_split_layers"]}
+
+
+def matmul_tflops(device: str, n: int | None = None, warmup: int = 3, iters: int = 10) -> tuple[float, str]:
+    """This machine's dense matmul rate (TFLOP/s) and its dtype: bf16 n x n products on a GPU (n 8192), fp32 on the
+    CPU (n 1024): the denominator of a training run's model-FLOPs utilisation, measured in the same run."""
+    import torch
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    n = n or (8192 if device == "cuda" else 1024)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        a @ b
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    sync()
+    rate = 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+    del a, b
+    release_memory()
+    return rate, str(dtype).removeprefix("torch.")
+
+
+def train_flops_per_token(config, params: int, seq_len: float) -> float:
+    """Model FLOPs of training on one token: 6N (forward and backward of every weight) plus PaLM's attention term
+    12 x layers x (heads x head_dim) x sequence length (the full attention matrix; causal masking not discounted).
+    Gradient checkpointing's recomputed forward is not counted (hardware FLOPs are ~8N with it)."""
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 6.0 * params + 12.0 * layers * heads * head_dim * seq_len
+

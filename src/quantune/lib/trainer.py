@@ -112,6 +112,34 @@ def counting_trainer(count: TokenCount):
     return _CountingTrainer
 
 
+def step_timer():
+    """A TrainerCallback summing the wall seconds of the optimizer steps (their micro-batches, backward and update;
+    not evaluation, logging or checkpoints), the GPU synchronised at each boundary: `seconds`, `steps`."""
+    from transformers import TrainerCallback
+
+    class _StepTimer(TrainerCallback):
+        def __init__(self):
+            self.seconds, self.steps, self._t = 0.0, 0, None
+
+        def _now(self) -> float:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kw):
+            self._t = self._now()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self._t is not None:
+                self.seconds += self._now() - self._t
+                self.steps += 1
+                self._t = None
+
+    return _StepTimer()
+
+
 def run_record():
     """A TrainerCallback recording where this run (first or resumed) began, for this run's own tokens/s, and
     the seconds since it began at each logged step."""

@@ -1,0 +1,137 @@
+"""Full-parameter SFT speed against seed 003's configuration, through the sft stage and its DeepSpeed launcher
+(issue 18's bench): recipes/qwen3_deepspeed_sft.yaml as written (`speed: seed`, twice: the run-to-run spread),
+`speed: fast`, and single switches on the seed configuration, each the stage's own run of a copy of the recipe
+with only those keys changed and the same epochs (--epochs, default 1): the same rows per optimizer step,
+schedule, data order and loss.
+
+    python bench/sft_speed.py --out bench/results                    # scale shape, on the GPU machine
+    python bench/sft_speed.py --scale tiny --out /tmp/ss             # the same code on the tiny Qwen3, CPU
+
+Variants: seed, seed_again, fast (packed rows, the step's rows in one micro-batch, checkpointing off), packed,
+no_gc, one_micro_batch. Each row holds the stage's own figures from metrics.json: real tokens/s over the
+optimizer steps' seconds, MFU against the matmul rate the run measured (bf16 on a GPU), peak memory, the eval
+loss per epoch; a variant that fails is a row with its one-line error. Writes sft_speed.json and sft_speed.md
+(ratios to the first seed run; eval-loss differences beside the two seed runs'). Run it where
+scripts/gpu_check.sh has installed the stack (PYTHONPATH set); the shape world is built by the workflow's rules.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "qwen3_deepspeed_sft.yaml"
+
+
+def variants(r: dict) -> dict[str, dict]:
+    seed = {"speed": "seed"}
+    one = {"per_device_train_batch_size": r["per_device_train_batch_size"] * r["gradient_accumulation_steps"],
+           "gradient_accumulation_steps": 1}
+    return {"seed": seed, "seed_again": seed, "fast": {"speed": "fast"},
+            "packed": {**seed, "padding": "packed"}, "no_gc": {**seed, "gradient_checkpointing": False},
+            "one_micro_batch": {**seed, **one, "gradient_checkpointing": False}}
+
+
+def build_inputs(scale: str, recipe: dict, cfg: dict) -> None:
+    """The shape world's model and data set, by the workflow's own rules (nothing built twice)."""
+    if scale != "shape":
+        return
+    sw = Path(cfg["results"]["shape"]) / "shape_world"
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "all", "--resources", "gpu=1", "--scheduler", "greedy",
+           "--config", "scale=shape", "--", str(sw / "models" / recipe["model"]), str(sw / "data" / recipe["dataset"])]
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def run_one(variant: str, over: dict, scale: str, epochs: int, tmp: Path, sets: list[str]) -> dict:
+    raw = yaml.safe_load(RECIPE.read_text(encoding="utf-8"))
+    keys = {**over, "num_train_epochs": epochs, "keep_checkpoints": False}
+    if scale == "tiny":
+        raw.setdefault("tiny", {}).update(keys)
+    else:
+        raw.update(keys)
+    d = tmp / variant
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / RECIPE.name  # keeps the recipe's name: its checks apply
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    cmd = [sys.executable, "-m", "quantune.sft", "--recipe", str(path), "--out", str(d / "out"), "--set",
+           f"scale={scale}", *(x for kv in sets for x in ("--set", kv))]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    row = {"variant": variant, "overrides": over, "scale": scale, "epochs": epochs}
+    if p.returncode != 0:
+        errs = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.startswith("quantune: error:")]
+        return {**row, "error": errs[-1] if errs else (p.stdout + p.stderr).strip().splitlines()[-1]}
+    m = json.loads((d / "out" / "metrics.json").read_text())
+    return {**row, "mode": m["speed"], "speed_changes": m.get("speed_changes", {}),
+            "batch": f"{m['per_device_train_batch_size']} x {m['gradient_accumulation_steps']}",
+            "padding": m["padding"], "gradient_checkpointing": m["gradient_checkpointing"],
+            "zero_stage": m["zero_stage"], "steps": m["global_step"], "real_tokens_per_s": m["real_tokens_per_s"],
+            "pad_fraction": m["pad_fraction"], "mfu": m["mfu"], "matmul_tflops": m["matmul_tflops"],
+            "matmul_dtype": m["matmul_dtype"], "peak_gib": round(m["peak_mem_mb"] / 1024, 3),
+            "eval_loss": [m[f"eval_loss_epoch{e}"] for e in range(epochs + 1) if f"eval_loss_epoch{e}" in m],
+            "device": m["device"], "gpu": gpu_name()}
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def write(rows: list[dict], out: Path) -> None:
+    from quantune.lib.tables import markdown_table
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sft_speed.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    ok = [r for r in rows if "error" not in r]
+    md = ["# Full-parameter SFT speed against seed 003's configuration (sft stage, DeepSpeed)", "",
+          "`python bench/sft_speed.py --out bench/results`: each variant is the stage's run of the recipe with only "
+          "the listed keys changed (same rows per optimizer step, schedule, epochs, seed, data order). Real tokens/s "
+          "over the optimizer steps' seconds; MFU against the matmul rate the run measured. Ratios against the first "
+          "`seed` run; eval-loss diff: the largest per-epoch difference from it.", ""]
+    if ok and ok[0]["variant"] == "seed":
+        base = ok[0]
+        diff = lambda r: max((abs(a - b) for a, b in zip(r["eval_loss"], base["eval_loss"])), default=float("nan"))  # noqa: E731
+        md += markdown_table(
+            ["variant", "mode", "batch", "padding", "checkpointing", "ZeRO", "real tokens/s", "x seed", "MFU",
+             "matmul TFLOP/s", "peak GiB", "eval-loss diff"],
+            [[r["variant"], r["mode"], r["batch"], r["padding"], r["gradient_checkpointing"], r["zero_stage"],
+              f"{r['real_tokens_per_s']:.0f}", f"{r['real_tokens_per_s'] / base['real_tokens_per_s']:.2f}",
+              f"{r['mfu']:.1%}", f"{r['matmul_tflops']:.3g} ({r['matmul_dtype']})", r["peak_gib"], f"{diff(r):.2e}"]
+             for r in ok]) + [""]
+    md += [f"- {r['variant']}: failed: {r['error']}" for r in rows if "error" in r]
+    (out / "sft_speed.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+
+
+def main(argv=None) -> int:
+    from quantune.lib.config import _parse_set, load_config, load_recipe
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="*", default=None, help="only these variants (seed always runs first)")
+    p.add_argument("--scale", default="shape", choices=["tiny", "shape"])
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override (dotted keys), for every run")
+    a = p.parse_args(argv)
+    cfg = load_config(overrides={"scale": a.scale, **_parse_set(a.set)})
+    recipe = load_recipe(RECIPE, cfg)
+    build_inputs(a.scale, recipe, cfg)
+    rows = []
+    (ROOT / "results").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="sft-speed-", dir=ROOT / "results") as tmp:
+        for v, over in variants(recipe).items():
+            if a.variants and v != "seed" and v not in a.variants:
+                continue
+            print(f"sft_speed: {v} {over}", flush=True)
+            rows.append(run_one(v, over, a.scale, a.epochs, Path(tmp), a.set))
+            write(rows, a.out)  # after each run: a later failure keeps what finished
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
