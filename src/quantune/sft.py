@@ -57,6 +57,7 @@ def check_recipe(recipe: dict, cfg: dict, where: str) -> dict:
     if "{prompt}" not in recipe["prompt_template"]:
         raise fail(f"{where}: key prompt_template", "has no {prompt} placeholder",
                    "write e.g. 'Human: {prompt} \\n Assistant: '")
+    recipe = zero_settings(recipe, 1 if cfg["scale"] == "tiny" else int(recipe.get("gpus") or 1))
     check_deepspeed_config(recipe, where)
     ds = resolve_dataset(cfg, recipe["dataset"], where=where)
     if ds["format"] != "pref":
@@ -85,6 +86,20 @@ def speed_settings(cfg: dict, recipe: dict, where: str) -> dict:
             want["padding"] = "packed"
     changes = {k: v for k, v in want.items() if recipe[k] != v}
     return {**recipe, **changes, "speed_changes": changes, "speed_note": note}
+
+
+AUTO_ZERO = {True: "recipes/deepspeed/zero0.json", False: "recipes/deepspeed/zero2.json"}  # one rank?
+
+
+def zero_settings(recipe: dict, ranks: int) -> dict:
+    """`deepspeed_config: auto` follows the ranks the job runs (the recipe's gpus; one CPU rank at tiny scale):
+    ZeRO-0 on one, where partitioning saves nothing and only adds communication, ZeRO-2 on several; a named file
+    is the recipe's pin. `zero_choice` says which and why."""
+    if recipe["deepspeed_config"] != "auto":
+        return {**recipe, "zero_choice": f"pinned by the recipe ({recipe['deepspeed_config']})"}
+    path = AUTO_ZERO[ranks == 1]
+    why = "one rank: partitioning saves nothing" if ranks == 1 else f"{ranks} ranks: optimizer states and gradients partitioned"
+    return {**recipe, "deepspeed_config": path, "zero_choice": f"auto, {why} ({path})"}
 
 
 def check_inputs(recipe_path: str, cfg: dict) -> dict:
@@ -212,6 +227,7 @@ def sft_metrics(recipe: dict, m: dict, zero: dict, world: int, device: str, lr: 
         "target": recipe["name"], "stage": "sft", "scale": recipe["scale"], "model": recipe["model"],
         "model_source": m["source"], "dataset": recipe["dataset"], "split": recipe["split"],
         "deepspeed_config": recipe["deepspeed_config"], "zero_stage": int(zero.get("stage", 0)),
+        "zero_choice": recipe["zero_choice"],
         "zero_offload_optimizer": (zero.get("offload_optimizer") or {}).get("device", "none"),
         "zero_offload_param": (zero.get("offload_param") or {}).get("device", "none"),
         "launcher": "deepspeed", "world_size": world, "device": device, "bf16": recipe["bf16"],
@@ -310,7 +326,8 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
     model, tok = _build_model(m["source"], recipe, m["trust_remote_code"])
     params = count_parameters(model)
     train_ds, eval_ds, data_stats = prepare_data(cfg, recipe, tok)
-    coll = collator(tok, packed=recipe["padding"] == "packed")
+    coll = collator(tok, packed=recipe["padding"] == "packed",
+                    max_length=recipe["max_seq_len"] if recipe["padding"] == "max_length" else None)
 
     resume_from, start_step, tokens_before = resume_state(ckpt_dir)
     args.eval_on_start = resume_from is None  # the seed's "epoch 0" eval; a resumed run already has it
@@ -369,6 +386,11 @@ def _cmd(a) -> None:
     if num_gpus is None:
         num_gpus = 0 if cfg["scale"] == "tiny" else int(recipe["gpus"])
     check_gpus(num_gpus, f"{a.recipe}: key gpus (--num-gpus {num_gpus})")
+    auto_ranks = 1 if cfg["scale"] == "tiny" else int(recipe["gpus"])
+    if recipe["zero_choice"].startswith("auto") and max(num_gpus, 1) != auto_ranks:
+        raise fail(f"{a.recipe}: key deepspeed_config", f"auto chose {recipe['deepspeed_config']} for {auto_ranks} "
+                   f"rank(s) (the recipe's gpus), but --num-gpus {num_gpus} runs {max(num_gpus, 1)}",
+                   f"set gpus: {num_gpus} in the recipe, or name a ZeRO file in deepspeed_config")
     # before any rank starts: checkpoints written under other settings (another speed mode, batch, model) go
     source = resolve_model(cfg, recipe["model"], where=str(a.recipe))["source"]
     keep_checkpoints_of(checkpoint_dir(Path(a.out)), fingerprint(recipe, source, RESUME_IGNORES), a.recipe)

@@ -74,17 +74,18 @@ def tokenize(ds, tok, recipe: dict):
     return ds.map(fn, batched=True, remove_columns=cols, desc="tokenize")
 
 
-def collator(tok, pad_to_multiple_of: int | None = None, packed: bool = False):
+def collator(tok, pad_to_multiple_of: int | None = None, packed: bool = False, max_length: int | None = None):
     """Dynamic padding (to the longest in the batch): ids with pad, attention 0, labels -100. packed: the batch's
     rows end to end in one padding-free row (transformers' DataCollatorWithFlattening), position ids restarting at
     each row (from which transformers' own decoders build a block-diagonal causal mask) and each row's first
-    label -100, so no row is predicted from the one before it."""
+    label -100, so no row is predicted from the one before it. max_length: every row padded to it (seed 003)."""
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
     if packed:
         return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE)
-    return DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=IGNORE,
-                                  pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+    return DataCollatorForSeq2Seq(tok, padding="max_length" if max_length else "longest", max_length=max_length,
+                                  label_pad_token_id=IGNORE, pad_to_multiple_of=pad_to_multiple_of,
+                                  return_tensors="pt")
 
 
 def prepare_data(cfg: dict, recipe: dict, tok):
