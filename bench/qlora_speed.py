@@ -9,7 +9,8 @@ seed and data order, and the Trainer's loss (a token-level mean over the optimiz
 
 Variants (recipe overrides; `seed` twice, so that the loss tolerance is the seed configuration's own run-to-run
 spread): the recipe's speed modes seed, fast (packed + the step's rows in one micro-batch + checkpointing off)
-and lean (packed, checkpointing on, the written micro-batch), then single switches on the seed configuration:
+and lean (packed, checkpointing on, the written micro-batch), fast_liger (fast + liger-kernel, where it patches
+the model: not ChatGLM's `glm` type, a one-line error row), then single switches on the seed configuration:
 packed (padding-free rows), no_gc (gradient checkpointing off), one_micro_batch (batch x accumulation,
 accumulation 1, checkpointing off), max_length (every row padded to the length limits). A variant that fails
 (out of GPU memory) is a row with its one-line error; the next one still runs.
@@ -39,6 +40,7 @@ def variants(r: dict) -> dict[str, dict]:
     return {
         "seed": seed, "seed_again": seed,
         "fast": {"speed": "fast"}, "lean": {"speed": "lean"},  # the recipe's modes (lora_sft.speed_settings)
+        "fast_liger": {"speed": "fast", "liger_kernel": True},  # fast + liger-kernel (where it patches the model)
         # one switch at a time, on the seed configuration: what each part of fast is worth
         "packed": {**seed, "padding": "packed"},
         "no_gc": {**seed, "gradient_checkpointing": False},

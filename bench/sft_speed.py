@@ -7,8 +7,8 @@ schedule, data order and loss.
     python bench/sft_speed.py --out bench/results                    # scale shape, on the GPU machine
     python bench/sft_speed.py --scale tiny --out /tmp/ss             # the same code on the tiny Qwen3, CPU
 
-Variants: seed, seed_again, fast (packed rows, the step's rows in one micro-batch, checkpointing off), packed,
-no_gc, one_micro_batch. Each row holds the stage's own figures from metrics.json: real tokens/s over the
+Variants: seed, seed_again, fast (packed rows, the step's rows in one micro-batch, checkpointing off),
+fast_liger (fast + liger-kernel's fused kernels), packed, no_gc, one_micro_batch. Each row holds the stage's own figures from metrics.json: real tokens/s over the
 optimizer steps' seconds, MFU against the matmul rate the run measured (bf16 on a GPU), peak memory, the eval
 loss per epoch; a variant that fails is a row with its one-line error. Writes sft_speed.json and sft_speed.md
 (ratios to the first seed run; eval-loss differences beside the two seed runs'). Run it where
@@ -34,6 +34,7 @@ def variants(r: dict) -> dict[str, dict]:
     one = {"per_device_train_batch_size": r["per_device_train_batch_size"] * r["gradient_accumulation_steps"],
            "gradient_accumulation_steps": 1}
     return {"seed": seed, "seed_again": seed, "fast": {"speed": "fast"},
+            "fast_liger": {"speed": "fast", "liger_kernel": True},
             "packed": {**seed, "padding": "packed"}, "no_gc": {**seed, "gradient_checkpointing": False},
             "one_micro_batch": {**seed, **one, "gradient_checkpointing": False}}
 

@@ -29,6 +29,9 @@ GROUPS = {  # the packages each group's stages import beyond the image's torch /
     "data": BASE + ["datasketch"],
     "gguf": BASE + ["llama-cpp-python", "gguf"],  # llama-cpp-python: its sdist, built there with CUDA
 }
+# packages the CPU venv does not hold (their kernels need a GPU), downloaded without dependencies: the image has
+# what they need (torch, triton); the pins are the envs' (envs/finetune.yaml, envs/deepspeed.yaml)
+GPU_ONLY = {"qlora": {"liger-kernel": "0.8.5"}, "lora": {"liger-kernel": "0.8.5"}, "sft": {"liger-kernel": "0.8.5"}}
 SKIP = {"pulp"}  # snakemake's ILP scheduler only (16 MB): scripts/gpu_check.sh runs --scheduler greedy
 SDIST_ONLY = {"deepspeed",  # its wheel-less build needs torch: installed there with DS_BUILD_OPS=0
               "llama-cpp-python"}  # PyPI has no wheel; built there for the GPU (scripts/gpu_check.sh)
@@ -89,6 +92,7 @@ def main() -> int:
              if x.strip() and not x.startswith("#")}
     have = set().union(*(closure(GROUPS[g]) for g in a.minus)) if a.minus else set()
     need = {n: v for n, v in closure(GROUPS[a.group]).items() if n not in image | SKIP | have}
+    need.update({n: v for n, v in GPU_ONLY.get(a.group, {}).items() if n not in have})
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(out)]

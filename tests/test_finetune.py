@@ -169,6 +169,8 @@ def write_recipe(tmp_path: Path, name: str, **changes) -> Path:
     ({"task_type": "SEQ_2_SEQ_LM"}, "key task_type: SEQ_2_SEQ_LM does not fit model 'chatglm3-6b'"),
     ({"tiny": {"target_modules": ["query_key_value"]}},
      "key target_modules: ['query_key_value'] not in"),
+    ({"liger_kernel": True}, "key liger_kernel: liger-kernel's Triton kernels need a CUDA GPU and this run has none; "
+                             "fix: set liger_kernel: false on this machine"),
 ])
 def test_bad_recipe_stops_with_one_line_before_training(tmp_path, tiny_world, results_root, changes, line):
     p = write_recipe(tmp_path, "bad_recipe", **changes)

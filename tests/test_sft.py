@@ -245,7 +245,7 @@ def test_real_keys_keep_the_seed_values(tmp_path):
 # ---------------------------------------------------------------- bad input: one line, before any launch
 
 @pytest.mark.parametrize("case", ["missing_zero_file", "zero_disagrees", "unknown_key", "wrong_format",
-                                  "lora_zero3_not_gathered"])
+                                  "lora_zero3_not_gathered", "liger_without_gpu"])
 def test_bad_input_is_one_line_before_any_launch(case, tmp_path, tiny_world, results_root):
     if case == "missing_zero_file":
         p, want = recipe_copy(tmp_path, top={"deepspeed_config": "recipes/deepspeed/zero9.json"}), \
@@ -262,6 +262,10 @@ def test_bad_input_is_one_line_before_any_launch(case, tmp_path, tiny_world, res
     elif case == "wrong_format":
         p, want, fix = recipe_copy(tmp_path, top={"dataset": "wikitext2"}), \
             "key dataset: 'wikitext2' has format 'text'", "fix: use a data set of format pref"
+    elif case == "liger_without_gpu":
+        p, want, fix = recipe_copy(tmp_path, top={"liger_kernel": True}), \
+            "key liger_kernel: liger-kernel's Triton kernels need a CUDA GPU and this run has none", \
+            "fix: set liger_kernel: false on this machine"
     else:
         z = tmp_path / "z3.json"
         z.write_text(json.dumps({"zero_optimization": {"stage": 3}}))

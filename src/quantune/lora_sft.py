@@ -38,11 +38,11 @@ from typing import Any
 from .lib.common import atomic_dir, checkpoint_dir, fail, run_cli, seed_everything, write_json, write_jsonl, write_metrics
 from .lib.lora import add_lora, check_target_modules, check_targets_in, compute_dtype, load_base, lora_config
 from .lib.lora import peft_trainable_line
-from .lib.models import pick_device, set_cpu_threads
+from .lib.models import model_config_json, pick_device, set_cpu_threads
 from .lib.plots import plot_losses
 from .lib.prompts import ANSWER_FIELD, IGNORE_INDEX, SFTCollator, build_split, template_of
-from .lib.trainer import (TokenCount, complete_checkpoints, counting_trainer, fingerprint, keep_checkpoints_of,
-                          run_record, tokens_counting, total_optimizer_steps)
+from .lib.trainer import (TokenCount, check_liger, complete_checkpoints, counting_trainer, fingerprint,
+                          keep_checkpoints_of, run_record, tokens_counting, total_optimizer_steps)
 
 
 def _fmt_of(cfg: dict, recipe: dict) -> str:
@@ -183,6 +183,8 @@ def prepare(recipe_path: str, cfg: dict, run_recipe: dict | None = None) -> Job:
             raise fail(f"{where}: key quantization", "nf4 needs bitsandbytes, which is not installed",
                        "pip install bitsandbytes (envs/finetune.yaml pins it) or set quantization: none") from None
     check_target_modules(m, r, where)
+    if r["liger_kernel"]:
+        check_liger(r, model_config_json(m, where)[0].get("model_type", "?"), device, where)
     train_rows = load_split(ds, r["train_split"], r.get("max_train_samples"))
     eval_rows = load_split(ds, r["eval_split"], r.get("max_eval_samples"))
     if not train_rows:
@@ -222,7 +224,7 @@ def training_arguments(job: Job, ckpt_root: Path, steps: int, warmup: int, cdt):
         save_steps=r["save_steps"], save_total_limit=r["save_total_limit"], seed=r["seed"], data_seed=r["seed"],
         report_to="none", remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
         include_num_input_tokens_seen=True if r["padding"] == "packed" else tokens_counting(),  # packed: no pads
-        use_cpu=job.device == "cpu",
+        use_cpu=job.device == "cpu", use_liger_kernel=bool(r["liger_kernel"]),
         bf16=job.device == "cuda" and cdt == torch.bfloat16, fp16=job.device == "cuda" and cdt == torch.float16,
     )
     if r.get("max_steps"):
@@ -341,7 +343,7 @@ def run_metrics(job: Job, trainer, rec, tm: dict, ev: dict, ev0: dict) -> dict:
         "warmup_ratio": float(r["warmup_ratio"]),
         "max_input_length": r["max_input_length"], "max_output_length": r["max_output_length"],
         "padding": r["padding"], "gradient_checkpointing": r["gradient_checkpointing"],
-        "speed": r["speed"], "speed_changes": dict(job.speed_changes),
+        "speed": r["speed"], "speed_changes": dict(job.speed_changes), "liger_kernel": int(r["liger_kernel"]),
         **({"speed_note": job.speed_note} if job.speed_note else {}),
         "global_step": trainer.state.global_step, "epochs": float(trainer.state.epoch or 0),
         "resumed_from_step": rec.step_at_begin, "steps_this_run": trainer.state.global_step - rec.step_at_begin,
@@ -397,7 +399,7 @@ def count_lora(cfg: dict, recipe: dict, where: str) -> dict:
     from peft import get_peft_model
 
     from .lib.config import resolve_model
-    from .lib.models import meta_model_from_config, model_config_json
+    from .lib.models import meta_model_from_config
 
     r = check_sft_recipe(recipe, cfg, where)
     m = resolve_model(cfg, r["model"], where, must_exist=True)

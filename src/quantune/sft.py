@@ -37,11 +37,11 @@ from pathlib import Path
 from .lib.common import ROOT, checkpoint_dir, fail, run_cli, write_metrics
 from .lib.deepspeed import (check_deepspeed_config, check_gpus, ds_config_path, launch_command, save_model_dir,
                             skip_cpu_shm_op)
-from .lib.models import count_parameters
+from .lib.models import count_parameters, model_config_json
 from .lib.sft_data import collator, dataset_loss, dedupe_pairs, prepare_data
 from .lib.measure import matmul_tflops, train_flops_per_token
-from .lib.trainer import (TokenCount, complete_checkpoints, counting_trainer, drop_incomplete_checkpoints, fingerprint,
-                          keep_checkpoints_of, step_timer)
+from .lib.trainer import (TokenCount, check_liger, complete_checkpoints, counting_trainer, drop_incomplete_checkpoints,
+                          fingerprint, keep_checkpoints_of, step_timer)
 
 # keys that change nothing a checkpoint holds: a checkpoint written under other values of them is resumed
 RESUME_IGNORES = ("logging_steps", "save_total_limit", "keep_checkpoints", "description", "early_stopping_patience",
@@ -176,7 +176,7 @@ def training_args(recipe: dict, output_dir: str, use_cpu: bool, **overrides):
         seed=recipe["seed"],
         data_seed=recipe["seed"],
         bf16=recipe["bf16"],
-        gradient_checkpointing=recipe["gradient_checkpointing"],
+        gradient_checkpointing=recipe["gradient_checkpointing"], use_liger_kernel=bool(recipe["liger_kernel"]),
         gradient_checkpointing_kwargs={"use_reentrant": False} if recipe["gradient_checkpointing"] else None,
         eval_strategy="epoch",
         save_strategy="epoch",
@@ -233,6 +233,7 @@ def sft_metrics(recipe: dict, m: dict, zero: dict, world: int, device: str, lr: 
         "launcher": "deepspeed", "world_size": world, "device": device, "bf16": recipe["bf16"],
         "gradient_checkpointing": recipe["gradient_checkpointing"], "mask_prompt": recipe["mask_prompt"],
         "padding": recipe["padding"], "speed": recipe["speed"], "speed_changes": recipe["speed_changes"],
+        "liger_kernel": int(recipe["liger_kernel"]),
         **({"speed_note": recipe["speed_note"]} if recipe["speed_note"] else {}),
         "only_optimize_lora": lora, "lora_dim": recipe["lora_dim"] if lora else None, "learning_rate": lr,
         "per_device_train_batch_size": recipe["per_device_train_batch_size"],
@@ -386,14 +387,17 @@ def _cmd(a) -> None:
     if num_gpus is None:
         num_gpus = 0 if cfg["scale"] == "tiny" else int(recipe["gpus"])
     check_gpus(num_gpus, f"{a.recipe}: key gpus (--num-gpus {num_gpus})")
+    m = resolve_model(cfg, recipe["model"], where=str(a.recipe), must_exist=True)
+    if recipe["liger_kernel"]:
+        check_liger(recipe, model_config_json(m, str(a.recipe))[0].get("model_type", "?"),
+                    "cuda" if num_gpus else "cpu", str(a.recipe))
     auto_ranks = 1 if cfg["scale"] == "tiny" else int(recipe["gpus"])
     if recipe["zero_choice"].startswith("auto") and max(num_gpus, 1) != auto_ranks:
         raise fail(f"{a.recipe}: key deepspeed_config", f"auto chose {recipe['deepspeed_config']} for {auto_ranks} "
                    f"rank(s) (the recipe's gpus), but --num-gpus {num_gpus} runs {max(num_gpus, 1)}",
                    f"set gpus: {num_gpus} in the recipe, or name a ZeRO file in deepspeed_config")
     # before any rank starts: checkpoints written under other settings (another speed mode, batch, model) go
-    source = resolve_model(cfg, recipe["model"], where=str(a.recipe))["source"]
-    keep_checkpoints_of(checkpoint_dir(Path(a.out)), fingerprint(recipe, source, RESUME_IGNORES), a.recipe)
+    keep_checkpoints_of(checkpoint_dir(Path(a.out)), fingerprint(recipe, m["source"], RESUME_IGNORES), a.recipe)
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT / "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     worker = ["--worker", "--recipe", str(a.recipe), "--out", str(a.out), "--num-gpus", str(num_gpus),

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import write_json
+from .common import fail, write_json
 
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 TRAINER_STATE = ("trainer_state.json",)  # the file the Trainer writes last into a checkpoint
@@ -110,6 +110,27 @@ def counting_trainer(count: TokenCount):
             return super().training_step(model, inputs, *args, **kwargs)
 
     return _CountingTrainer
+
+
+LIGER_KERNEL = "liger-kernel==0.8.5"  # envs/finetune.yaml and envs/deepspeed.yaml pin the same
+
+
+def check_liger(recipe: dict, model_type: str, device: str, where: str) -> None:
+    """`liger_kernel: true` (transformers' use_liger_kernel: liger-kernel's fused RMSNorm, RoPE, SwiGLU and linear
+    cross-entropy patched into the model) needs a CUDA GPU (Triton), the package, and a model type it patches."""
+    if not recipe.get("liger_kernel"):
+        return
+    key = f"{where}: key liger_kernel"
+    if device != "cuda":
+        raise fail(key, "liger-kernel's Triton kernels need a CUDA GPU and this run has none",
+                   "set liger_kernel: false on this machine")
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        raise fail(key, "liger-kernel is not installed", f"pip install {LIGER_KERNEL} or set liger_kernel: false") from None
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise fail(key, f"liger-kernel has no kernels for model type {model_type!r}",
+                   f"set liger_kernel: false (it patches {', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN)[:12])}, ...)")
 
 
 def step_timer():
