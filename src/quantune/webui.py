@@ -106,12 +106,11 @@ class App:
         df = df[head + keep]
         if sort_by in df.columns:
             df = df.sort_values(sort_by, ascending=not descending, na_position="last", kind="stable")
-        return df.map(lambda v: f"{v:.4g}" if isinstance(v, float) and not math.isnan(v) else ("" if v is None or (
-            isinstance(v, float) and math.isnan(v)) else v))
+        return df.map(_cell)
 
     def runs_with_losses(self) -> list[str]:
         return sorted(str(p.parent.relative_to(self.results)) for p in self.results.glob("*/**/tb")
-                      if (p.parent / "metrics.json").is_file() and not str(p).startswith(str(self.results / "logs")))
+                      if (p.parent / "metrics.json").is_file())
 
     def loss_plot(self, runs: list[str]):
         from .lib.plots import plot_losses
@@ -121,7 +120,7 @@ class App:
         for r in runs or []:
             d = (self.results / r).resolve()
             if self.results.resolve() in d.parents:
-                series[r] = [(s, v) for s, v in read_scalars(d / "tb").get("train/loss", [])]
+                series[r] = read_scalars(d / "tb").get("train/loss", [])
         if not any(series.values()):
             return None
         path = Path(tempfile.mkdtemp(prefix="quantune-webui-")) / "losses.png"
@@ -131,13 +130,13 @@ class App:
     def stage_files(self, stage: str, md: str, png: str) -> tuple[str, str | None]:
         """The Markdown table and plot that the targets of one stage wrote (quant_compare, qlora_compare)."""
         texts, image = [], None
-        for name in sorted(n for n, r in self.recipes.items() if r["stage"] == stage):
+        names = sorted(n for n, r in self.recipes.items() if r["stage"] == stage)
+        for name in names:
             d = self.results / name
             if (d / md).is_file():
                 texts.append(f"### {name}\n\n" + (d / md).read_text(encoding="utf-8"))
                 image = image or (str(d / png) if (d / png).is_file() else None)
-        names = " ".join(n for n, r in sorted(self.recipes.items()) if r["stage"] == stage)
-        return "\n\n".join(texts) or f"nothing built yet: build it with `snakemake {names}`", image
+        return "\n\n".join(texts) or f"nothing built yet: build it with `snakemake {' '.join(names)}`", image
 
     # ------------------------------------------------------------ recipes
     def recipe_raw(self, name: str) -> dict:
@@ -170,6 +169,13 @@ class App:
             return f"quantune: error: {e}"
         self.reload()
         return f"saved {path} (target `{name}`)"
+
+
+def _cell(v):
+    """A table cell: floats to 4 significant digits, a number the target does not record empty."""
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.4g}"
+    return "" if v is None else v
 
 
 def _progress_html(frac: float) -> str:
@@ -247,7 +253,7 @@ def _recipe_tab(app: App):
     """The recipe picker and the form made from its stage's schema; returns the status line the form writes."""
     import gradio as gr
 
-    from .lib.recipe_form import fields_of, form_value, ordered
+    from .lib.recipe_form import UNSET, fields_of, form_value, ordered
 
     names = sorted(set(app.recipes) | set(app.recipe_errors))
     pick = gr.Dropdown(names, value=names[0] if names else None, label="recipe", elem_id="recipe-pick")
@@ -274,7 +280,7 @@ def _recipe_tab(app: App):
             for f in fs:
                 v, eid, key = form_value(f, raw), f"recipe-field-{f.key}", f"{name}:{f.key}"
                 if f.kind in ("bool", "enum"):
-                    ch = ["(unset)"] + (["true", "false"] if f.kind == "bool" else f.choices)
+                    ch = [UNSET] + (["true", "false"] if f.kind == "bool" else f.choices)
                     comps.append(gr.Dropdown(ch, value=v, label=f.key, info=f.help or None, elem_id=eid,
                                              interactive=True, key=key))
                 else:  # numbers too: an empty box leaves the key unset

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .common import ROOT, QuantuneError, fail, read_json
+from .measure import release_memory
 
 # the data format's field a chat message fills (the other fields of its template stay empty)
 CHAT_FIELD = {"advertisegen": "content", "alpaca": "instruction"}
@@ -88,14 +89,14 @@ def catalogue(cfg: dict, recipes: dict[str, dict]) -> dict[str, ChatModel]:
         for label, run in runs:
             if (run / "adapter" / "adapter_config.json").is_file() and (run / "recipe.json").is_file():
                 fmt, render, max_in, tr = prompt_format(results, recipes, name, run)
-                out[f"{label} (LoRA adapter)"] = ChatModel(f"{label} (LoRA adapter)", "lora", str(run / "adapter"),
-                                                           fmt, render, max_in, tr)
-        if (d / "model" / "config.json").is_file():
+                label = f"{label} (LoRA adapter)"
+                out[label] = ChatModel(label, "lora", str(run / "adapter"), fmt, render, max_in, tr)
+        saved = [(f"{name} ({stage})", "hf", d / "model")] if (d / "model" / "config.json").is_file() else []
+        saved += [(f"{name} (GGUF {g.stem})", "gguf", g) for g in sorted(d.glob("*.gguf"))]
+        if saved:  # a saved model or GGUF file: the prompt format of the target (or the adapter it came from)
             fmt, render, max_in, _ = prompt_format(results, recipes, name)
-            out[f"{name} ({stage})"] = ChatModel(f"{name} ({stage})", "hf", str(d / "model"), fmt, render, max_in)
-        for g in sorted(d.glob("*.gguf")):
-            fmt, render, max_in, _ = prompt_format(results, recipes, name)
-            out[f"{name} (GGUF {g.stem})"] = ChatModel(f"{name} (GGUF {g.stem})", "gguf", str(g), fmt, render, max_in)
+            for label, kind, path in saved:
+                out[label] = ChatModel(label, kind, str(path), fmt, render, max_in)
     return out
 
 
@@ -154,7 +155,7 @@ class ModelCache:
                 return self.models[cm.label]
             while len(self.models) >= self.limit:
                 self.models.popitem(last=False)
-                _free_gpu()
+                release_memory()
             try:
                 loaded = load(cm, self.cfg)
             except QuantuneError:
@@ -166,16 +167,6 @@ class ModelCache:
                            ) from None
             self.models[cm.label] = loaded
             return loaded
-
-
-def _free_gpu() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 @dataclass

@@ -123,9 +123,10 @@ def check(recipe: dict, name: str, cfg: dict, recipes_dir: Path, others: dict[st
     from .config import check_references, load_recipe
 
     shown = str(Path(recipes_dir) / f"{name}.yaml")
-    if not NAME.match(name or ""):
-        return (f"{shown}: the name {name!r} is not a target name; fix: use letters, digits, '_', '-' or '.', "
-                "starting with a letter or digit")
+    try:
+        recipe_file(name, recipes_dir)
+    except QuantuneError as e:
+        return f"quantune: error: {e}"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe, allow_unicode=True, sort_keys=False), encoding="utf-8")
@@ -138,13 +139,19 @@ def check(recipe: dict, name: str, cfg: dict, recipes_dir: Path, others: dict[st
     return ""
 
 
-def save(recipe: dict, name: str, recipes_dir: Path, overwrite: bool) -> Path:
-    """recipes/<name>.yaml, written atomically; an existing file only with overwrite."""
+def recipe_file(name: str, recipes_dir: Path) -> Path:
+    """recipes/<name>.yaml for a target name, never a path outside the recipes directory."""
     rdir = Path(recipes_dir).resolve()
     path = (rdir / f"{name}.yaml").resolve()
     if not NAME.match(name or "") or path.parent != rdir:
         raise fail(str(rdir / f"{name}.yaml"), f"{name!r} is not a target name",
                    "use letters, digits, '_', '-' or '.', starting with a letter or digit")
+    return path
+
+
+def save(recipe: dict, name: str, recipes_dir: Path, overwrite: bool) -> Path:
+    """recipes/<name>.yaml, written atomically; an existing file only with overwrite."""
+    path = recipe_file(name, recipes_dir)
     if path.exists() and not overwrite:
         raise fail(str(path), "exists already", "choose another name, or tick 'overwrite' to replace it")
     atomic_write_text(path, yaml.safe_dump(recipe, allow_unicode=True, sort_keys=False))
