@@ -38,11 +38,12 @@ from typing import Any
 from .lib.common import atomic_dir, checkpoint_dir, fail, run_cli, seed_everything, write_json, write_jsonl, write_metrics
 from .lib.lora import add_lora, check_target_modules, check_targets_in, compute_dtype, load_base, lora_config
 from .lib.lora import peft_trainable_line
-from .lib.models import model_config_json, pick_device, set_cpu_threads
+from .lib.models import pick_device, set_cpu_threads
 from .lib.plots import plot_losses
 from .lib.prompts import ANSWER_FIELD, IGNORE_INDEX, SFTCollator, build_split, template_of
 from .lib.trainer import (TokenCount, check_liger, complete_checkpoints, counting_trainer, fingerprint,
-                          keep_checkpoints_of, run_record, tokens_counting, total_optimizer_steps)
+                          keep_checkpoints_of, packing_refusal, run_record, speed_changes, tokens_counting,
+                          total_optimizer_steps)
 
 
 def _fmt_of(cfg: dict, recipe: dict) -> str:
@@ -82,46 +83,21 @@ def check_sft_recipe(recipe: dict, cfg: dict, where: str) -> dict:
     return r
 
 
-def packing_refusal(cfg: dict, r: dict, where: str) -> tuple[str, str] | None:
-    """Why rows cannot be packed for this recipe here, and the fix, or None. Packed rows stay apart only where the
-    model builds its attention mask from per-row position ids (transformers' own decoder code, masking_utils):
-    not in an encoder-decoder, not in remote code."""
-    from .lib.config import resolve_model
-
-    if r["task_type"] == "SEQ_2_SEQ_LM":
-        return "packed rows need a decoder-only model; this one is an encoder-decoder", "use padding: longest"
-    if resolve_model(cfg, r["model"], where=where, key="model")["trust_remote_code"]:
-        return (f"model {r['model']!r} runs remote code here, which would attend across packed rows",
-                "use padding: longest at this scale")
-    return None
+def packing_of(cfg: dict, r: dict, where: str) -> tuple[str, str] | None:
+    """Why this recipe's rows cannot be packed here (lib.trainer.packing_refusal), or None."""
+    return packing_refusal(cfg, r["model"], r["task_type"] == "SEQ_2_SEQ_LM", where)
 
 
 def check_packing(cfg: dict, r: dict, where: str) -> None:
-    refused = packing_refusal(cfg, r, where)
+    refused = packing_of(cfg, r, where)
     if refused:
         raise fail(f"{where}: key padding", *refused)
 
 
 def speed_settings(cfg: dict, r: dict, where: str) -> tuple[dict, dict, str]:
-    """The recipe as its `speed` mode runs it, what the mode changed, and a switch it could not turn on here.
-    The recipe's own keys are the seed configuration; fast and lean keep its rows per optimizer step, schedule,
-    data order and loss (the Trainer's token-level mean over the optimizer step's rows), and change only how the
-    rows are computed: packed padding-free where the model allows (`packing_refusal`), and for fast the step's
-    rows in one micro-batch with gradient checkpointing off, for lean the written micro-batch with checkpointing
-    on."""
-    if r["speed"] == "seed":
-        return r, {}, ""
-    want: dict[str, Any] = {}
-    refused = packing_refusal(cfg, r, where) if r["padding"] != "packed" else None
-    note = f"padding stays {r['padding']}: {refused[0]}" if refused else ""
-    if not refused:
-        want["padding"] = "packed"
-    if r["speed"] == "fast":
-        want.update(per_device_train_batch_size=r["per_device_train_batch_size"] * r["gradient_accumulation_steps"],
-                    gradient_accumulation_steps=1, gradient_checkpointing=False)
-    else:
-        want["gradient_checkpointing"] = True
-    changes = {k: v for k, v in want.items() if r[k] != v}
+    """The recipe as its `speed` mode runs it (lib.trainer.speed_changes: the Trainer's loss is a token-level mean
+    over the optimizer step's rows in every mode), what the mode changed, and a switch it could not turn on."""
+    changes, note = speed_changes(r, lambda: packing_of(cfg, r, where))
     return {**r, **changes}, changes, note
 
 
@@ -183,8 +159,7 @@ def prepare(recipe_path: str, cfg: dict, run_recipe: dict | None = None) -> Job:
             raise fail(f"{where}: key quantization", "nf4 needs bitsandbytes, which is not installed",
                        "pip install bitsandbytes (envs/finetune.yaml pins it) or set quantization: none") from None
     check_target_modules(m, r, where)
-    if r["liger_kernel"]:
-        check_liger(r, model_config_json(m, where)[0].get("model_type", "?"), device, where)
+    check_liger(r, m, device, where)
     train_rows = load_split(ds, r["train_split"], r.get("max_train_samples"))
     eval_rows = load_split(ds, r["eval_split"], r.get("max_eval_samples"))
     if not train_rows:
@@ -399,7 +374,7 @@ def count_lora(cfg: dict, recipe: dict, where: str) -> dict:
     from peft import get_peft_model
 
     from .lib.config import resolve_model
-    from .lib.models import meta_model_from_config
+    from .lib.models import meta_model_from_config, model_config_json
 
     r = check_sft_recipe(recipe, cfg, where)
     m = resolve_model(cfg, r["model"], where, must_exist=True)

@@ -37,11 +37,11 @@ from pathlib import Path
 from .lib.common import ROOT, checkpoint_dir, fail, run_cli, write_metrics
 from .lib.deepspeed import (check_deepspeed_config, check_gpus, ds_config_path, launch_command, save_model_dir,
                             skip_cpu_shm_op)
-from .lib.models import count_parameters, model_config_json
+from .lib.models import count_parameters
 from .lib.sft_data import collator, dataset_loss, dedupe_pairs, prepare_data
 from .lib.measure import matmul_tflops, train_flops_per_token
 from .lib.trainer import (TokenCount, check_liger, complete_checkpoints, counting_trainer, drop_incomplete_checkpoints,
-                          fingerprint, keep_checkpoints_of, step_timer)
+                          fingerprint, keep_checkpoints_of, packing_refusal, speed_changes, step_timer)
 
 # keys that change nothing a checkpoint holds: a checkpoint written under other values of them is resumed
 RESUME_IGNORES = ("logging_steps", "save_total_limit", "keep_checkpoints", "description", "early_stopping_patience",
@@ -57,7 +57,7 @@ def check_recipe(recipe: dict, cfg: dict, where: str) -> dict:
     if "{prompt}" not in recipe["prompt_template"]:
         raise fail(f"{where}: key prompt_template", "has no {prompt} placeholder",
                    "write e.g. 'Human: {prompt} \\n Assistant: '")
-    recipe = zero_settings(recipe, 1 if cfg["scale"] == "tiny" else int(recipe.get("gpus") or 1))
+    recipe = zero_settings(recipe, 1 if cfg["scale"] == "tiny" else int(recipe["gpus"]))
     check_deepspeed_config(recipe, where)
     ds = resolve_dataset(cfg, recipe["dataset"], where=where)
     if ds["format"] != "pref":
@@ -67,24 +67,10 @@ def check_recipe(recipe: dict, cfg: dict, where: str) -> dict:
 
 
 def speed_settings(cfg: dict, recipe: dict, where: str) -> dict:
-    """The recipe as its `speed` mode runs it, with `speed_changes` (what the mode changed) and `speed_note` (a
-    switch it could not turn on here). The recipe's own keys are seed 003's configuration; fast keeps its rows per
-    optimizer step, schedule, data order and loss (each micro-batch's token-level mean, as the Trainer computes
-    it for one micro-batch per step) and changes how the rows are computed: packed padding-free (not for remote
-    code, which would attend across rows), the step's rows in one micro-batch, gradient checkpointing off."""
-    from .lib.config import resolve_model
-
-    want, note = {}, ""
-    if recipe["speed"] == "fast":
-        want = {"per_device_train_batch_size": recipe["per_device_train_batch_size"]
-                * recipe["gradient_accumulation_steps"], "gradient_accumulation_steps": 1,
-                "gradient_checkpointing": False}
-        if resolve_model(cfg, recipe["model"], where=where)["trust_remote_code"]:
-            note = f"padding stays {recipe['padding']}: model {recipe['model']!r} runs remote code here, which would " \
-                   "attend across packed rows"
-        else:
-            want["padding"] = "packed"
-    changes = {k: v for k, v in want.items() if recipe[k] != v}
+    """The recipe as its `speed` mode runs it (lib.trainer.speed_changes; seed 003's configuration is the recipe's
+    own keys; the loss is each micro-batch's token-level mean, one micro-batch per step in fast), with
+    `speed_changes` (what the mode changed) and `speed_note` (a switch it could not turn on here)."""
+    changes, note = speed_changes(recipe, lambda: packing_refusal(cfg, recipe["model"], False, where))
     return {**recipe, **changes, "speed_changes": changes, "speed_note": note}
 
 
@@ -94,12 +80,14 @@ AUTO_ZERO = {True: "recipes/deepspeed/zero0.json", False: "recipes/deepspeed/zer
 def zero_settings(recipe: dict, ranks: int) -> dict:
     """`deepspeed_config: auto` follows the ranks the job runs (the recipe's gpus; one CPU rank at tiny scale):
     ZeRO-0 on one, where partitioning saves nothing and only adds communication, ZeRO-2 on several; a named file
-    is the recipe's pin. `zero_choice` says which and why."""
+    is the recipe's pin. `zero_choice` says which and why; `zero_auto_ranks` the ranks auto chose for (None: pinned)."""
     if recipe["deepspeed_config"] != "auto":
-        return {**recipe, "zero_choice": f"pinned by the recipe ({recipe['deepspeed_config']})"}
+        pin = recipe["deepspeed_config"]
+        return {**recipe, "zero_choice": f"pinned by the recipe ({pin})", "zero_auto_ranks": None}
     path = AUTO_ZERO[ranks == 1]
-    why = "one rank: partitioning saves nothing" if ranks == 1 else f"{ranks} ranks: optimizer states and gradients partitioned"
-    return {**recipe, "deepspeed_config": path, "zero_choice": f"auto, {why} ({path})"}
+    why = ("one rank: partitioning saves nothing" if ranks == 1
+           else f"{ranks} ranks: optimizer states and gradients partitioned")
+    return {**recipe, "deepspeed_config": path, "zero_choice": f"auto, {why} ({path})", "zero_auto_ranks": ranks}
 
 
 def check_inputs(recipe_path: str, cfg: dict) -> dict:
@@ -385,14 +373,12 @@ def _cmd(a) -> None:
         return
     recipe = check_inputs(a.recipe, cfg)
     if num_gpus is None:
-        num_gpus = 0 if cfg["scale"] == "tiny" else int(recipe["gpus"])
+        num_gpus = 0 if cfg["scale"] == "tiny" else int(recipe["gpus"])  # a CPU rank at tiny scale
     check_gpus(num_gpus, f"{a.recipe}: key gpus (--num-gpus {num_gpus})")
     m = resolve_model(cfg, recipe["model"], where=str(a.recipe), must_exist=True)
-    if recipe["liger_kernel"]:
-        check_liger(recipe, model_config_json(m, str(a.recipe))[0].get("model_type", "?"),
-                    "cuda" if num_gpus else "cpu", str(a.recipe))
-    auto_ranks = 1 if cfg["scale"] == "tiny" else int(recipe["gpus"])
-    if recipe["zero_choice"].startswith("auto") and max(num_gpus, 1) != auto_ranks:
+    check_liger(recipe, m, "cuda" if num_gpus else "cpu", str(a.recipe))
+    auto_ranks = recipe["zero_auto_ranks"]
+    if auto_ranks and max(num_gpus, 1) != auto_ranks:
         raise fail(f"{a.recipe}: key deepspeed_config", f"auto chose {recipe['deepspeed_config']} for {auto_ranks} "
                    f"rank(s) (the recipe's gpus), but --num-gpus {num_gpus} runs {max(num_gpus, 1)}",
                    f"set gpus: {num_gpus} in the recipe, or name a ZeRO file in deepspeed_config")

@@ -112,12 +112,48 @@ def counting_trainer(count: TokenCount):
     return _CountingTrainer
 
 
+def packing_refusal(cfg: dict, model: str, seq2seq: bool, where: str) -> tuple[str, str] | None:
+    """Why a recipe's rows cannot be packed here, and the fix, or None. Packed rows stay apart only where the model
+    builds its attention mask from per-row position ids (transformers' own decoder code, masking_utils): not in an
+    encoder-decoder, not in remote code."""
+    from .config import resolve_model
+
+    if seq2seq:
+        return "packed rows need a decoder-only model; this one is an encoder-decoder", "use padding: longest"
+    if resolve_model(cfg, model, where=where, key="model")["trust_remote_code"]:
+        return (f"model {model!r} runs remote code here, which would attend across packed rows",
+                "use padding: longest at this scale")
+    return None
+
+
+def speed_changes(r: dict, refusal) -> tuple[dict, str]:
+    """What a recipe's `speed` mode changes (key -> value run) and a switch it could not turn on here. The recipe's
+    own keys are the seed configuration; fast and lean keep its rows per optimizer step, schedule, data order and
+    loss, and change only how the rows are computed: packed padding-free unless `refusal()` (packing_refusal of
+    the recipe) says why not, and for fast the step's rows in one micro-batch with gradient checkpointing off, for
+    lean the written micro-batch with checkpointing on."""
+    if r["speed"] == "seed":
+        return {}, ""
+    refusal = refusal() if r["padding"] != "packed" else None  # a packed recipe's check_packing has passed
+    want: dict[str, Any] = {} if refusal else {"padding": "packed"}
+    if r["speed"] == "fast":
+        want.update(per_device_train_batch_size=r["per_device_train_batch_size"] * r["gradient_accumulation_steps"],
+                    gradient_accumulation_steps=1, gradient_checkpointing=False)
+    else:
+        want["gradient_checkpointing"] = True
+    note = f"padding stays {r['padding']}: {refusal[0]}" if refusal else ""
+    return {k: v for k, v in want.items() if r[k] != v}, note
+
+
 LIGER_KERNEL = "liger-kernel==0.8.5"  # envs/finetune.yaml and envs/deepspeed.yaml pin the same
 
 
-def check_liger(recipe: dict, model_type: str, device: str, where: str) -> None:
+def check_liger(recipe: dict, m: dict, device: str, where: str) -> None:
     """`liger_kernel: true` (transformers' use_liger_kernel: liger-kernel's fused RMSNorm, RoPE, SwiGLU and linear
-    cross-entropy patched into the model) needs a CUDA GPU (Triton), the package, and a model type it patches."""
+    cross-entropy patched into the model) needs a CUDA GPU (Triton), the package, and a model type it patches
+    (read from the resolved model `m`'s config.json only then: a hub model without hub_config needs none)."""
+    from .models import model_config_json
+
     if not recipe.get("liger_kernel"):
         return
     key = f"{where}: key liger_kernel"
@@ -127,7 +163,9 @@ def check_liger(recipe: dict, model_type: str, device: str, where: str) -> None:
     try:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError:
-        raise fail(key, "liger-kernel is not installed", f"pip install {LIGER_KERNEL} or set liger_kernel: false") from None
+        raise fail(key, "liger-kernel is not installed",
+                   f"pip install {LIGER_KERNEL} or set liger_kernel: false") from None
+    model_type = model_config_json(m, where)[0].get("model_type", "?")
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         raise fail(key, f"liger-kernel has no kernels for model type {model_type!r}",
                    f"set liger_kernel: false (it patches {', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN)[:12])}, ...)")
