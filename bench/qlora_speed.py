@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from benchlib import gpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {"linear": "qlora_chatglm_linear", "cosine": "qlora_chatglm_cosine"}
@@ -85,12 +86,6 @@ def reset_gpu() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-
-
-def gpu_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
 def max_diff(a: list[float], b: list[float]) -> float:

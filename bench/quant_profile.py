@@ -19,12 +19,12 @@ import argparse
 import functools
 import importlib
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from benchlib import build_shape_inputs, gpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 # phase: (module, attribute path, the phase it runs inside)
@@ -84,18 +84,7 @@ def install(timers: Timers) -> list[str]:
     return missing
 
 
-def build_inputs(cfg: dict, recipe: dict) -> None:
-    if cfg["scale"] != "shape":
-        return
-    sw = Path(cfg["results"]["shape"]) / "shape_world"
-    paths = [str(sw / "models" / recipe["model"])] + [str(sw / "data" / recipe[k]) for k in
-                                                       ("calibration_dataset", "eval_dataset", "dataset") if k in recipe]
-    subprocess.run([sys.executable, "-m", "snakemake", "--cores", "all", "--resources", "gpu=1", "--scheduler",
-                    "greedy", "--config", "scale=shape", "--", *paths], cwd=ROOT, check=True)
-
-
 def main(argv=None) -> int:
-    import torch
 
     from quantune.lib.config import _parse_set, load_config, load_recipe
     from quantune.lib.tables import markdown_table
@@ -111,13 +100,13 @@ def main(argv=None) -> int:
     missing = install(timers)
     from quantune.quantize import run  # after install: the stage's module-level names are the wrapped ones
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    gpu = gpu_name()
     rows, md = [], ["# Where the time of a quantize target goes (quantize stage, llm-compressor)", "",
                     f"`python bench/quant_profile.py --scale {a.scale}`: the stage's own run, GPU synchronised around "
                     f"each phase; a nested phase is also counted in its parent. {gpu}.", ""]
     for name in a.targets:
         path = ROOT / "recipes" / f"{name}.yaml"
-        build_inputs(cfg, load_recipe(path, cfg))
+        build_shape_inputs(cfg, load_recipe(path, cfg))
         timers.seconds.clear()
         timers.calls.clear()
         with tempfile.TemporaryDirectory(prefix="quant-profile-", dir=ROOT / "results") as tmp:

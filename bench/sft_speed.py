@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from benchlib import build_shape_inputs, gpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "qwen3_deepspeed_sft.yaml"
@@ -37,16 +38,6 @@ def variants(r: dict) -> dict[str, dict]:
             "fast_liger": {"speed": "fast", "liger_kernel": True},
             "packed": {**seed, "padding": "packed"}, "no_gc": {**seed, "gradient_checkpointing": False},
             "one_micro_batch": {**seed, **one, "gradient_checkpointing": False}}
-
-
-def build_inputs(scale: str, recipe: dict, cfg: dict) -> None:
-    """The shape world's model and data set, by the workflow's own rules (nothing built twice)."""
-    if scale != "shape":
-        return
-    sw = Path(cfg["results"]["shape"]) / "shape_world"
-    cmd = [sys.executable, "-m", "snakemake", "--cores", "all", "--resources", "gpu=1", "--scheduler", "greedy",
-           "--config", "scale=shape", "--", str(sw / "models" / recipe["model"]), str(sw / "data" / recipe["dataset"])]
-    subprocess.run(cmd, cwd=ROOT, check=True)
 
 
 def run_one(variant: str, over: dict, scale: str, epochs: int, tmp: Path, sets: list[str]) -> dict:
@@ -76,12 +67,6 @@ def run_one(variant: str, over: dict, scale: str, epochs: int, tmp: Path, sets: 
             "matmul_dtype": m["matmul_dtype"], "peak_gib": round(m["peak_mem_mb"] / 1024, 3),
             "eval_loss": [m[f"eval_loss_epoch{e}"] for e in range(epochs + 1) if f"eval_loss_epoch{e}" in m],
             "device": m["device"], "gpu": gpu_name()}
-
-
-def gpu_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
 def write(rows: list[dict], out: Path) -> None:
@@ -121,7 +106,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     cfg = load_config(overrides={"scale": a.scale, **_parse_set(a.set)})
     recipe = load_recipe(RECIPE, cfg)
-    build_inputs(a.scale, recipe, cfg)
+    build_shape_inputs(cfg, recipe)
     rows = []
     (ROOT / "results").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sft-speed-", dir=ROOT / "results") as tmp:

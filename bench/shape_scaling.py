@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
+from benchlib import build_shape_inputs, gpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 SERIES = {
@@ -32,16 +31,6 @@ SERIES = {
     "qlora_chatglm_linear": ["qwen2.5-0.5b", "qwen2.5-1.5b", "chatglm3-6b"],
 }
 QKV = ["q_proj", "k_proj", "v_proj"]  # ChatGLM3's query_key_value, in a decoder that keeps them apart
-
-
-def build_inputs(cfg: dict, recipe: dict, model: str) -> None:
-    """The shape world's model and the recipe's data sets, by the workflow's rules (nothing built twice)."""
-    sw = Path(cfg["results"]["shape"]) / "shape_world"
-    paths = [str(sw / "models" / model)] + [str(sw / "data" / recipe[k]) for k in
-                                             ("dataset", "calibration_dataset", "eval_dataset") if k in recipe]
-    cmd = [sys.executable, "-m", "snakemake", "--cores", "all", "--resources", "gpu=1", "--scheduler", "greedy",
-           "--config", "scale=shape", "--", *paths]
-    subprocess.run(cmd, cwd=ROOT, check=True)
 
 
 def recipe_copy(name: str, model: str, cfg: dict, tmp: Path) -> Path:
@@ -62,7 +51,7 @@ def run_one(name: str, model: str, cfg: dict, tmp: Path) -> dict:
 
     path = recipe_copy(name, model, cfg, tmp)
     recipe = load_recipe(path, cfg)
-    build_inputs(cfg, recipe, model)
+    build_shape_inputs(cfg, recipe, model)
     out = tmp / "out" / model / name
     t0 = time.perf_counter()
     if recipe["stage"] == "quantize":
@@ -78,12 +67,10 @@ def run_one(name: str, model: str, cfg: dict, tmp: Path) -> dict:
         seconds, peak = m["seconds_per_step"], m.get("peak_mem_mb")
         figures = {k: m.get(k) for k in ("tokens_per_s", "seconds_per_step", "projected_full_seconds")}
     shape = json.loads((Path(cfg["results"]["shape"]) / "shape_world" / "models" / model / "shape_model.json").read_text())
-    import torch
-
     return {"series": name, "model": model, "params": shape["params"], "dtype": shape["dtype"],
             "seconds": round(seconds, 3), "seconds_kind": "quantization" if recipe["stage"] == "quantize" else "per step",
             "peak_gib": round(peak / 1024, 2) if peak else None, "wall_s": round(time.perf_counter() - t0, 1),
-            "figures": figures, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+            "figures": figures, "gpu": gpu_name()}
 
 
 def write(rows: list[dict], out: Path) -> None:

@@ -1,0 +1,27 @@
+"""What the benches share: a recipe's shape-world inputs, built by the workflow's own rules, and the GPU's name."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA_KEYS = ("dataset", "calibration_dataset", "eval_dataset")
+
+
+def build_shape_inputs(cfg: dict, recipe: dict, model: str | None = None) -> None:
+    """At scale shape: the shape world's model (the recipe's, or `model`) and the recipe's data sets, by
+    `snakemake --config scale=shape <paths>` (nothing built twice). Other scales: nothing to build."""
+    if cfg["scale"] != "shape":
+        return
+    sw = Path(cfg["results"]["shape"]) / "shape_world"
+    paths = [str(sw / "models" / (model or recipe["model"]))] + [str(sw / "data" / recipe[k]) for k in DATA_KEYS
+                                                                  if k in recipe]
+    subprocess.run([sys.executable, "-m", "snakemake", "--cores", "all", "--resources", "gpu=1", "--scheduler",
+                    "greedy", "--config", "scale=shape", "--", *paths], cwd=ROOT, check=True)
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
