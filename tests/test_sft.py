@@ -223,6 +223,18 @@ def test_split_is_90_10_with_the_recipe_seed(tiny_qwen3):
     assert not pairs(tr) & pairs(ev), "an eval example is also a train example"
 
 
+def test_packed_rows_are_refused_for_remote_code(tmp_path):
+    """As lora_sft: packed rows would attend to each other in remote code (chatglm3-6b at full scale)."""
+    from quantune.lib.common import QuantuneError
+    from quantune.lib.config import load_config, load_recipe
+
+    p = recipe_copy(tmp_path, top={"model": "chatglm3-6b", "padding": "packed"})
+    with pytest.raises(QuantuneError) as e:
+        load_recipe(p, load_config(overrides={"scale": "full"}))
+    assert str(e.value) == (f"{p}: key padding: model 'chatglm3-6b' runs remote code here, which would attend across "
+                            "packed rows; fix: use padding: longest at this scale"), str(e.value)
+
+
 def test_real_keys_keep_the_seed_values(tmp_path):
     from quantune.lib.config import load_config, load_recipe
 

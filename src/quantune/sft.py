@@ -57,6 +57,10 @@ def check_recipe(recipe: dict, cfg: dict, where: str) -> dict:
     if "{prompt}" not in recipe["prompt_template"]:
         raise fail(f"{where}: key prompt_template", "has no {prompt} placeholder",
                    "write e.g. 'Human: {prompt} \\n Assistant: '")
+    if recipe["padding"] == "packed":  # as lora_sft's check_packing: rows must not see each other
+        refused = packing_refusal(cfg, recipe["model"], False, where)
+        if refused:
+            raise fail(f"{where}: key padding", *refused)
     recipe = zero_settings(recipe, 1 if cfg["scale"] == "tiny" else int(recipe["gpus"]))
     check_deepspeed_config(recipe, where)
     ds = resolve_dataset(cfg, recipe["dataset"], where=where)
