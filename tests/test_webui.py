@@ -108,10 +108,12 @@ def test_compare_table_lists_every_built_target_with_its_numbers(app, results_ro
 
 
 def test_the_form_gives_the_workflows_one_line_error_and_saves_only_new_valid_files(app, tmp_path):
-    from quantune.lib.recipe_form import fields_of, form_value, ordered
+    from quantune.lib.common import QuantuneError
+    from quantune.lib.recipe_form import form_value
 
-    raw = app.recipe_raw("qlora_chatglm_linear")
-    fs = ordered(fields_of("lora_sft"), raw)
+    raw, stage, fs = app.recipe_form("qlora_chatglm_linear")
+    own = [k for k in raw if k != "stage"]
+    assert stage == "lora_sft" and [f.key for f in fs][:len(own)] == own  # the file's keys first, in its order
     values = [form_value(f, raw) for f in fs]
     assert app.check_form("lora_sft", fs, "qlora_chatglm_linear", values) [1] == ""  # the file as it is: valid
     bad = [("0" if f.key == "lora_r" else v) for f, v in zip(fs, values)]
@@ -128,6 +130,11 @@ def test_the_form_gives_the_workflows_one_line_error_and_saves_only_new_valid_fi
     assert "exists already" in app.save_form("lora_sft", fs, "qlora_chatglm_linear", False, values)
     assert "not a target name" in app.save_form("lora_sft", fs, "../evil", False, values)
     assert not (app.recipes_dir.parent / "evil.yaml").exists()
+    (app.recipes_dir / "no_stage.yaml").write_text("model: opt-6.7b\n")  # a form is made only for a known stage
+    with pytest.raises(QuantuneError, match=r"no_stage.yaml: key stage: unknown stage None; fix: use one of: "):
+        app.recipe_form("no_stage")
+    with pytest.raises(QuantuneError, match="is not a target name"):
+        app.recipe_form("../recipes/qlora_chatglm_linear")
     assert app.save_form("lora_sft", fs, "qlora_chatglm_linear_r8", False, bad).startswith("quantune: error:")
     r8 = [("8" if f.key == "lora_r" else v) for f, v in zip(fs, values)]
     assert app.save_form("lora_sft", fs, "qlora_chatglm_linear_r8", False, r8).startswith("saved ")

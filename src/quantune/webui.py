@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 from .lib.common import ROOT, QuantuneError, fail, run_cli
-from .lib.config import _parse_set, add_config_args, config_from_args, load_recipe, load_yaml, results_dir
+from .lib.config import (_parse_set, add_config_args, config_from_args, known_stages, load_recipe, load_yaml,
+                         results_dir)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 NUMBER_KINDS = (int, float)
@@ -139,12 +140,19 @@ class App:
         return "\n\n".join(texts) or f"nothing built yet: build it with `snakemake {' '.join(names)}`", image
 
     # ------------------------------------------------------------ recipes
-    def recipe_raw(self, name: str) -> dict:
-        path = (self.recipes_dir / f"{name}.yaml").resolve()
-        if path.parent != self.recipes_dir or not path.is_file():
+    def recipe_form(self, name: str) -> tuple[dict, str, list]:
+        """A recipe file as its form shows it: its keys, its stage, and the stage's fields in the file's order."""
+        from .lib.recipe_form import fields_of, ordered, recipe_file
+
+        path = recipe_file(name, self.recipes_dir)
+        if not path.is_file():
             raise fail(str(path), "no such recipe", f"choose one of the recipes in {self.recipes_dir}")
         raw = load_yaml(path)
-        return raw if isinstance(raw, dict) else {}
+        raw = raw if isinstance(raw, dict) else {}
+        stage = raw.get("stage")
+        if stage not in known_stages():
+            raise fail(f"{path}: key stage", f"unknown stage {stage!r}", f"use one of: {', '.join(known_stages())}")
+        return raw, stage, ordered(fields_of(stage), raw)
 
     def check_form(self, stage, fields, name, values) -> tuple[dict | None, str]:
         from .lib.recipe_form import check, recipe_from_form
@@ -253,7 +261,7 @@ def _recipe_tab(app: App):
     """The recipe picker and the form made from its stage's schema; returns the status line the form writes."""
     import gradio as gr
 
-    from .lib.recipe_form import UNSET, fields_of, form_value, ordered
+    from .lib.recipe_form import UNSET, form_value
 
     names = sorted(set(app.recipes) | set(app.recipe_errors))
     pick = gr.Dropdown(names, value=names[0] if names else None, label="recipe", elem_id="recipe-pick")
@@ -264,15 +272,10 @@ def _recipe_tab(app: App):
         if not name:
             return
         try:
-            raw = app.recipe_raw(name)
+            raw, stage_name, fs = app.recipe_form(name)
         except QuantuneError as e:
             gr.Markdown(f"quantune: error: {e}")
             return
-        stage_name = raw.get("stage")
-        if stage_name not in {r["stage"] for r in app.recipes.values()} | {None}:
-            gr.Markdown(app.recipe_errors.get(name, f"unknown stage {stage_name!r}"))
-            return
-        fs = ordered(fields_of(stage_name), raw)
         gr.Markdown(f"stage **{stage_name}**" + (f"; as it is, this file fails: {app.recipe_errors[name]}"
                                                  if name in app.recipe_errors else ""))
         comps = []
