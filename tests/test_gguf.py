@@ -9,6 +9,7 @@ Needs scripts/install_llamacpp.sh (llama-cpp-python, gguf, the converter)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -31,7 +32,8 @@ TIE_NATS = 0.05  # ... unless the transformers model's top two logits there are 
 
 
 def step(*args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    cmd = [sys.executable, *args] if args[0] == "-c" else [sys.executable, "-m", *args]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(args[:2])} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r
@@ -95,8 +97,15 @@ def chain(tiny_world, results_root, llama_cpp, tmp_path_factory) -> dict[str, Pa
         recipe = default_q4 if name == "gguf_q4_0_default" else RECIPES / f"{name}.yaml"
         step("quantune.gguf_quantize", "--recipe", str(recipe), "--out", str(out[name]), "--gguf", str(f16), *cfg)
     files = {n: next(out[n].glob("model-*.gguf")) for n in ["gguf_f16_qwen", "gguf_q8_0", "gguf_q4_k_m", "gguf_q4_0"]}
-    step("quantune.gguf_evaluate", "--recipe", str(RECIPES / "gguf_eval.yaml"), "--out", str(out["gguf_eval"]),
-         "--reference", str(out["merge_lora_qwen"] / "model"), *[f"--gguf={n}={p}" for n, p in files.items()], *cfg)
+    # the stage's main, then which of torch and llama_cpp its own process imported (the llama.cpp side runs in a
+    # worker process of its own)
+    args = ["--recipe", str(RECIPES / "gguf_eval.yaml"), "--out", str(out["gguf_eval"]), "--reference",
+            str(out["merge_lora_qwen"] / "model"), *[f"--gguf={n}={p}" for n, p in files.items()], *cfg]
+    code = ("import json, sys; from quantune.gguf_evaluate import main; rc = main(sys.argv[1:]); "
+            f"open({str(d / 'modules.json')!r}, 'w').write(json.dumps(sorted(m for m in sys.modules "
+            "if m in ('torch', 'llama_cpp')))); sys.exit(rc)")
+    step("-c", code, *args)
+    out["gguf_eval_modules"] = d / "modules.json"
     out["adapter"] = adapter
     return out
 
@@ -336,6 +345,27 @@ def test_greedy_generations_agree_with_the_transformers_model(chain):
             logits = model(torch.tensor([ids + hf[:k]])).logits[0, -1]
         margin = float(logits[hf[k]] - logits[f16[k]])
         assert 0 <= margin < TIE_NATS, (row["prompt"][-40:], k, hf[k], f16[k], margin)
+
+
+def test_llamacpp_runs_in_a_process_of_its_own_without_torch(chain):
+    """torch's CUDA libraries and a CUDA build of llama.cpp in one process aborted on the GPU machine: the stage's
+    process holds the transformers model and never imports llama_cpp; its llama.cpp worker never imports torch."""
+    from quantune.gguf_evaluate import LlamaProcess, llama_vocab
+
+    assert json.loads(chain["gguf_eval_modules"].read_text()) == ["torch"]
+    probe = "sorted(m for m in __import__('sys').modules if m in ('torch', 'llama_cpp'))"
+    with LlamaProcess() as llama:
+        ids = llama.call(llama_vocab, str(chain["gguf_f16_qwen"] / "model-f16.gguf"), "Hello world")
+        loaded = llama.call(eval, probe)
+    assert len(ids) > 1 and loaded == ["llama_cpp"]
+    line = None
+    try:
+        with LlamaProcess() as llama:
+            llama.call(os.abort)
+    except Exception as e:  # a worker that dies is one line, not a BrokenProcessPool traceback
+        line = str(e)
+    assert line == ("llama.cpp: its process ended abnormally during abort (see the log above); fix: check the "
+                    "llama-cpp-python build (scripts/install_llamacpp.sh) and the GGUF files"), line
 
 
 def test_eval_reports_speed_sizes_and_tensorboard(chain):

@@ -3,6 +3,10 @@ they came from. Perplexity on held-out text (the same windows and token ids for 
 quantune.evaluate.perplexity), prompt-processing and generation tokens/s, file sizes, and greedy generations
 for the same prompt ids side by side.
 
+llama.cpp runs in a process of its own that never imports torch (LlamaProcess): torch's CUDA libraries and a CUDA
+build of llama.cpp in one process aborted on the GPU machine ("free(): invalid pointer"). This process holds the
+transformers model; the other the GGUFs, scored on the same ids and windows (lib.measure.windowed_nll).
+
     python -m quantune.gguf_evaluate --recipe recipes/gguf_eval.yaml --out results/gguf_eval
 """
 from __future__ import annotations
@@ -12,31 +16,28 @@ import json
 import statistics
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from .lib.common import fail, run_cli, write_jsonl, write_metrics
 from .lib.gguf import import_llama_cpp, read_gguf, target_dir, tensor_summary
 
 
-class LlamaCppLM:
-    """A llama-cpp-python model seen as `model(ids).logits`, so quantune.evaluate.perplexity scores it with
-    exactly the windows it uses for transformers models. Each call is a fresh sequence (KV cache cleared)."""
+def gguf_nll(llm, ids: list[int], context: int, stride: int) -> dict:
+    """Perplexity of a llama.cpp model over lib.measure's sliding windows, each window a fresh sequence (KV cache
+    cleared); the log-softmax in float64 with numpy (this process has no torch)."""
+    import numpy as np
 
-    def __init__(self, llm):
-        self.llm = llm
+    from .lib.measure import windowed_nll
 
-    def eval(self):
-        return self
+    def losses(begin: int, end: int):
+        seq = ids[begin:end]
+        llm.reset()
+        llm.eval(seq)
+        logits = np.array(llm.scores[: len(seq) - 1], dtype=np.float64)
+        top = logits.max(axis=1, keepdims=True)
+        lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+        return lse - logits[np.arange(len(seq) - 1), seq[1:]]
 
-    def __call__(self, ids):
-        import numpy as np
-        import torch
-
-        seq = [int(x) for x in ids[0].tolist()]
-        self.llm.reset()
-        self.llm.eval(seq)
-        logits = np.array(self.llm.scores[: len(seq)], dtype=np.float32, copy=True)
-        return SimpleNamespace(logits=torch.from_numpy(logits)[None])
+    return windowed_nll(losses, len(ids), context, stride)
 
 
 def open_gguf(path: str | Path, recipe: dict, n_ctx: int, logits_all: bool):
@@ -116,16 +117,12 @@ def _target_metrics(cfg: dict, target: str, recipe_path: str, key: str) -> dict:
     return json.loads(p.read_text())
 
 
-def inputs(recipe_path: str, cfg: dict, gguf_files: dict[str, str] | None, reference: str | None, llama_cpp):
+def inputs(recipe_path: str, cfg: dict, gguf_files: dict[str, str] | None, reference: str | None):
     """The checked recipe, each GGUF's path and tensor types, the reference model directory, the evaluation text."""
     from .lib.config import load_recipe, resolve_dataset
     from .lib.data import join_text, load_split
 
     recipe = load_recipe(recipe_path, cfg)
-    if recipe["n_gpu_layers"] != 0 and not llama_cpp.llama_supports_gpu_offload():
-        raise fail(f"{recipe_path}: key n_gpu_layers", f"{recipe['n_gpu_layers']} asks for GPU offload, but this "
-                   "llama-cpp-python was built without a GPU backend",
-                   'build it with CUDA (CMAKE_ARGS="-DGGML_CUDA=on" scripts/install_llamacpp.sh) or set n_gpu_layers: 0')
     gguf_files = gguf_files or {}
     unknown = sorted(set(gguf_files) - set(recipe["ggufs"]))
     if unknown:
@@ -148,41 +145,93 @@ def inputs(recipe_path: str, cfg: dict, gguf_files: dict[str, str] | None, refer
     return recipe, ggufs, ref_dir, text
 
 
-def score_gguf(path: str, gm: dict, recipe: dict, ids_t, gens: list, prompt_ids: list, pp_ids: list,
-               n_ctx: int) -> tuple[dict, list]:
-    """One GGUF: perplexity on the ids and windows of the transformers model, greedy generations (into `gens`),
-    prompt-processing and generation speed."""
-    from .lib.measure import perplexity
+# ---- the llama.cpp process: these run in LlamaProcess's worker, which never imports torch
 
+def gpu_offload(recipe_path: str, n_gpu_layers: int) -> bool:
+    """Whether this llama-cpp-python offloads to a GPU; n_gpu_layers other than 0 without it is refused."""
+    llama_cpp = import_llama_cpp()
+    if n_gpu_layers != 0 and not llama_cpp.llama_supports_gpu_offload():
+        raise fail(f"{recipe_path}: key n_gpu_layers", f"{n_gpu_layers} asks for GPU offload, but this "
+                   "llama-cpp-python was built without a GPU backend",
+                   'build it with CUDA (CMAKE_ARGS="-DGGML_CUDA=on" scripts/install_llamacpp.sh) or set n_gpu_layers: 0')
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def llama_vocab(path: str, text: str) -> list[int]:
+    """The eval text's token ids by llama.cpp's tokenizer (the GGUF's vocabulary)."""
+    vocab = import_llama_cpp().Llama(path, vocab_only=True, verbose=False)
+    try:
+        return vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    finally:
+        vocab.close()
+
+
+def llama_score(path: str, recipe: dict, ids: list[int], prompt_ids: list, pp_ids: list, n_ctx: int) -> dict:
+    """One GGUF: perplexity on the transformers model's ids and windows, greedy generations (their ids and text),
+    prompt-processing and generation speed."""
     n_gen = recipe["gen_tokens"]
     llm = open_gguf(path, recipe, n_ctx, logits_all=True)
-    r = perplexity(LlamaCppLM(llm), ids_t, recipe["context"], recipe["stride"], device="cpu")
-    out = [greedy_llamacpp(llm, pi, n_gen) for pi in prompt_ids]
-    llm.close()
+    try:
+        r = gguf_nll(llm, ids, recipe["context"], recipe["stride"])
+        out = [greedy_llamacpp(llm, pi, n_gen) for pi in prompt_ids]
+        texts = [llm.detokenize(o).decode("utf-8", errors="replace") for o in out]
+    finally:
+        llm.close()
     fast = open_gguf(path, recipe, n_ctx, logits_all=False)
-    sp = speed(fast, pp_ids, prompt_ids[0], n_gen, recipe.get("repeats", 3))
-    fast.close()
-    agree = [next((i for i, (a, b) in enumerate(zip(g["hf"], o)) if a != b), n_gen) for g, o in zip(gens, out)]
-    return {"ppl": r["ppl"], "nll": r["nll"], "file_bytes": Path(path).stat().st_size,
-            "type_output": gm.get("type_output"), "bits_per_weight": gm.get("gguf_bits_per_weight"),
-            "greedy_agree_min": min(agree), "greedy_agree_mean": sum(agree) / len(agree), **sp}, out
+    try:
+        sp = speed(fast, pp_ids, prompt_ids[0], n_gen, recipe.get("repeats", 3))
+    finally:
+        fast.close()
+    return {"ppl": r["ppl"], "nll": r["nll"], "tokens_scored": r["tokens_scored"], "gens": out, "texts": texts, **sp}
+
+
+class LlamaProcess:
+    """One worker process for llama.cpp (multiprocessing's spawn: a fresh interpreter that imports this module,
+    which imports no torch), kept for all of a run's GGUFs. A worker that dies (an abort in native code) is one
+    line naming its exit, not a BrokenProcessPool traceback."""
+
+    def __enter__(self):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        return self
+
+    def call(self, fn, *args):
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return self.pool.submit(fn, *args).result()
+        except BrokenProcessPool:
+            raise fail("llama.cpp", f"its process ended abnormally during {fn.__name__} (see the log above)",
+                       "check the llama-cpp-python build (scripts/install_llamacpp.sh) and the GGUF files") from None
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run(recipe_path: str, out: str, cfg: dict, gguf_files: dict[str, str] | None = None,
         reference: str | None = None) -> dict:
+    from .lib.config import load_recipe
+
+    with LlamaProcess() as llama:  # a GPU recipe on a build without GPU offload is refused before the other checks
+        offload = llama.call(gpu_offload, recipe_path, load_recipe(recipe_path, cfg)["n_gpu_layers"])
+        recipe, ggufs, ref_dir, text = inputs(recipe_path, cfg, gguf_files, reference)
+        return _run(recipe, recipe_path, ggufs, ref_dir, text, out, cfg, llama, offload)
+
+
+def _run(recipe: dict, recipe_path: str, ggufs: dict, ref_dir: Path, text: str, out: str, cfg: dict,
+         llama: LlamaProcess, offload: bool) -> dict:
     import torch
 
     from .lib.measure import perplexity
     from .lib.models import load_model
     from .lib.tb import TBWriter
 
-    llama_cpp = import_llama_cpp()
-    recipe, ggufs, ref_dir, text = inputs(recipe_path, cfg, gguf_files, reference, llama_cpp)
     t0 = time.time()
     # token ids: llama.cpp's tokenizer (the GGUF vocab), compared with transformers' on the same text
     base = ggufs[recipe["ggufs"][0]]["gguf_path"]
-    vocab = llama_cpp.Llama(base, vocab_only=True, verbose=False)
-    ids = vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    ids = llama.call(llama_vocab, base, text)
     ref, tok = load_model(str(ref_dir), dtype=recipe.get("reference_dtype", "float32"))
     device = "cuda" if torch.cuda.is_available() and recipe["n_gpu_layers"] != 0 else "cpu"
     ref.to(device).eval()
@@ -194,7 +243,7 @@ def run(recipe_path: str, out: str, cfg: dict, gguf_files: dict[str, str] | None
                      "context": recipe["context"], "stride": recipe["stride"], "threads": recipe["threads"],
                      "n_gpu_layers": recipe["n_gpu_layers"], "eval_text_tokens": len(ids),
                      "eval_tokens_same_as_transformers": int(ids == hf_ids),
-                     "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload())}
+                     "gpu_offload_supported": offload}
     # the transformers model on the same ids and windows
     r = perplexity(ref, ids_t, recipe["context"], recipe["stride"], device=device)
     metrics.update({"hf_ppl": r["ppl"], "hf_nll": r["nll"], "tokens_scored": r["tokens_scored"]})
@@ -208,10 +257,19 @@ def run(recipe_path: str, out: str, cfg: dict, gguf_files: dict[str, str] | None
     if len(pp_ids) < recipe["pp_tokens"]:
         raise fail(f"{recipe_path}: key pp_tokens", f"the eval text has only {len(ids)} tokens", "lower pp_tokens")
     n_ctx = max(recipe["context"], recipe["pp_tokens"], max(len(p) for p in prompt_ids) + n_gen + 1)
+    scored = ids_t.tolist()
     for t, gm in ggufs.items():
-        row, out_ids = score_gguf(gm["gguf_path"], gm, recipe, ids_t, gens, prompt_ids, pp_ids, n_ctx)
-        for g, o in zip(gens, out_ids):
-            g[t] = o
+        r = llama.call(llama_score, gm["gguf_path"], recipe, scored, prompt_ids, pp_ids, n_ctx)
+        if r["tokens_scored"] != metrics["tokens_scored"]:
+            raise RuntimeError(f"{t}: scored {r['tokens_scored']} tokens, the transformers model "
+                               f"{metrics['tokens_scored']}")
+        for g, o, txt in zip(gens, r["gens"], r["texts"]):
+            g[t], g[f"{t}_text"] = o, txt
+        agree = [next((i for i, (a, b) in enumerate(zip(g["hf"], o)) if a != b), n_gen) for g, o in zip(gens, r["gens"])]
+        row = {"ppl": r["ppl"], "nll": r["nll"], "file_bytes": Path(gm["gguf_path"]).stat().st_size,
+               "type_output": gm.get("type_output"), "bits_per_weight": gm.get("gguf_bits_per_weight"),
+               "greedy_agree_min": min(agree), "greedy_agree_mean": sum(agree) / len(agree),
+               **{k: v for k, v in r.items() if k not in ("ppl", "nll", "tokens_scored", "gens", "texts")}}
         metrics.update({f"{t}_{k}": v for k, v in row.items()})
         with TBWriter(Path(out) / "tb" / t) as tb:
             tb.scalars({"eval/ppl": row["ppl"], "eval/loss": row["nll"], "system/tokens_per_s": row["tg_tokens_per_s"],
@@ -220,10 +278,8 @@ def run(recipe_path: str, out: str, cfg: dict, gguf_files: dict[str, str] | None
     metrics.update(ratios(recipe["ggufs"], metrics))
     rows = [{"prompt": g["prompt"], "prompt_tokens": g["prompt_ids"], "transformers": tok.decode(g["hf"]),
              "transformers_ids": g["hf"],
-             **{k: v for t in recipe["ggufs"]
-                for k, v in ((t, vocab.detokenize(g[t]).decode("utf-8", errors="replace")), (f"{t}_ids", g[t]))}}
+             **{k: v for t in recipe["ggufs"] for k, v in ((t, g[f"{t}_text"]), (f"{t}_ids", g[t]))}}
             for g in gens]
-    vocab.close()
     outp = Path(out)
     write_jsonl(outp / "generations.jsonl", rows)
     metrics["wall_s"] = time.time() - t0

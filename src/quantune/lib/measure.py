@@ -29,28 +29,42 @@ def perplexity(model, input_ids, context: int, stride: int, device: str | None =
     import torch
     import torch.nn.functional as F
 
+    device = device or next(model.parameters()).device
+    model.eval()
+
+    def losses(begin: int, end: int):
+        ids = input_ids[begin:end].unsqueeze(0).to(device)
+        return F.cross_entropy(model(ids).logits[0, :-1].float(), ids[0, 1:], reduction="none")
+
+    with torch.no_grad():
+        return windowed_nll(losses, input_ids.numel(), context, stride)
+
+
+def sliding_windows(n: int, context: int, stride: int):
+    """perplexity's windows over n tokens: (begin, end, scored), `scored` the window's last tokens that no earlier
+    window scored."""
+    prev_end = 0
+    for begin in range(0, n, stride):
+        end = min(begin + context, n)
+        yield begin, end, end - max(prev_end, begin + 1)
+        prev_end = end
+        if end == n:
+            break
+
+
+def windowed_nll(losses, n: int, context: int, stride: int) -> dict:
+    """Mean NLL over sliding_windows, `losses(begin, end)` giving the window's per-token losses (position i
+    predicting token i + 1): torch-free, so that a llama.cpp process scores with the same windows."""
     if stride > context or stride < 1:
         raise fail("perplexity", f"stride {stride} must be in 1..context ({context})", "lower the stride")
-    device = device or next(model.parameters()).device
-    n = input_ids.numel()
-    nll, count, prev_end = 0.0, 0, 0
-    model.eval()
+    nll, count = 0.0, 0
     windows = 1 + max(0, math.ceil((n - context) / stride))
-    with torch.no_grad(), progress(total=windows, desc="perplexity", unit="window") as bar:
-        for begin in range(0, n, stride):
-            end = min(begin + context, n)
-            trg = end - max(prev_end, begin + 1)  # tokens newly scored in this window
-            ids = input_ids[begin:end].unsqueeze(0).to(device)
-            logits = model(ids).logits[0, :-1].float()
-            tgt = ids[0, 1:]
-            losses = F.cross_entropy(logits, tgt, reduction="none")
-            if trg > 0:
-                nll += losses[-trg:].sum().item()
-                count += trg
-            prev_end = end
+    with progress(total=windows, desc="perplexity", unit="window") as bar:
+        for begin, end, scored in sliding_windows(n, context, stride):
+            if scored > 0:
+                nll += float(losses(begin, end)[-scored:].sum())
+                count += scored
             bar.update(1)
-            if end == n:
-                break
     mean = nll / max(count, 1)
     return {"ppl": math.exp(mean), "nll": mean, "tokens_scored": count, "context": context, "stride": stride}
 

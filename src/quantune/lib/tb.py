@@ -14,49 +14,59 @@ from typing import Any
 
 
 def peak_memory_mb() -> float:
-    """Peak memory of this process: CUDA allocator peak on a GPU run, else the peak RSS."""
-    try:
-        import torch
-
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            return torch.cuda.max_memory_allocated() / 2**20
-    except ImportError:
-        pass
+    """Peak memory of this process: CUDA allocator peak on a GPU run, else the peak RSS. torch is read only where
+    this process imported it (a llama.cpp stage never does: torch's CUDA libraries beside llama.cpp's CUDA build
+    aborted a process on the GPU machine)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
 class TBWriter:
-    """A thin wrapper over torch's SummaryWriter that adds wall time and peak memory to every log.
+    """TensorBoard events through tensorboard's own event-file writer (what torch's SummaryWriter wraps; no torch
+    import, so the llama.cpp stages log without it), with wall time and peak memory added to every log.
 
     TensorBoard names a run by its directory relative to --logdir (`tensorboard --logdir results` shows
     e.g. `eval_opt67b/tb`, `tiny_world/models/opt/tb`, `gguf_eval/tb/gguf_q4_0`): put each run in its own
-    directory under results/<target>/tb. `run_name` does not rename it (SummaryWriter ignores its comment
-    when log_dir is given); it is kept for callers' readability."""
+    directory under results/<target>/tb. `run_name` is kept for callers' readability; the directory names the run."""
 
     def __init__(self, log_dir: str | Path, run_name: str | None = None):
-        from torch.utils.tensorboard import SummaryWriter
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(log_dir=str(self.log_dir), comment=run_name or "")
+        self.writer = EventFileWriter(str(self.log_dir))
         self.t0 = time.time()
+
+    def _event(self, summary, step: int) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event
+
+        self.writer.add_event(Event(summary=summary, step=int(step), wall_time=time.time()))
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        self._event(Summary(value=[Summary.Value(tag=tag, simple_value=float(value))]), step)
 
     def scalars(self, values: dict[str, Any], step: int, system: bool = True) -> None:
         for tag, v in values.items():
             if v is None or isinstance(v, str):
                 continue
-            self.writer.add_scalar(tag, float(v), step)
+            self.add_scalar(tag, float(v), step)
         if system:
-            self.writer.add_scalar("system/wall_s", time.time() - self.t0, step)
-            self.writer.add_scalar("system/peak_mem_mb", peak_memory_mb(), step)
+            self.add_scalar("system/wall_s", time.time() - self.t0, step)
+            self.add_scalar("system/peak_mem_mb", peak_memory_mb(), step)
 
     def final(self, metrics: dict[str, Any], step: int = 0) -> None:
         """Log the numbers of metrics.json once, under final/."""
         self.scalars({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step, system=False)
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
-        self.writer.add_text(tag, text, step)
+        from tensorboard.plugins.text.summary_v2 import text_pb
+
+        self._event(text_pb(tag, text), step)
 
     def close(self) -> None:
         self.writer.flush()
