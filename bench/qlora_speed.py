@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from benchlib import gpu_name
+from benchlib import build_shape_inputs, gpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {"linear": "qlora_chatglm_linear", "cosine": "qlora_chatglm_cosine"}
@@ -99,9 +99,10 @@ def write(rows: list[dict], out: Path) -> None:
     (out / "qlora_speed.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     md = ["# QLoRA speed against the seed's configuration (lora_sft stage)", "",
           "`python bench/qlora_speed.py --out bench/results`: each variant is the stage's run of the recipe with only "
-          "the listed keys changed (same rows per optimizer step, schedule, steps, seed, data order). Ratios are "
-          "against the first `seed` run; loss diff: the largest per-step difference from it, beside the two seed "
-          "runs' own.", ""]
+          "the listed keys changed (same rows per optimizer step, schedule, steps, seed, data order). Rates over the "
+          "optimizer steps after each run's first (warm-up) one. Ratios are against the first `seed` run; loss diff: "
+          "the largest per-step difference from it, beside the two seed runs' own and one_micro_batch's (the same "
+          "rows grouped otherwise: bf16's summation-order noise).", ""]
     for name in dict.fromkeys(r["setting"] for r in rows):
         failed = [r for r in rows if r["setting"] == name and "error" in r]
         rs = [r for r in rows if r["setting"] == name and "error" not in r]
@@ -140,7 +141,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="qlora-speed-", dir=ROOT / "results") as tmp:
         for s in a.settings:
             name = SETTINGS[s]
-            for v, over in variants(load_recipe(ROOT / "recipes" / f"{name}.yaml", cfg)).items():
+            recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml", cfg)
+            build_shape_inputs(cfg, recipe)
+            for v, over in variants(recipe).items():
                 if a.variants and v != "seed" and v not in a.variants:
                     continue
                 print(f"qlora_speed: {name} {v} {over}", flush=True)

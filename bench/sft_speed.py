@@ -78,7 +78,8 @@ def write(rows: list[dict], out: Path) -> None:
     md = ["# Full-parameter SFT speed against seed 003's configuration (sft stage, DeepSpeed)", "",
           "`python bench/sft_speed.py --out bench/results`: each variant is the stage's run of the recipe with only "
           "the listed keys changed (same rows per optimizer step, schedule, epochs, seed, data order). Real tokens/s "
-          "over the optimizer steps' seconds; MFU against the matmul rate the run measured. Ratios against the first "
+          "over the optimizer steps' seconds after each run's first (warm-up) one; MFU against the matmul rate the "
+          "run measured. Ratios against the first "
           "`seed` run; eval-loss diff: the largest per-epoch difference from it.", ""]
     if ok and ok[0]["variant"] == "seed":
         base = ok[0]

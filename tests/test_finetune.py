@@ -78,14 +78,15 @@ def test_batches_are_padded_to_their_longest_row_not_to_the_maximum():
 
 
 def test_packed_rows_give_the_padded_loss_and_lora_gradients_and_never_see_each_other():
-    """padding: packed (transformers' DataCollatorWithFlattening): a batch's rows end to end in one row, position
-    ids restarting at each. Against the same rows padded to the longest (SFTCollator), in fp32 on the tiny GLM's
-    architecture: the same loss and LoRA gradients (<= 1e-5). Without the position ids the rows attend to each
-    other and the loss moves: the check can fail."""
+    """padding: packed as the stage runs it (lib.varlen: a batch's rows end to end in one row, each row attending
+    to itself only through the row boundaries the collator returns). Against the same rows padded to the longest
+    (SFTCollator), in fp32 on the tiny GLM's architecture with LoRA: the same loss and LoRA gradients (<= 1e-5).
+    With one boundary for the whole row the rows attend to each other and the loss moves: the check can fail."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorWithFlattening
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from quantune.lib import varlen
     from quantune.lib.config import load_config
     from quantune.lib.prompts import IGNORE_INDEX, SFTCollator
 
@@ -94,6 +95,7 @@ def test_packed_rows_give_the_padded_loss_and_lora_gradients_and_never_see_each_
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(conf, attn_implementation="sdpa").float()
     model.config.use_cache = False  # as lora_sft.train sets it for packed rows
+    varlen.use(model)  # as lora_sft.train does for padding: packed, before LoRA wraps the model
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                              target_modules=["q_proj", "k_proj", "v_proj", "down_proj"]))
     for n, p in model.named_parameters():
@@ -112,20 +114,23 @@ def test_packed_rows_give_the_padded_loss_and_lora_gradients_and_never_see_each_
         return out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     loss_pad, grads_pad = loss_and_grads(SFTCollator(pad_id=0)(rows))
-    packed = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)(rows)
-    assert tuple(packed["input_ids"].shape) == (1, sum(len(r["input_ids"]) for r in rows))
+    packed = varlen.packed_collator()(rows)
+    total = sum(len(r["input_ids"]) for r in rows)
+    assert tuple(packed["input_ids"].shape) == (1, total) and packed["cu_seq_lens_q"].tolist() == [0, 12, 24, 38, 50]
     assert "attention_mask" not in packed and packed["position_ids"][0, 12].item() == 0  # row 2 starts again at 0
     loss_pack, grads_pack = loss_and_grads(packed)
     assert abs(loss_pack - loss_pad) <= 1e-5, (loss_pack, loss_pad)
     assert len(grads_pad) == 4 * 2 * conf.num_hidden_layers
     for n, gp in grads_pad.items():
         assert (grads_pack[n] - gp).abs().max().item() <= 1e-5, n
-    loss_across, _ = loss_and_grads({k: v for k, v in packed.items() if k != "position_ids"})
+    whole = torch.tensor([0, total], dtype=torch.int32)
+    loss_across, _ = loss_and_grads(dict(packed, cu_seq_lens_q=whole, cu_seq_lens_k=whole, max_length_q=total,
+                                         max_length_k=total))
     assert abs(loss_across - loss_pad) > 1e-3, "rows attending to each other must change the loss"
-    # with a KV cache transformers does not look for packed rows: the stage turns the cache off when it packs
+    # the row boundaries hold with a KV cache too (transformers' own packed-row mask is built only without one)
     model.config.use_cache = True
     loss_cached, _ = loss_and_grads(packed)
-    assert abs(loss_cached - loss_pad) > 1e-3
+    assert abs(loss_cached - loss_pad) <= 1e-5
 
 
 @pytest.mark.parametrize("recipe,scale,line", [
@@ -337,6 +342,8 @@ def test_fast_and_lean_modes_follow_the_seed_configuration_step_for_step(tiny_wo
     assert fast["speed_changes"] == {"padding": "packed", "per_device_train_batch_size": 8,
                                      "gradient_accumulation_steps": 1, "gradient_checkpointing": False}
     assert lean["speed_changes"] == {"padding": "packed"}  # checkpointing was on already
+    # packed rows each attend to themselves only: on a CPU row by row (lib.varlen; torch's flash kernel on a GPU)
+    assert fast["packed_attention"] == lean["packed_attention"] == "SDPA row by row, each packed row on its own"
     assert (fast["batch_size"], fast["gradient_accumulation_steps"], fast["padding"]) == (8, 1, "packed")
     assert seed["global_step"] == fast["global_step"] == lean["global_step"] == 6
     assert seed["input_tokens_real"] == fast["input_tokens_real"] == lean["input_tokens_real"]  # the same rows

@@ -180,7 +180,9 @@ def test_distilgpt2_quick_check_records_the_seed_table(tiny_world, results_root)
         assert m[f"loss_step{st}"] == pytest.approx(logged[st]["loss"]) and m[f"lr_step{st}"] == pytest.approx(2e-4)
     elapsed = [m[f"elapsed_s_step{st}"] for st in (10, 20, 30, 40, 50)]
     assert elapsed == sorted(elapsed) and elapsed[0] > 0 and elapsed[-1] <= m["train_runtime"] * 1.01
-    assert m["seconds_per_step"] == pytest.approx(m["train_runtime"] / 50)
+    # the optimizer steps' own seconds after the first (warm-up) step
+    assert m["timed_steps"] == 49 and m["seconds_per_step"] == pytest.approx(m["step_seconds"] / 49)
+    assert 0 < m["step_seconds"] < m["train_runtime"] and m["warmup_step_seconds"] > 0
     assert m["peak_mem_mb"] > 0 and m["peak_mem_kind"] == "max_rss"
     conf = json.loads((tiny_world / "models" / "gpt2" / "config.json").read_text())
     d = conf["n_embd"]

@@ -96,11 +96,13 @@ def test_padding_never_reaches_the_loss(tiny_qwen3):
 
 
 def test_packed_rows_give_the_padded_loss_and_gradients_and_never_see_each_other(tiny_qwen3):
-    """speed: fast packs a batch's rows into one padding-free row: the same loss and gradients as the padded batch
-    (fp32, 1e-5), each row's first label -100 (never predicted from the row before); without the per-row
-    position ids the rows attend to each other and the loss moves (the control)."""
+    """speed: fast packs a batch's rows into one padding-free row, each attending to itself only (lib.varlen, as
+    sft._build_model switches the model): the same loss and gradients as the padded batch (fp32, 1e-5), each row's
+    first label -100 (never predicted from the row before); with one boundary for the whole row the rows attend to
+    each other and the loss moves (the control)."""
     import torch
 
+    from quantune.lib import varlen
     from quantune.lib.sft_data import IGNORE, collator, encode_pair
 
     _, recipe, model, tok, rows = tiny_qwen3
@@ -114,9 +116,9 @@ def test_packed_rows_give_the_padded_loss_and_gradients_and_never_see_each_other
     assert all(packed["labels"][0, s].item() == IGNORE for s in starts)
     assert all(packed["position_ids"][0, s].item() == 0 for s in starts)
     model.eval()  # no dropout: the two layouts compute the same function
-    # as the stage's model (sft._build_model): transformers builds packed rows' block-diagonal mask only without a
-    # KV cache, so with one the rows would see each other
-    use_cache, model.config.use_cache = model.config.use_cache, False
+    use_cache, model.config.use_cache = model.config.use_cache, False  # as sft._build_model
+    attn = model.config._attn_implementation
+    varlen.use(model)
 
     def loss_and_grads(batch):
         model.zero_grad()
@@ -128,9 +130,12 @@ def test_packed_rows_give_the_padded_loss_and_gradients_and_never_see_each_other
     lk, gk = loss_and_grads(packed)
     assert abs(lp - lk) <= 1e-5, (lp, lk)
     assert len(gp) == len(gk) and max((a - b).abs().max().item() for a, b in zip(gp, gk)) <= 1e-5
+    whole = torch.tensor([0, sum(lengths)], dtype=torch.int32)
     with torch.no_grad():
-        leaky = model(**{k: v for k, v in packed.items() if k != "position_ids"}).loss.item()
+        leaky = model(**dict(packed, cu_seq_lens_q=whole, cu_seq_lens_k=whole, max_length_q=sum(lengths),
+                             max_length_k=sum(lengths))).loss.item()
     model.config.use_cache = use_cache
+    model.set_attn_implementation(attn)  # the fixture's model is shared
     assert abs(leaky - lk) > 1e-3, f"control: rows that see each other should move the loss ({leaky:.5f})"
 
 
@@ -155,11 +160,14 @@ def test_fast_mode_follows_the_seed_configuration_epoch_by_epoch(tiny_world, res
     assert (seed["speed"], seed["speed_changes"], seed["padding"]) == ("seed", {}, "max_length")
     assert fast["speed_changes"] == {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
                                      "gradient_checkpointing": False, "padding": "packed"}
+    assert fast["packed_attention"] == "SDPA row by row, each packed row on its own" and "packed_attention" not in seed
     assert fast["global_step"] == seed["global_step"] and fast["train_tokens"] == seed["train_tokens"]
     # the same real tokens went through the steps; the speed figures follow from the counts
     assert fast["input_tokens_real"] == seed["input_tokens_real"] == fast["input_tokens_computed"] > 0
     for m in (seed, fast):
-        assert m["real_tokens_per_s"] == pytest.approx(m["input_tokens_real"] / m["step_seconds"])
+        # rates over the steps after the first (warm-up) one: their own tokens over their own seconds
+        assert m["timed_steps"] == m["global_step"] - 1 and 0 < m["timed_tokens_real"] < m["input_tokens_real"]
+        assert m["real_tokens_per_s"] == pytest.approx(m["timed_tokens_real"] / m["step_seconds"])
         assert m["mfu"] == pytest.approx(m["flops_per_token"] * m["real_tokens_per_s"] / (m["matmul_tflops"] * 1e12))
         assert 0 < m["step_seconds"] < m["train_seconds"] and m["matmul_dtype"] == "float32"
     diffs = [abs(fast[f"eval_loss_epoch{e}"] - seed[f"eval_loss_epoch{e}"]) for e in range(3)]

@@ -9,10 +9,10 @@ SEQ_2_SEQ_LM), loaded in 4-bit NF4 with double quantization (`quantization: nf4`
 Hugging Face Trainer on `advertisegen` (content -> summary) or `alpaca` (instruction/input -> output) rows.
 Prompt and answer are tokenized separately and truncated to max_input_length / max_output_length; prompt and
 padding positions get label -100; batches are padded to their longest row (`padding: longest`) unless the
-recipe asks for `padding: max_length`, or `padding: packed` (transformers' DataCollatorWithFlattening: a batch's
-rows end to end in one row, no pad, position ids restarting at each row, from which transformers' own decoders
-build a block-diagonal causal mask; the same rows per optimizer step and the same loss, averaged over the answer
-tokens of the batch). `speed` (speed_settings) says how the recipe's rows are computed: `seed` as written (the
+recipe asks for `padding: max_length`, or `padding: packed` (lib.varlen: a batch's rows end to end in one row, no
+pad, position ids restarting at each row, each row attending to itself only through torch's variable-length flash
+attention on a GPU; the same rows per optimizer step and the same loss, averaged over the answer tokens of the
+batch). `speed` (speed_settings) says how the recipe's rows are computed: `seed` as written (the
 seed notebooks' configuration), `fast` (packed where the model allows, the optimizer step's rows in one
 micro-batch, no gradient checkpointing) or `lean` (packed, checkpointing on); metrics.json records what it
 changed. Checkpoints go to results/.checkpoints/<target>/ every `save_steps`;
@@ -35,15 +35,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .lib import varlen
 from .lib.common import atomic_dir, checkpoint_dir, fail, run_cli, seed_everything, write_json, write_jsonl, write_metrics
 from .lib.lora import add_lora, check_target_modules, check_targets_in, compute_dtype, load_base, lora_config
 from .lib.lora import peft_trainable_line
 from .lib.models import pick_device, set_cpu_threads
 from .lib.plots import plot_losses
-from .lib.prompts import ANSWER_FIELD, IGNORE_INDEX, SFTCollator, build_split, template_of
+from .lib.prompts import ANSWER_FIELD, SFTCollator, build_split, template_of
 from .lib.trainer import (TokenCount, check_liger, complete_checkpoints, counting_trainer, fingerprint,
-                          keep_checkpoints_of, packing_refusal, run_record, speed_changes, tokens_counting,
-                          total_optimizer_steps)
+                          keep_checkpoints_of, packing_refusal, run_record, speed_changes, step_timer,
+                          tokens_counting, total_optimizer_steps)
 
 
 def _fmt_of(cfg: dict, recipe: dict) -> str:
@@ -211,10 +212,8 @@ def training_arguments(job: Job, ckpt_root: Path, steps: int, warmup: int, cdt):
 
 def collator_for(job: Job, tok):
     r = job.r
-    if r["padding"] == "packed":  # one row of the batch's rows end to end, position ids restarting at each
-        from transformers import DataCollatorWithFlattening
-
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    if r["padding"] == "packed":  # one row of the batch's rows end to end, each attending to itself only
+        return varlen.packed_collator()
     if r["padding"] == "max_length":
         return SFTCollator(tok.pad_token_id, "max_length",
                            r["max_input_length"] + (0 if job.seq2seq else r["max_output_length"]),
@@ -240,6 +239,8 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
         set_cpu_threads()
     t_load = time.time()
     model, tok = load_base(job.m, r, device, training=True)
+    if r["padding"] == "packed":
+        varlen.use(model)
     model = add_lora(model, r, r["task_type"])
     load_s = time.time() - t_load
     peft_line = peft_trainable_line(model)
@@ -255,12 +256,14 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
     writer.text("config/speed", f"speed: {r['speed']}; changed: {job.speed_changes or 'nothing'}"
                 + (f"; {job.speed_note}" if job.speed_note else ""))
     count = TokenCount()
+    timer = step_timer(count)
     rec = run_record()
-    if r["padding"] == "packed":  # transformers builds the packed rows' block-diagonal mask only without a KV cache
+    if r["padding"] == "packed":  # training needs no KV cache
         model.config.use_cache = False
     trainer = counting_trainer(count)(
         model=model, args=training_arguments(job, ckpt_root, steps, warmup, cdt), train_dataset=train_ds,
-        eval_dataset=eval_ds, data_collator=collator_for(job, tok), callbacks=[trainer_callback(writer), rec])
+        eval_dataset=eval_ds, data_collator=collator_for(job, tok),
+        callbacks=[trainer_callback(writer), rec, timer])
     if resume:
         print(f"resuming {r['name']} from {resume}")
     ev0 = {}
@@ -273,11 +276,14 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
     ev = trainer.evaluate() if eval_ds is not None else {}
     metrics = run_metrics(job, trainer, rec, dict(result.metrics), ev, ev0)
     if count.computed:  # this run's input positions: all computed, and those holding a real token
-        runtime = metrics["train_runtime"]
         metrics.update(input_tokens_computed=count.computed, input_tokens_real=count.real,
-                       pad_fraction=1.0 - count.real / count.computed,
-                       computed_tokens_per_s=count.computed / runtime if runtime else None,
-                       real_tokens_per_s=count.real / runtime if runtime else None)
+                       pad_fraction=1.0 - count.real / count.computed)
+    if timer.seconds:  # rates over the optimizer steps' own seconds, the first (warm-up) step left out
+        metrics.update(timed_steps=timer.steps, timed_tokens_real=timer.real, step_seconds=timer.seconds,
+                       warmup_step_seconds=timer.warmup_seconds,
+                       seconds_per_step=timer.seconds / timer.steps, optimizer_steps_per_s=timer.steps / timer.seconds,
+                       computed_tokens_per_s=timer.computed / timer.seconds,
+                       real_tokens_per_s=timer.real / timer.seconds)
     trainable, total = model.get_nb_trainable_parameters()
     metrics.update(params_trainable=trainable, params_total=total, params_trainable_pct=100.0 * trainable / max(total, 1),
                    train_rows=len(train_ds), eval_rows=len(eval_ds) if eval_ds is not None else 0,
@@ -318,6 +324,8 @@ def run_metrics(job: Job, trainer, rec, tm: dict, ev: dict, ev0: dict) -> dict:
         "warmup_ratio": float(r["warmup_ratio"]),
         "max_input_length": r["max_input_length"], "max_output_length": r["max_output_length"],
         "padding": r["padding"], "gradient_checkpointing": r["gradient_checkpointing"],
+        **({"packed_attention": varlen.describe(job.device, compute_dtype(r, job.device))}
+           if r["padding"] == "packed" else {}),
         "speed": r["speed"], "speed_changes": dict(job.speed_changes), "liger_kernel": int(r["liger_kernel"]),
         **({"speed_note": job.speed_note} if job.speed_note else {}),
         "global_step": trainer.state.global_step, "epochs": float(trainer.state.epoch or 0),
@@ -332,10 +340,6 @@ def run_metrics(job: Job, trainer, rec, tm: dict, ev: dict, ev0: dict) -> dict:
         "eval_loss_before": ev0.get("eval_loss"),
         "peak_mem_kind": "cuda_max_allocated" if job.device == "cuda" else "max_rss",
     }
-    run_steps = metrics["steps_this_run"]
-    if tm.get("train_runtime") and run_steps:
-        metrics["seconds_per_step"] = tm["train_runtime"] / run_steps
-        metrics["optimizer_steps_per_s"] = run_steps / tm["train_runtime"]
     if hist and hist[0]["loss"]:
         metrics["train_loss_drop_pct"] = 100.0 * (hist[0]["loss"] - hist[-1]["loss"]) / hist[0]["loss"]
     if r.get("record_losses"):  # the seed's per-step table: loss, lr and elapsed seconds at each logged step

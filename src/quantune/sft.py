@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+from .lib import varlen
 from .lib.common import ROOT, checkpoint_dir, fail, run_cli, write_metrics
 from .lib.deepspeed import (check_deepspeed_config, check_gpus, ds_config_path, launch_command, save_model_dir,
                             skip_cpu_shm_op)
@@ -138,6 +139,8 @@ def _build_model(source: str, recipe: dict, trust_remote_code: bool):
     model, tok = load_model(source, trust_remote_code=trust_remote_code, dtype="float32")
     tok.padding_side = "right"
     model.config.use_cache = False  # gradient checkpointing and training do not use the KV cache
+    if recipe["padding"] == "packed":  # each packed row attends to itself only, no position spent on the others
+        varlen.use(model)
     if recipe["only_optimize_lora"]:
         from peft import get_peft_model
 
@@ -214,6 +217,8 @@ def callbacks_for(recipe: dict, writer) -> list:
 def sft_metrics(recipe: dict, m: dict, zero: dict, world: int, device: str, lr: float, data_stats: dict,
                 params: dict, evals: dict) -> dict:
     """The run's settings as it ran: recipe, ZeRO stage and offload, world size, data and parameter counts."""
+    import torch
+
     lora = recipe["only_optimize_lora"]
     return {
         "target": recipe["name"], "stage": "sft", "scale": recipe["scale"], "model": recipe["model"],
@@ -225,6 +230,8 @@ def sft_metrics(recipe: dict, m: dict, zero: dict, world: int, device: str, lr: 
         "launcher": "deepspeed", "world_size": world, "device": device, "bf16": recipe["bf16"],
         "gradient_checkpointing": recipe["gradient_checkpointing"], "mask_prompt": recipe["mask_prompt"],
         "padding": recipe["padding"], "speed": recipe["speed"], "speed_changes": recipe["speed_changes"],
+        **({"packed_attention": varlen.describe(device, torch.bfloat16 if recipe["bf16"] else torch.float32)}
+           if recipe["padding"] == "packed" else {}),
         "liger_kernel": int(recipe["liger_kernel"]),
         **({"speed_note": recipe["speed_note"]} if recipe["speed_note"] else {}),
         "only_optimize_lora": lora, "lora_dim": recipe["lora_dim"] if lora else None, "learning_rate": lr,
@@ -262,15 +269,16 @@ def outcome_metrics(state, evals: dict[int, float], train_loss: float, train_s: 
 
 def speed_metrics(count, timer, flops_token: float, device: str) -> dict:
     """This rank's training steps (one GPU's share): the input positions computed and those holding a real token,
-    their rates over the steps' own seconds (evaluation and checkpoints left out), and the model-FLOPs utilisation
+    their rates over the steps' own seconds (evaluation, checkpoints and the first, warm-up step left out), and the model-FLOPs utilisation
     of the real tokens against this machine's matmul rate measured here (bf16 on a GPU, fp32 on a CPU)."""
     if not (count.computed and timer.seconds):
         return {}
     rate, dtype = matmul_tflops(device)
-    real_s = count.real / timer.seconds
+    real_s = timer.real / timer.seconds
     return {"input_tokens_computed": count.computed, "input_tokens_real": count.real,
             "pad_fraction": 1.0 - count.real / count.computed, "step_seconds": timer.seconds,
-            "real_tokens_per_s": real_s, "computed_tokens_per_s": count.computed / timer.seconds,
+            "timed_steps": timer.steps, "timed_tokens_real": timer.real, "warmup_step_seconds": timer.warmup_seconds,
+            "real_tokens_per_s": real_s, "computed_tokens_per_s": timer.computed / timer.seconds,
             "flops_per_token": flops_token, "matmul_tflops": rate, "matmul_dtype": dtype,
             "mfu": flops_token * real_s / (rate * 1e12)}
 
@@ -327,7 +335,8 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
     if is_main and resume_from is None:  # a fresh run: no events of an earlier run of this target in its tb/
         shutil.rmtree(outp / "tb", ignore_errors=True)
     writer = TBWriter(outp / "tb") if is_main else None
-    count, timer = TokenCount(), step_timer()
+    count = TokenCount()
+    timer = step_timer(count)
     trainer = counting_trainer(count)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                       data_collator=coll, processing_class=tok,
                                       callbacks=callbacks_for(recipe, writer) + [timer])

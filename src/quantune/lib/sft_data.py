@@ -76,13 +76,15 @@ def tokenize(ds, tok, recipe: dict):
 
 def collator(tok, pad_to_multiple_of: int | None = None, packed: bool = False, max_length: int | None = None):
     """Dynamic padding (to the longest in the batch): ids with pad, attention 0, labels -100. packed: the batch's
-    rows end to end in one padding-free row (transformers' DataCollatorWithFlattening), position ids restarting at
-    each row (from which transformers' own decoders build a block-diagonal causal mask) and each row's first
-    label -100, so no row is predicted from the one before it. max_length: every row padded to it (seed 003)."""
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+    rows end to end in one padding-free row (lib.varlen.packed_collator: position ids restarting at each row, the
+    row boundaries for lib.varlen's attention, each row's first label -100, so no row is predicted from the one
+    before it). max_length: every row padded to it (seed 003)."""
+    from transformers import DataCollatorForSeq2Seq
+
+    from .varlen import packed_collator
 
     if packed:
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE)
+        return packed_collator()
     return DataCollatorForSeq2Seq(tok, padding="max_length" if max_length else "longest", max_length=max_length,
                                   label_pad_token_id=IGNORE, pad_to_multiple_of=pad_to_multiple_of,
                                   return_tensors="pt")
@@ -115,7 +117,7 @@ def dataset_loss(model, ds, coll, batch_size: int) -> float:
     with torch.no_grad():
         for i in range(0, len(ds), batch_size):
             feats = [ds[j] for j in range(i, min(i + batch_size, len(ds)))]
-            batch = {k: v.to(device) for k, v in coll(feats).items()}
+            batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in coll(feats).items()}
             loss = model(**batch, use_cache=False).loss.float().item()  # no KV cache: packed rows stay apart
             total += loss * len(feats)
             n += len(feats)

@@ -1,0 +1,136 @@
+"""lib.varlen: packed rows through transformers' AttentionInterface, each row attending to itself only. Against the
+same rows padded (fp32, CPU): the same loss and gradients, by the per-row SDPA path and by the flash path's adapter
+(torch's varlen_attn replaced by a reference of each signature torch has shipped, since the kernel itself needs a
+CUDA GPU: bench/sft_speed.py and bench/qlora_speed.py run it there)."""
+from __future__ import annotations
+
+import pytest
+
+FAMILIES = ["qwen3", "glm"]  # GQA in both: 4 query heads over 2 key/value heads (glm: its multi-query groups)
+
+
+def _model(family: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from quantune.lib.config import load_config
+
+    spec = dict(load_config()["tiny_world"]["families"][family])
+    conf = AutoConfig.for_model(spec.pop("model_type"), vocab_size=512, pad_token_id=0, **spec)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(conf, attn_implementation="sdpa").float()
+    model.config.use_cache = False
+    return model
+
+
+def _rows():
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for plen, alen in [(5, 7), (9, 3), (3, 11), (6, 6), (1, 2)]:
+        ids = torch.randint(4, 512, (plen + alen,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * plen + ids[plen:]})
+    return rows
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _reference_varlen(new_signature: bool):
+    """torch's varlen_attn as a plain function: 2.12+ (window_size, scale, enable_gqa) or 2.10 (is_causal)."""
+    import torch.nn.functional as F
+
+    calls = []
+
+    def attend(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, gqa):
+        assert q.dim() == 3 and cu_q.dtype.is_floating_point is False and cu_q.tolist() == cu_k.tolist()
+        assert max_q == max(b - a for a, b in zip(cu_q.tolist()[:-1], cu_q.tolist()[1:]))
+        assert gqa or k.shape[1] == q.shape[1], "heads differ without enable_gqa"
+        out = q.new_empty(q.shape)
+        b = cu_q.tolist()
+        for s, e in zip(b[:-1], b[1:]):
+            qi, ki, vi = (t[s:e].transpose(0, 1)[None] for t in (q, k, v))
+            out[s:e] = F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, scale=scale,
+                                                      enable_gqa=gqa)[0].transpose(0, 1)
+        calls.append(len(b) - 1)
+        return out
+
+    if new_signature:
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                        window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, tuple(window_size) == (-1, 0),
+                          scale, enable_gqa)
+    else:
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, None, False)
+    return varlen_attn, calls
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("path", ["per_row", "flash_2.12", "flash_2.10"])
+def test_packed_rows_give_the_padded_loss_and_gradients(family, path, monkeypatch):
+    import torch
+    import torch.nn.attention.varlen as tv
+
+    from quantune.lib import varlen
+    from quantune.lib.prompts import SFTCollator
+
+    model = _model(family)
+    rows = _rows()
+    loss_pad, grads_pad = _loss_and_grads(model, SFTCollator(pad_id=0)(rows))
+    calls = []
+    if path != "per_row":  # the flash path's adapter, the kernel replaced by a reference of that signature
+        ref, calls = _reference_varlen(new_signature=path == "flash_2.12")
+        monkeypatch.setattr(tv, "varlen_attn", ref)
+        monkeypatch.setattr(varlen, "flash_runs", lambda is_cuda, dtype: True)
+    assert varlen.use(model) == varlen.NAME and model.config._attn_implementation == varlen.NAME
+    packed = varlen.packed_collator()(rows)
+    total = sum(len(r["input_ids"]) for r in rows)
+    assert tuple(packed["input_ids"].shape) == (1, total) and "attention_mask" not in packed
+    assert packed["cu_seq_lens_q"].tolist() == [0, 12, 24, 38, 50, 53] and packed["max_length_q"] == 14
+    assert all(packed["labels"][0, s].item() == -100 for s in packed["cu_seq_lens_q"].tolist()[:-1])
+    loss_pack, grads_pack = _loss_and_grads(model, packed)
+    assert abs(loss_pack - loss_pad) <= 1e-5, (loss_pack, loss_pad)
+    assert grads_pack.keys() == grads_pad.keys() and len(grads_pad) > 10
+    worst = max((grads_pack[n] - g).abs().max().item() for n, g in grads_pad.items())
+    assert worst <= 1e-5, worst
+    layers = model.config.num_hidden_layers
+    assert calls == ([] if path == "per_row" else [len(rows)] * layers), calls  # one call a layer, every row in it
+    # the control: the same packed row with one boundary (rows attending to each other) moves the loss
+    one = dict(packed, cu_seq_lens_q=torch.tensor([0, total], dtype=torch.int32),
+               cu_seq_lens_k=torch.tensor([0, total], dtype=torch.int32), max_length_q=total, max_length_k=total)
+    with torch.no_grad():
+        leaky = model(**one).loss.item()
+    assert abs(leaky - loss_pack) > 1e-3, f"rows that see each other should move the loss ({leaky:.5f})"
+
+
+def test_batches_without_row_boundaries_take_the_sdpa_path_unchanged():
+    """A padded batch (eval, generation) through a model switched to lib.varlen: exactly transformers' sdpa."""
+    import torch
+
+    from quantune.lib import varlen
+    from quantune.lib.prompts import SFTCollator
+
+    model = _model("qwen3").eval()
+    batch = SFTCollator(pad_id=0)(_rows())
+    with torch.no_grad():
+        want = model(**batch).logits
+        varlen.use(model)
+        got = model(**batch).logits
+        greedy = model.generate(batch["input_ids"][:1, :5], max_new_tokens=4, do_sample=False)
+    assert torch.equal(want, got)
+    assert greedy.shape == (1, 9)
+
+
+def test_describe_names_the_kernel_a_packed_run_takes():
+    import torch
+
+    from quantune.lib import varlen
+
+    assert varlen.describe("cpu", torch.float32).startswith("SDPA row by row")
+    assert varlen.describe("cuda", torch.float32).startswith("SDPA row by row")  # the flash kernel takes half types
