@@ -39,6 +39,10 @@ SDIST_ONLY = {"deepspeed",  # its wheel-less build needs torch: installed there 
 # vocabularies its tests load, the server's web UI): left out so that the sdist fits the device tool's 64 MiB carry
 SDIST_TRIM = {"llama-cpp-python": [".git", "vendor/llama.cpp/docs", "vendor/llama.cpp/models", "vendor/llama.cpp/benches",
                                    "vendor/llama.cpp/tools/ui"]}
+# Native libraries of a wheel that the GPU image never loads, left out (like SDIST_TRIM, to fit the 64 MiB carry):
+# bitsandbytes ships one library per CUDA and ROCm release (43 MB); the image's CUDA major (its nvidia-*-cuNN
+# packages) picks one. A library whose name matches the pattern is kept only if it names that major or the CPU.
+WHEEL_TRIM = {"bitsandbytes": re.compile(r"libbitsandbytes_(cuda|rocm|xpu)\w*\.so$")}
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64", "any"]
 
@@ -81,6 +85,35 @@ def trim(sdist: Path, drop: list[str]) -> None:
     tmp.replace(sdist)
 
 
+def image_cuda_major(image: set[str]) -> str | None:
+    """The GPU image's CUDA major from its nvidia-*-cuNN package names ("13"), or None."""
+    majors = {m.group(1) for n in image if (m := re.match(r"nvidia-[a-z-]+-cu(\d+)$", n))}
+    return majors.pop() if len(majors) == 1 else None
+
+
+def trim_wheel(wheel: Path, pattern, keep) -> list[str]:
+    """Rewrite a wheel without the members whose name matches `pattern` unless `keep(name)`; RECORD loses their
+    lines. Returns the dropped names."""
+    import zipfile
+
+    tmp = wheel.with_suffix(".tmp")
+    dropped = []
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            if pattern.search(info.filename) and not keep(info.filename):
+                dropped.append(info.filename)
+        for info in src.infolist():
+            if info.filename in dropped:
+                continue
+            data = src.read(info)
+            if info.filename.endswith(".dist-info/RECORD"):
+                data = "".join(ln for ln in data.decode().splitlines(keepends=True)
+                               if ln.split(",", 1)[0] not in dropped).encode()
+            dst.writestr(info, data)
+    tmp.replace(wheel)
+    return dropped
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("group", choices=sorted(GROUPS))
@@ -106,6 +139,9 @@ def main() -> int:
                 subprocess.run(pip + ["--no-binary=:all:", spec], check=True)
             if n in SDIST_TRIM:
                 trim(next(out.glob(f"{n.replace('-', '_')}-{v}.tar.gz")), SDIST_TRIM[n])
+        elif n in WHEEL_TRIM and (major := image_cuda_major(image)):
+            wheel = next(out.glob(f"{n.replace('-', '_')}-{v}-*.whl"))
+            trim_wheel(wheel, WHEEL_TRIM[n], lambda name: re.search(rf"_cuda{major}\d*\.so$", name) is not None)
     print(f"gpu_wheels: {a.group}: {len(need)} packages in {out}: {', '.join(sorted(need))}")
     return 0
 

@@ -90,3 +90,33 @@ def test_compare_metrics_leaves_out_run_to_run_keys_and_finds_changed_values():
     assert cm.compare(before, after) == []
     assert cm.compare(before, {**after, "ppl": 10.6}) == ["ppl: 10.5 -> 10.6"]
     assert "renamed keys differ" in cm.compare(before, {**after, "runs": {"4": {"eval_loss": 2.5}}})[0]
+
+
+def test_gpu_wheels_keeps_only_the_image_cuda_libraries_of_bitsandbytes(tmp_path):
+    """scripts/gpu_wheels.py: bitsandbytes' wheel loses the libraries of other CUDA, ROCm and XPU releases than the
+    GPU image's (its nvidia-*-cuNN packages), and RECORD their lines, so the qlora group fits the device carry."""
+    import importlib.util
+    import zipfile
+
+    spec = importlib.util.spec_from_file_location("gpu_wheels", ROOT / "scripts" / "gpu_wheels.py")
+    gw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gw)
+    assert gw.image_cuda_major({"torch", "nvidia-cudnn-cu13", "nvidia-nccl-cu13"}) == "13"
+    assert gw.image_cuda_major({"nvidia-cudnn-cu12", "nvidia-nccl-cu13"}) is None  # two majors: no choice
+    libs = ["cpu", "cuda118", "cuda128", "cuda130", "cuda132", "rocm64", "xpu2025"]
+    whl = tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
+    record = "".join(f"bitsandbytes/libbitsandbytes_{x}.so,sha256=x,1\n" for x in libs)
+    with zipfile.ZipFile(whl, "w") as z:
+        for x in libs:
+            z.writestr(f"bitsandbytes/libbitsandbytes_{x}.so", b"\0" * 64)
+        z.writestr("bitsandbytes/__init__.py", "")
+        z.writestr("bitsandbytes-0.50.2.dist-info/RECORD", record + "bitsandbytes/__init__.py,,\n")
+    dropped = gw.trim_wheel(whl, gw.WHEEL_TRIM["bitsandbytes"], lambda n: n.endswith(("_cuda130.so", "_cuda132.so")))
+    assert sorted(dropped) == sorted(f"bitsandbytes/libbitsandbytes_{x}.so" for x in libs
+                                     if x not in ("cpu", "cuda130", "cuda132"))
+    with zipfile.ZipFile(whl) as z:
+        names = set(z.namelist())
+        kept_record = z.read("bitsandbytes-0.50.2.dist-info/RECORD").decode()
+    assert names == {"bitsandbytes/__init__.py", "bitsandbytes-0.50.2.dist-info/RECORD",
+                     *(f"bitsandbytes/libbitsandbytes_{x}.so" for x in ("cpu", "cuda130", "cuda132"))}
+    assert {ln.split(",")[0] for ln in kept_record.splitlines()} == names - {"bitsandbytes-0.50.2.dist-info/RECORD"}
