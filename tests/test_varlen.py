@@ -73,7 +73,7 @@ def _reference_varlen(new_signature: bool):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("path", ["per_row", "flash_2.12", "flash_2.10"])
-def test_packed_rows_give_the_padded_loss_and_gradients(family, path, monkeypatch):
+def test_packed_rows_give_the_padded_loss_and_gradients(family, path, monkeypatch, request):
     import torch
     import torch.nn.attention.varlen as tv
 
@@ -88,6 +88,8 @@ def test_packed_rows_give_the_padded_loss_and_gradients(family, path, monkeypatc
         ref, calls = _reference_varlen(new_signature=path == "flash_2.12")
         monkeypatch.setattr(tv, "varlen_attn", ref)
         monkeypatch.setattr(varlen, "flash_runs", lambda is_cuda, dtype: True)
+        varlen._varlen_params.cache_clear()  # the signature is read once a process; here once a stub
+        request.addfinalizer(varlen._varlen_params.cache_clear)
     assert varlen.use(model) == varlen.NAME and model.config._attn_implementation == varlen.NAME
     packed = varlen.packed_collator()(rows)
     total = sum(len(r["input_ids"]) for r in rows)

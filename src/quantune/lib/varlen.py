@@ -7,14 +7,22 @@ computes densely: measured on one H200 at shape scale (bench/results/sft_speed.m
 300-470 tokens that way ran at 0.78x the padded seed configuration. Here no position is spent on another row.
 
 Where that kernel does not run (a CPU, fp32 activations, a sliding window, a torch without varlen_attn) each row
-goes through SDPA on its own, the same function; attention dropout in training is refused. Batches without row boundaries
-(padded eval or generation) take transformers' sdpa path unchanged.
+goes through SDPA on its own, the same function; attention dropout in training is refused. Batches without row
+boundaries (padded eval or generation) take transformers' sdpa path unchanged.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 NAME = "quantune_varlen"
+
+
+@functools.cache
+def _varlen_params() -> frozenset:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def _flash(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float):
@@ -22,7 +30,7 @@ def _flash(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float):
     is_causal and no scale or GQA; 2.12: window_size, scale, enable_gqa)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
+    params = _varlen_params()
     kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     if "scale" in params:
         kw["scale"] = scale
