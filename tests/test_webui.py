@@ -65,10 +65,12 @@ def test_the_glm_base_and_the_linear_adapter_chat_in_their_formats(app):
     assert list(app.cache.models) == [LINEAR]  # max_models=1: the base was dropped for the adapter
 
 
-def test_the_gguf_and_the_merged_model_chat_in_the_adapters_template(app, results_root):
-    """A GGUF file (llama-cpp-python) and the merged model it came from both render the prompt as lora_sft_qwen
-    trained, found through the recipes' references, and both stream an answer."""
-    from quantune.lib.chat import Settings, stream
+def test_the_gguf_and_the_merged_model_chat_in_the_adapters_template(app, results_root, tmp_path):
+    """A GGUF file (llama-cpp-python, in a process of its own) and the merged model it came from both render the
+    prompt as lora_sft_qwen trained, found through the recipes' references, and both stream an answer; a GGUF that
+    does not load is one line."""
+    from quantune.lib.chat import ChatModel, GGUFProcess, Settings, stream
+    from quantune.lib.common import QuantuneError
 
     snakemake("gguf_q4_0", *TRIGGERS, results=results_root, timeout=3000)
     app.reload()
@@ -80,6 +82,16 @@ def test_the_gguf_and_the_merged_model_chat_in_the_adapters_template(app, result
         text, n, secs = list(stream(cm, app.cache.get(cm), "Give three tips for staying healthy.",
                                     Settings(max_new_tokens=8)))[-1]
         assert 0 < n <= 8 and secs > 0, (cm.label, text, n)
+    # the GGUF runs in a process of its own (no torch beside llama.cpp), closed when the cache drops it
+    served = app.cache.get(gguf).model
+    assert isinstance(served, GGUFProcess) and served.proc.is_alive() and served.proc.pid != os.getpid()
+    served.close()
+    assert not served.proc.is_alive()
+    app.cache.models.pop(gguf.label)
+    broken = ChatModel("broken gguf", "gguf", str(tmp_path / "nothing.gguf"), gguf.fmt, gguf.render)
+    with pytest.raises(QuantuneError) as e:
+        app.cache.get(broken)
+    assert str(e.value).startswith(f"broken gguf: could not load {tmp_path / 'nothing.gguf'} (RuntimeError: ")
 
 
 def test_a_model_that_fails_to_load_is_one_line_and_the_next_still_answers(app, tmp_path):

@@ -114,12 +114,8 @@ def load(cm: ChatModel, cfg: dict) -> Loaded:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if cm.kind == "gguf":
-        from .gguf import import_llama_cpp
-
-        llama_cpp = import_llama_cpp()
-        gpu = device == "cuda" and llama_cpp.llama_supports_gpu_offload()
-        llm = llama_cpp.Llama(cm.path, n_ctx=0, n_gpu_layers=-1 if gpu else 0, verbose=False)
-        return Loaded(llm, device="cuda" if gpu else "cpu")
+        llm = GGUFProcess(cm.path, want_gpu=device == "cuda")
+        return Loaded(llm, device="cuda" if llm.gpu else "cpu")
     if cm.kind == "lora":
         from peft import PeftModel
 
@@ -140,6 +136,56 @@ def load(cm: ChatModel, cfg: dict) -> Loaded:
     return Loaded(model.eval(), tok, bool(getattr(model.config, "is_encoder_decoder", False)), device)
 
 
+class GGUFProcess:
+    """A GGUF model in a process of its own (multiprocessing's spawn; lib.gguf.serve_llama, no torch there: torch's
+    CUDA libraries beside a CUDA build of llama.cpp aborted a process on the GPU machine), with llama-cpp-python's
+    streaming create_completion as its interface."""
+
+    def __init__(self, path: str, want_gpu: bool):
+        import multiprocessing
+
+        from .gguf import serve_llama
+
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=serve_llama, args=(child, path, want_gpu), daemon=True)
+        self.proc.start()
+        child.close()
+        kind, info = self._recv()
+        if kind == "error":
+            self.close()
+            raise RuntimeError(info)
+        self.gpu = bool(info)
+
+    def _recv(self):
+        try:
+            return self.conn.recv()
+        except EOFError:
+            self.proc.join(5)
+            raise RuntimeError(f"the llama.cpp process ended (exit code {self.proc.exitcode})") from None
+
+    def create_completion(self, prompt: str, **kw):
+        self.conn.send((prompt, kw))
+        while True:
+            kind, x = self._recv()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise RuntimeError(x)
+            yield x
+
+    def close(self) -> None:
+        try:
+            self.conn.send("close")
+        except (OSError, ValueError):
+            pass
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(5)
+        self.conn.close()
+
+
 class ModelCache:
     """At most `limit` loaded models; the least recently used one is dropped first."""
 
@@ -154,7 +200,9 @@ class ModelCache:
                 self.models.move_to_end(cm.label)
                 return self.models[cm.label]
             while len(self.models) >= self.limit:
-                self.models.popitem(last=False)
+                _, dropped = self.models.popitem(last=False)
+                if isinstance(dropped.model, GGUFProcess):
+                    dropped.model.close()
                 release_memory()
             try:
                 loaded = load(cm, self.cfg)

@@ -132,3 +132,34 @@ def write_tb(out: Path, scalars: dict, metrics: dict) -> None:
     with TBWriter(out / "tb") as tb:
         tb.scalars(scalars, 0)
         tb.final(metrics)
+
+
+def serve_llama(conn, path: str, want_gpu: bool) -> None:
+    """A GGUF model served over a multiprocessing connection, in a process that imports no torch (torch's CUDA
+    libraries beside a CUDA build of llama.cpp aborted a process on the GPU machine): ("ready", on_gpu) once
+    loaded, then for each (prompt, kwargs) create_completion's chunks as ("chunk", c) and ("end", None);
+    ("error", line) for a failure; "close" ends it."""
+    def line(e: BaseException) -> str:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+    try:
+        llama_cpp = import_llama_cpp()
+        gpu = want_gpu and bool(llama_cpp.llama_supports_gpu_offload())
+        llm = llama_cpp.Llama(path, n_ctx=0, n_gpu_layers=-1 if gpu else 0, verbose=False)
+    except BaseException as e:  # noqa: BLE001 - the parent shows it as one line
+        conn.send(("error", line(e)))
+        return
+    conn.send(("ready", gpu))
+    try:
+        while (msg := conn.recv()) != "close":
+            prompt, kw = msg
+            try:
+                for chunk in llm.create_completion(prompt, **kw):
+                    conn.send(("chunk", chunk))
+                conn.send(("end", None))
+            except Exception as e:  # noqa: BLE001 - the parent raises it in its stream
+                conn.send(("error", line(e)))
+    except EOFError:  # the parent went away
+        pass
+    finally:
+        llm.close()
