@@ -136,3 +136,27 @@ def test_describe_names_the_kernel_a_packed_run_takes():
 
     assert varlen.describe("cpu", torch.float32).startswith("SDPA row by row")
     assert varlen.describe("cuda", torch.float32).startswith("SDPA row by row")  # the flash kernel takes half types
+
+
+@pytest.mark.parametrize("signature", ["2.12", "2.10"])
+def test_flash_adapter_keeps_a_scale_other_than_the_kernels_own(signature, monkeypatch):
+    """A model whose attention scale is not 1/sqrt(head_dim): the adapter passes it (2.12+) or folds it into the
+    queries (2.10, whose kernel has no scale), with GQA, against SDPA row by row at that scale."""
+    import torch
+    import torch.nn.attention.varlen as tv
+
+    from quantune.lib import varlen
+
+    ref, calls = _reference_varlen(new_signature=signature == "2.12")
+    monkeypatch.setattr(tv, "varlen_attn", ref)
+    varlen._varlen_params.cache_clear()
+    try:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(20, h, 8, generator=g) for h in (4, 2, 2))
+        cu = torch.tensor([0, 7, 12, 20], dtype=torch.int32)
+        want = varlen._per_row(q, k, v, cu, cu, 8, 8, 0.3)
+        got = varlen._flash(q, k, v, cu, cu, 8, 8, 0.3)
+    finally:
+        varlen._varlen_params.cache_clear()
+    assert calls == [3] and (got - want).abs().max().item() <= 1e-6
+    assert (varlen._per_row(q, k, v, cu, cu, 8, 8, 8 ** -0.5) - want).abs().max().item() > 1e-3  # the scale matters

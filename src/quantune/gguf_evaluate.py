@@ -117,12 +117,11 @@ def _target_metrics(cfg: dict, target: str, recipe_path: str, key: str) -> dict:
     return json.loads(p.read_text())
 
 
-def inputs(recipe_path: str, cfg: dict, gguf_files: dict[str, str] | None, reference: str | None):
-    """The checked recipe, each GGUF's path and tensor types, the reference model directory, the evaluation text."""
-    from .lib.config import load_recipe, resolve_dataset
+def inputs(recipe: dict, recipe_path: str, cfg: dict, gguf_files: dict[str, str] | None, reference: str | None):
+    """Each GGUF's path and tensor types, the reference model directory, the evaluation text."""
+    from .lib.config import resolve_dataset
     from .lib.data import join_text, load_split
 
-    recipe = load_recipe(recipe_path, cfg)
     gguf_files = gguf_files or {}
     unknown = sorted(set(gguf_files) - set(recipe["ggufs"]))
     if unknown:
@@ -142,7 +141,7 @@ def inputs(recipe_path: str, cfg: dict, gguf_files: dict[str, str] | None, refer
         raise fail(str(ref_dir), "no transformers model here (config.json missing)",
                    f"build {recipe['reference']} first or pass --reference DIR")
     text = join_text(load_split(resolve_dataset(cfg, recipe["dataset"]), recipe["split"]))
-    return recipe, ggufs, ref_dir, text
+    return ggufs, ref_dir, text
 
 
 # ---- the llama.cpp process: these run in LlamaProcess's worker, which never imports torch
@@ -214,9 +213,10 @@ def run(recipe_path: str, out: str, cfg: dict, gguf_files: dict[str, str] | None
         reference: str | None = None) -> dict:
     from .lib.config import load_recipe
 
+    recipe = load_recipe(recipe_path, cfg)
     with LlamaProcess() as llama:  # a GPU recipe on a build without GPU offload is refused before the other checks
-        offload = llama.call(gpu_offload, recipe_path, load_recipe(recipe_path, cfg)["n_gpu_layers"])
-        recipe, ggufs, ref_dir, text = inputs(recipe_path, cfg, gguf_files, reference)
+        offload = llama.call(gpu_offload, recipe_path, recipe["n_gpu_layers"])
+        ggufs, ref_dir, text = inputs(recipe, recipe_path, cfg, gguf_files, reference)
         return _run(recipe, recipe_path, ggufs, ref_dir, text, out, cfg, llama, offload)
 
 
@@ -237,7 +237,8 @@ def _run(recipe: dict, recipe_path: str, ggufs: dict, ref_dir: Path, text: str, 
     ref.to(device).eval()
     hf_ids = tok(text, add_special_tokens=False)["input_ids"]
     max_tok = recipe.get("max_eval_tokens")
-    ids_t = torch.tensor(ids[:max_tok] if max_tok else ids, dtype=torch.long)
+    scored = ids[:max_tok] if max_tok else ids
+    ids_t = torch.tensor(scored, dtype=torch.long)
     metrics: dict = {"target": recipe["name"], "stage": "gguf_evaluate", "scale": cfg["scale"],
                      "reference": recipe["reference"], "dataset": recipe["dataset"], "split": recipe["split"],
                      "context": recipe["context"], "stride": recipe["stride"], "threads": recipe["threads"],
@@ -257,7 +258,6 @@ def _run(recipe: dict, recipe_path: str, ggufs: dict, ref_dir: Path, text: str, 
     if len(pp_ids) < recipe["pp_tokens"]:
         raise fail(f"{recipe_path}: key pp_tokens", f"the eval text has only {len(ids)} tokens", "lower pp_tokens")
     n_ctx = max(recipe["context"], recipe["pp_tokens"], max(len(p) for p in prompt_ids) + n_gen + 1)
-    scored = ids_t.tolist()
     for t, gm in ggufs.items():
         r = llama.call(llama_score, gm["gguf_path"], recipe, scored, prompt_ids, pp_ids, n_ctx)
         if r["tokens_scored"] != metrics["tokens_scored"]:

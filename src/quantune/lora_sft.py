@@ -42,7 +42,7 @@ from .lib.lora import peft_trainable_line
 from .lib.models import pick_device, set_cpu_threads
 from .lib.plots import plot_losses
 from .lib.prompts import ANSWER_FIELD, SFTCollator, build_split, template_of
-from .lib.trainer import (TokenCount, check_liger, complete_checkpoints, counting_trainer, fingerprint,
+from .lib.trainer import (TokenCount, check_liger, check_packing, complete_checkpoints, counting_trainer, fingerprint,
                           keep_checkpoints_of, packing_refusal, run_record, speed_changes, step_timer,
                           tokens_counting, total_optimizer_steps)
 
@@ -80,19 +80,13 @@ def check_sft_recipe(recipe: dict, cfg: dict, where: str) -> dict:
     if "max_steps" not in r and "num_train_epochs" not in r:
         raise fail(where, "neither max_steps nor num_train_epochs is set", "set one of them")
     if r.get("padding") == "packed":
-        check_packing(cfg, r, where)
+        check_packing(cfg, r["model"], r["task_type"] == "SEQ_2_SEQ_LM", where)
     return r
 
 
 def packing_of(cfg: dict, r: dict, where: str) -> tuple[str, str] | None:
     """Why this recipe's rows cannot be packed here (lib.trainer.packing_refusal), or None."""
     return packing_refusal(cfg, r["model"], r["task_type"] == "SEQ_2_SEQ_LM", where)
-
-
-def check_packing(cfg: dict, r: dict, where: str) -> None:
-    refused = packing_of(cfg, r, where)
-    if refused:
-        raise fail(f"{where}: key padding", *refused)
 
 
 def speed_settings(cfg: dict, r: dict, where: str) -> tuple[dict, dict, str]:

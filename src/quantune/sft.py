@@ -41,7 +41,7 @@ from .lib.deepspeed import (check_deepspeed_config, check_gpus, ds_config_path, 
 from .lib.models import count_parameters
 from .lib.sft_data import collator, dataset_loss, dedupe_pairs, prepare_data
 from .lib.measure import matmul_tflops, train_flops_per_token
-from .lib.trainer import (TokenCount, check_liger, complete_checkpoints, counting_trainer, drop_incomplete_checkpoints,
+from .lib.trainer import (TokenCount, check_liger, check_packing, complete_checkpoints, counting_trainer, drop_incomplete_checkpoints,
                           fingerprint, keep_checkpoints_of, packing_refusal, speed_changes, step_timer)
 
 # keys that change nothing a checkpoint holds: a checkpoint written under other values of them is resumed
@@ -58,10 +58,8 @@ def check_recipe(recipe: dict, cfg: dict, where: str) -> dict:
     if "{prompt}" not in recipe["prompt_template"]:
         raise fail(f"{where}: key prompt_template", "has no {prompt} placeholder",
                    "write e.g. 'Human: {prompt} \\n Assistant: '")
-    if recipe["padding"] == "packed":  # as lora_sft's check_packing: rows must not see each other
-        refused = packing_refusal(cfg, recipe["model"], False, where)
-        if refused:
-            raise fail(f"{where}: key padding", *refused)
+    if recipe["padding"] == "packed":  # rows must not see each other
+        check_packing(cfg, recipe["model"], False, where)
     recipe = zero_settings(recipe, 1 if cfg["scale"] == "tiny" else int(recipe["gpus"]))
     check_deepspeed_config(recipe, where)
     ds = resolve_dataset(cfg, recipe["dataset"], where=where)

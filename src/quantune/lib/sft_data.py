@@ -118,7 +118,7 @@ def dataset_loss(model, ds, coll, batch_size: int) -> float:
         for i in range(0, len(ds), batch_size):
             feats = [ds[j] for j in range(i, min(i + batch_size, len(ds)))]
             batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in coll(feats).items()}
-            loss = model(**batch, use_cache=False).loss.float().item()  # no KV cache: packed rows stay apart
+            loss = model(**batch, use_cache=False).loss.float().item()
             total += loss * len(feats)
             n += len(feats)
     return total / max(n, 1)

@@ -113,9 +113,9 @@ def counting_trainer(count: TokenCount):
 
 
 def packing_refusal(cfg: dict, model: str, seq2seq: bool, where: str) -> tuple[str, str] | None:
-    """Why a recipe's rows cannot be packed here, and the fix, or None. Packed rows stay apart only where the model
-    builds its attention mask from per-row position ids (transformers' own decoder code, masking_utils): not in an
-    encoder-decoder, not in remote code."""
+    """Why a recipe's rows cannot be packed here, and the fix, or None. Packed rows stay apart only where the model's
+    attention goes through transformers' AttentionInterface (lib.varlen reads the row boundaries there): a
+    decoder-only model of transformers' own code, not an encoder-decoder, not remote code."""
     from .config import resolve_model
 
     if seq2seq:
@@ -124,6 +124,13 @@ def packing_refusal(cfg: dict, model: str, seq2seq: bool, where: str) -> tuple[s
         return (f"model {model!r} runs remote code here, which would attend across packed rows",
                 "use padding: longest at this scale")
     return None
+
+
+def check_packing(cfg: dict, model: str, seq2seq: bool, where: str) -> None:
+    """packing_refusal as the one-line error of a recipe that asks for padding: packed."""
+    refused = packing_refusal(cfg, model, seq2seq, where)
+    if refused:
+        raise fail(f"{where}: key padding", *refused)
 
 
 def speed_changes(r: dict, refusal) -> tuple[dict, str]:

@@ -19,9 +19,12 @@ NAME = "quantune_varlen"
 
 
 @functools.cache
-def _varlen_params() -> frozenset:
-    from torch.nn.attention.varlen import varlen_attn
-
+def _varlen_params() -> frozenset | None:
+    """varlen_attn's parameter names (read once a process), or None where this torch has no varlen_attn."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
     return frozenset(inspect.signature(varlen_attn).parameters)
 
 
@@ -55,9 +58,8 @@ def _per_row(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float):
         if e == s:
             continue
         qi, ki, vi = (t.transpose(0, 1)[None] for t in (q[s:e], k[ks:ke], v[ks:ke]))  # [1, H, L, D]
-        if ki.shape[1] != qi.shape[1]:
-            ki, vi = (t.repeat_interleave(qi.shape[1] // t.shape[1], dim=1) for t in (ki, vi))
-        out[s:e] = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)[0].transpose(0, 1)
+        out[s:e] = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale,
+                                                  enable_gqa=ki.shape[1] != qi.shape[1])[0].transpose(0, 1)
     return out
 
 
@@ -65,13 +67,7 @@ def flash_runs(is_cuda: bool, dtype) -> bool:
     """Whether torch's varlen flash kernel takes packed rows of this device and dtype."""
     import torch
 
-    if not is_cuda or dtype not in (torch.float16, torch.bfloat16):
-        return False
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return is_cuda and dtype in (torch.float16, torch.bfloat16) and _varlen_params() is not None
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
