@@ -6,6 +6,7 @@ seed and data order, and the Trainer's loss (a token-level mean over the optimiz
     python bench/qlora_speed.py --out bench/results                     # scale shape, on the GPU machine
     python bench/qlora_speed.py --scale tiny --out /tmp/qs              # the same code on the tiny GLM, CPU
     python bench/qlora_speed.py --settings linear --variants fast --out DIR   # seed and one variant
+    python bench/qlora_speed.py --variants seed_again fast lean linear:one_micro_batch   # one_micro_batch: linear only
 
 Variants (recipe overrides; `seed` twice, so that the loss tolerance is the seed configuration's own run-to-run
 spread): the recipe's speed modes seed, fast (packed + the step's rows in one micro-batch + checkpointing off)
@@ -73,7 +74,8 @@ def run_one(name: str, variant: str, over: dict, cfg: dict, tmp: Path) -> dict:
             "computed_tokens_per_s": m.get("computed_tokens_per_s"),
             "seconds_per_step": m.get("seconds_per_step"), "peak_gib": round(m["peak_mem_mb"] / 1024, 3),
             "peak_mem_kind": m["peak_mem_kind"], "losses": [losses[s] for s in sorted(losses)],
-            "device": m["device"], "gpu": gpu_name()}
+            "liger_kernel": m["liger_kernel"], "packed_attention": m.get("packed_attention"),
+            "speed_note": m.get("speed_note", ""), "device": m["device"], "gpu": gpu_name()}
 
 
 def reset_gpu() -> None:
@@ -120,7 +122,8 @@ def write(rows: list[dict], out: Path) -> None:
               "-" if r["pad_fraction"] is None else f"{r['pad_fraction']:.1%}",
               f"{r['real_tokens_per_s'] / base['real_tokens_per_s']:.2f}", f"{r['seconds_per_step']:.3f}",
               r["peak_gib"], f"{r['peak_gib'] / base['peak_gib']:.2f}", f"{max_diff(r['losses'], base['losses']):.2e}"]
-             for r in rs]) + [""] + [f"- {r['variant']}: failed: {r['error']}" for r in failed] + [""]
+             for r in rs]) + [""] + [f"- {r['variant']}: {r['speed_note']}" for r in rs if r.get("speed_note")] \
+            + [f"- {r['variant']}: failed: {r['error']}" for r in failed] + [""]
     (out / "qlora_speed.md").write_text("\n".join(md), encoding="utf-8")
 
 
@@ -130,7 +133,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
-    p.add_argument("--variants", nargs="*", default=None, help="only these variants (seed always runs first)")
+    p.add_argument("--variants", nargs="*", default=None,
+                   help="only these variants (seed always runs first); SETTING:VARIANT for one setting only")
     p.add_argument("--scale", default="shape", choices=["tiny", "shape"])
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override (dotted keys)")
@@ -144,7 +148,7 @@ def main(argv=None) -> int:
             recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml", cfg)
             build_shape_inputs(cfg, recipe)
             for v, over in variants(recipe).items():
-                if a.variants and v != "seed" and v not in a.variants:
+                if a.variants and v != "seed" and v not in a.variants and f"{s}:{v}" not in a.variants:
                     continue
                 print(f"qlora_speed: {name} {v} {over}", flush=True)
                 try:

@@ -7,8 +7,10 @@ schedule, data order and loss.
     python bench/sft_speed.py --out bench/results                    # scale shape, on the GPU machine
     python bench/sft_speed.py --scale tiny --out /tmp/ss             # the same code on the tiny Qwen3, CPU
 
-Variants: seed, seed_again, fast (packed rows, the step's rows in one micro-batch, checkpointing off),
-fast_liger (fast + liger-kernel's fused kernels), packed, no_gc, one_micro_batch. Each row holds the stage's own figures from metrics.json: real tokens/s over the
+Variants: seed, seed_again, fast (packed rows, the step's rows in one micro-batch, checkpointing off, and
+liger-kernel's fused kernels, which liger_kernel: auto turns on where they run), fast_no_liger (fast without them),
+then single switches on the seed configuration: packed, no_gc, one_micro_batch (the step's rows in one padded
+micro-batch, checkpointing off). Each row holds the stage's own figures from metrics.json: real tokens/s over the
 optimizer steps' seconds, MFU against the matmul rate the run measured (bf16 on a GPU), peak memory, the eval
 loss per epoch; a variant that fails is a row with its one-line error. Writes sft_speed.json and sft_speed.md
 (ratios to the first seed run; eval-loss differences beside the two seed runs'). Run it where
@@ -35,7 +37,7 @@ def variants(r: dict) -> dict[str, dict]:
     one = {"per_device_train_batch_size": r["per_device_train_batch_size"] * r["gradient_accumulation_steps"],
            "gradient_accumulation_steps": 1}
     return {"seed": seed, "seed_again": seed, "fast": {"speed": "fast"},
-            "fast_liger": {"speed": "fast", "liger_kernel": True},
+            "fast_no_liger": {"speed": "fast", "liger_kernel": False},
             "packed": {**seed, "padding": "packed"}, "no_gc": {**seed, "gradient_checkpointing": False},
             "one_micro_batch": {**seed, **one, "gradient_checkpointing": False}}
 
@@ -62,6 +64,8 @@ def run_one(variant: str, over: dict, scale: str, epochs: int, tmp: Path, sets: 
     return {**row, "mode": m["speed"], "speed_changes": m.get("speed_changes", {}),
             "batch": f"{m['per_device_train_batch_size']} x {m['gradient_accumulation_steps']}",
             "padding": m["padding"], "gradient_checkpointing": m["gradient_checkpointing"],
+            "liger_kernel": m["liger_kernel"], "packed_attention": m.get("packed_attention"),
+            "speed_note": m.get("speed_note", ""),
             "zero_stage": m["zero_stage"], "steps": m["global_step"], "real_tokens_per_s": m["real_tokens_per_s"],
             "pad_fraction": m["pad_fraction"], "mfu": m["mfu"], "matmul_tflops": m["matmul_tflops"],
             "matmul_dtype": m["matmul_dtype"], "peak_gib": round(m["peak_mem_mb"] / 1024, 3),
@@ -85,12 +89,14 @@ def write(rows: list[dict], out: Path) -> None:
         base = ok[0]
         diff = lambda r: max((abs(a - b) for a, b in zip(r["eval_loss"], base["eval_loss"])), default=float("nan"))  # noqa: E731
         md += markdown_table(
-            ["variant", "mode", "batch", "padding", "checkpointing", "ZeRO", "real tokens/s", "x seed", "MFU",
+            ["variant", "mode", "batch", "padding", "checkpointing", "liger", "ZeRO", "real tokens/s", "x seed", "MFU",
              "matmul TFLOP/s", "peak GiB", "eval-loss diff"],
-            [[r["variant"], r["mode"], r["batch"], r["padding"], r["gradient_checkpointing"], r["zero_stage"],
+            [[r["variant"], r["mode"], r["batch"], r["padding"], r["gradient_checkpointing"], r["liger_kernel"],
+              r["zero_stage"],
               f"{r['real_tokens_per_s']:.0f}", f"{r['real_tokens_per_s'] / base['real_tokens_per_s']:.2f}",
               f"{r['mfu']:.1%}", f"{r['matmul_tflops']:.3g} ({r['matmul_dtype']})", r["peak_gib"], f"{diff(r):.2e}"]
              for r in ok]) + [""]
+    md += [f"- {r['variant']}: {r['speed_note']}" for r in ok if r["speed_note"]]
     md += [f"- {r['variant']}: failed: {r['error']}" for r in rows if "error" in r]
     (out / "sft_speed.md").write_text("\n".join(md) + "\n", encoding="utf-8")
 

@@ -192,6 +192,36 @@ def test_bad_recipe_stops_with_one_line_before_training(tmp_path, tiny_world, re
     assert time.time() - t0 < 120
 
 
+@pytest.mark.parametrize("want,speed,device,patched,on,note", [
+    ("auto", "seed", "cuda", {"glm"}, False, ""),  # the seed configuration as written
+    ("auto", "fast", "cuda", {"glm"}, True, ""),
+    ("auto", "lean", "cuda", {"glm"}, True, ""),
+    ("auto", "fast", "cpu", {"glm"}, False, "Triton kernels need a CUDA GPU"),
+    ("auto", "fast", "cuda", {"qwen3"}, False, "no kernels for model type 'glm'"),
+    ("auto", "fast", "cuda", None, False, "liger-kernel is not installed"),
+    (False, "fast", "cuda", {"glm"}, False, ""),
+    (True, "seed", "cuda", {"glm"}, True, ""),
+])
+def test_liger_kernel_auto_turns_on_in_the_fast_modes_where_it_can_run(monkeypatch, tmp_path, want, speed, device,
+                                                                         patched, on, note):
+    """liger_kernel: auto is on in fast and lean wherever liger can run (a CUDA GPU, the package, a model type it
+    patches: a stand-in package here, its MODEL_TYPE_TO_APPLY_LIGER_FN read as liger's own), off in the seed mode,
+    and where it cannot run it says why in speed_note instead of failing; true demands it."""
+    import types
+
+    from quantune.lib.trainer import liger_setting
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "glm"}))
+    m = {"source": str(tmp_path), "local": True, "hub_config": None}
+    for name in ("liger_kernel", "liger_kernel.transformers", "liger_kernel.transformers.monkey_patch"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name) if patched is not None else None)
+    if patched is not None:
+        sys.modules["liger_kernel.transformers.monkey_patch"].MODEL_TYPE_TO_APPLY_LIGER_FN = dict.fromkeys(patched)
+    got, why = liger_setting({"liger_kernel": want, "speed": speed}, m, device, "r.yaml")
+    assert got is on and (note in why if note else why == ""), (got, why)
+    assert why == "" or why.startswith("liger-kernel stays off: ")
+
+
 def test_compare_without_trained_adapters_says_what_to_build(tmp_path, tiny_world):
     cfg = tiny_cfg(tmp_path)  # an empty results dir: no adapter has been trained there
     proc = subprocess.run([sys.executable, "-m", "quantune.lora_compare", "--recipe",
@@ -342,6 +372,9 @@ def test_fast_and_lean_modes_follow_the_seed_configuration_step_for_step(tiny_wo
     assert fast["speed_changes"] == {"padding": "packed", "per_device_train_batch_size": 8,
                                      "gradient_accumulation_steps": 1, "gradient_checkpointing": False}
     assert lean["speed_changes"] == {"padding": "packed"}  # checkpointing was on already
+    # liger_kernel: auto would join fast and lean on a GPU; here the modes say why it stayed off
+    assert fast["liger_kernel"] == lean["liger_kernel"] == seed["liger_kernel"] == 0 and "speed_note" not in seed
+    assert "liger-kernel stays off: liger-kernel's Triton kernels need a CUDA GPU" in fast["speed_note"]
     # packed rows each attend to themselves only: on a CPU row by row (lib.varlen; torch's flash kernel on a GPU)
     assert fast["packed_attention"] == lean["packed_attention"] == "SDPA row by row, each packed row on its own"
     assert (fast["batch_size"], fast["gradient_accumulation_steps"], fast["padding"]) == (8, 1, "packed")

@@ -161,6 +161,8 @@ def test_fast_mode_follows_the_seed_configuration_epoch_by_epoch(tiny_world, res
     assert fast["speed_changes"] == {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
                                      "gradient_checkpointing": False, "padding": "packed"}
     assert fast["packed_attention"] == "SDPA row by row, each packed row on its own" and "packed_attention" not in seed
+    assert fast["speed_note"].startswith("liger-kernel stays off: liger-kernel's Triton kernels need a CUDA GPU")
+    assert fast["liger_kernel"] == seed["liger_kernel"] == 0 and "speed_note" not in seed
     assert fast["global_step"] == seed["global_step"] and fast["train_tokens"] == seed["train_tokens"]
     # the same real tokens went through the steps; the speed figures follow from the counts
     assert fast["input_tokens_real"] == seed["input_tokens_real"] == fast["input_tokens_computed"] > 0

@@ -155,27 +155,38 @@ def speed_changes(r: dict, refusal) -> tuple[dict, str]:
 LIGER_KERNEL = "liger-kernel==0.8.5"  # envs/finetune.yaml and envs/deepspeed.yaml pin the same
 
 
-def check_liger(recipe: dict, m: dict, device: str, where: str) -> None:
-    """`liger_kernel: true` (transformers' use_liger_kernel: liger-kernel's fused RMSNorm, RoPE, SwiGLU and linear
-    cross-entropy patched into the model) needs a CUDA GPU (Triton), the package, and a model type it patches
-    (read from the resolved model `m`'s config.json only then: a hub model without hub_config needs none)."""
+def liger_refusal(m: dict, device: str, where: str) -> tuple[str, str] | None:
+    """Why liger-kernel's fused kernels (transformers' use_liger_kernel: RMSNorm, RoPE, SwiGLU and linear
+    cross-entropy patched into the model) cannot run here, as (reason, fix), or None: they need a CUDA GPU (Triton),
+    the package, and a model type liger patches (read from the resolved model `m`'s config.json only then)."""
     from .models import model_config_json
 
-    if not recipe.get("liger_kernel"):
-        return
-    key = f"{where}: key liger_kernel"
     if device != "cuda":
-        raise fail(key, "liger-kernel's Triton kernels need a CUDA GPU and this run has none",
-                   "set liger_kernel: false on this machine")
+        return "liger-kernel's Triton kernels need a CUDA GPU and this run has none", \
+            "set liger_kernel: false on this machine"
     try:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError:
-        raise fail(key, "liger-kernel is not installed",
-                   f"pip install {LIGER_KERNEL} or set liger_kernel: false") from None
+        return "liger-kernel is not installed", f"pip install {LIGER_KERNEL} or set liger_kernel: false"
     model_type = model_config_json(m, where)[0].get("model_type", "?")
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        raise fail(key, f"liger-kernel has no kernels for model type {model_type!r}",
-                   f"set liger_kernel: false (it patches {', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN)[:12])}, ...)")
+        return (f"liger-kernel has no kernels for model type {model_type!r}",
+                f"set liger_kernel: false (it patches {', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN)[:12])}, ...)")
+    return None
+
+
+def liger_setting(r: dict, m: dict, device: str, where: str) -> tuple[bool, str]:
+    """Whether liger-kernel runs, and why not where the recipe's mode wanted it: `liger_kernel: true` is the
+    recipe's demand (one line where it cannot run), false its refusal, auto (the default) turns it on in the fast
+    and lean modes wherever it can run (its fused cross-entropy never holds the logits: less memory, and less time
+    for a large vocabulary) and leaves the seed configuration as written."""
+    want = r["liger_kernel"]
+    if want is False or (want == "auto" and r["speed"] == "seed"):
+        return False, ""
+    refusal = liger_refusal(m, device, where)
+    if refusal and want is True:
+        raise fail(f"{where}: key liger_kernel", *refusal)
+    return refusal is None, f"liger-kernel stays off: {refusal[0]}" if refusal else ""
 
 
 def step_timer(count: TokenCount | None = None, warmup: int = 1):
