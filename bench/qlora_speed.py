@@ -11,8 +11,9 @@ seed and data order, and the Trainer's loss (a token-level mean over the optimiz
 Variants (recipe overrides; `seed` twice, so that the loss tolerance is the seed configuration's own run-to-run
 spread): the recipe's speed modes seed, fast (packed + the step's rows in one micro-batch + checkpointing off)
 and lean (packed, checkpointing on, the written micro-batch), fast_liger (fast + liger-kernel, where it patches
-the model: not ChatGLM's `glm` type, a one-line error row), then single switches on the seed configuration:
-packed (padding-free rows), no_gc (gradient checkpointing off), one_micro_batch (batch x accumulation,
+the model: not ChatGLM's `glm` type, a one-line error row), fast_upcast (fast with PEFT's fp32 copies of the
+unquantized weights, kbit_upcast: true), then single switches on the seed configuration: upcast_off (kbit_upcast:
+false), packed (padding-free rows), no_gc (gradient checkpointing off), one_micro_batch (batch x accumulation,
 accumulation 1, checkpointing off), max_length (every row padded to the length limits). A variant that fails
 (out of GPU memory) is a row with its one-line error; the next one still runs.
 Each run is the stage's `train` on a copy of the recipe in a temporary directory (scale shape: the shape caps'
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -43,6 +45,8 @@ def variants(r: dict) -> dict[str, dict]:
         "seed": seed, "seed_again": seed,
         "fast": {"speed": "fast"}, "lean": {"speed": "lean"},  # the recipe's modes (lora_sft.speed_settings)
         "fast_liger": {"speed": "fast", "liger_kernel": True},  # fast + liger-kernel (where it patches the model)
+        "fast_upcast": {"speed": "fast", "kbit_upcast": True},  # fast with PEFT's fp32 unquantized weights
+        "upcast_off": {**seed, "kbit_upcast": False},  # the seed configuration with them in compute_dtype
         # one switch at a time, on the seed configuration: what each part of fast is worth
         "packed": {**seed, "padding": "packed"},
         "no_gc": {**seed, "gradient_checkpointing": False},
@@ -64,7 +68,7 @@ def run_one(name: str, variant: str, over: dict, cfg: dict, tmp: Path) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{name}.yaml"  # keeps the recipe's name: its checks apply
     path.write_text(yaml.safe_dump(r, allow_unicode=True), encoding="utf-8")
-    m = train(str(path), str(d / "out"), cfg)
+    m = train(str(path), str(d / "out"), cfg)  # QUANTUNE_PROFILE (--profile) set by main: profiled
     losses = {int(k[len("loss_step"):]): v for k, v in m.items() if k.startswith("loss_step")}
     return {"setting": name, "variant": variant, "mode": m["speed"], "speed_changes": m["speed_changes"],
             "overrides": over, "scale": cfg["scale"],
@@ -74,7 +78,8 @@ def run_one(name: str, variant: str, over: dict, cfg: dict, tmp: Path) -> dict:
             "computed_tokens_per_s": m.get("computed_tokens_per_s"),
             "seconds_per_step": m.get("seconds_per_step"), "peak_gib": round(m["peak_mem_mb"] / 1024, 3),
             "peak_mem_kind": m["peak_mem_kind"], "losses": [losses[s] for s in sorted(losses)],
-            "liger_kernel": m["liger_kernel"], "packed_attention": m.get("packed_attention"),
+            "liger_kernel": m["liger_kernel"], "kbit_upcast": m.get("kbit_upcast"),
+            "packed_attention": m.get("packed_attention"),
             "speed_note": m.get("speed_note", ""), "device": m["device"], "gpu": gpu_name()}
 
 
@@ -102,7 +107,8 @@ def write(rows: list[dict], out: Path) -> None:
     md = ["# QLoRA speed against the seed's configuration (lora_sft stage)", "",
           "`python bench/qlora_speed.py --out bench/results`: each variant is the stage's run of the recipe with only "
           "the listed keys changed (same rows per optimizer step, schedule, steps, seed, data order). Rates over the "
-          "optimizer steps after each run's first (warm-up) one. Ratios are against the first `seed` run; loss diff: "
+          "optimizer steps after each run's first (warm-up) one. Speed ratios are against the faster of the two `seed` "
+          "runs (the first run of a process is the slower one), memory ratios and loss diff against the first; loss diff: "
           "the largest per-step difference from it, beside the two seed runs' own and one_micro_batch's (the same "
           "rows grouped otherwise: bf16's summation-order noise).", ""]
     for name in dict.fromkeys(r["setting"] for r in rows):
@@ -112,15 +118,17 @@ def write(rows: list[dict], out: Path) -> None:
             md += [f"## {name}", "", *(f"- {r['variant']}: failed: {r['error']}" for r in failed), ""]
             continue
         base = rs[0]
+        rate = max(r["real_tokens_per_s"] for r in rs if r["mode"] == "seed" and r["variant"].startswith("seed"))
         noise = next((max_diff(r["losses"], base["losses"]) for r in rs if r["variant"] == "seed_again"), None)
         md += [f"## {name} ({base['scale']}, {base['gpu']}; seed runs' loss spread: "
                f"{'-' if noise is None else f'{noise:.2e}'})", ""]
         md += markdown_table(
-            ["variant", "mode", "batch", "padding", "checkpointing", "real tokens/s", "padding computed", "x seed", "s / step",
+            ["variant", "mode", "batch", "padding", "checkpointing", "fp32 upcast", "real tokens/s", "padding computed", "x seed", "s / step",
              "peak GiB", "x seed peak", "max loss diff"],
-            [[r["variant"], r["mode"], r["batch"], r["padding"], r["gradient_checkpointing"], f"{r['real_tokens_per_s']:.0f}",
+            [[r["variant"], r["mode"], r["batch"], r["padding"], r["gradient_checkpointing"],
+              {None: "-", 1: "yes", 0: "no"}[r.get("kbit_upcast")], f"{r['real_tokens_per_s']:.0f}",
               "-" if r["pad_fraction"] is None else f"{r['pad_fraction']:.1%}",
-              f"{r['real_tokens_per_s'] / base['real_tokens_per_s']:.2f}", f"{r['seconds_per_step']:.3f}",
+              f"{r['real_tokens_per_s'] / rate:.2f}", f"{r['seconds_per_step']:.3f}",
               r["peak_gib"], f"{r['peak_gib'] / base['peak_gib']:.2f}", f"{max_diff(r['losses'], base['losses']):.2e}"]
              for r in rs]) + [""] + [f"- {r['variant']}: {r['speed_note']}" for r in rs if r.get("speed_note")] \
             + [f"- {r['variant']}: failed: {r['error']}" for r in failed] + [""]
@@ -138,6 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--scale", default="shape", choices=["tiny", "shape"])
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override (dotted keys)")
+    p.add_argument("--profile", action="store_true", help="profile steps 3-4 of every run with torch.profiler "
+                   "(OUT/profile_SETTING_VARIANT/profile.txt); the rates then include the profiler: a separate run")
     a = p.parse_args(argv)
     cfg = load_config(overrides={"scale": a.scale, **dict(kv.split("=", 1) for kv in a.set)})
     rows = []
@@ -151,6 +161,8 @@ def main(argv=None) -> int:
                 if a.variants and v != "seed" and v not in a.variants and f"{s}:{v}" not in a.variants:
                     continue
                 print(f"qlora_speed: {name} {v} {over}", flush=True)
+                if a.profile:
+                    os.environ["QUANTUNE_PROFILE"] = str(a.out / f"profile_{s}_{v}")
                 try:
                     rows.append(run_one(name, v, over, cfg, Path(tmp) / s))
                 except Exception as e:  # a one-line error of the stage, or out of GPU memory as the CLI says it

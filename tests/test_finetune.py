@@ -222,6 +222,51 @@ def test_liger_kernel_auto_turns_on_in_the_fast_modes_where_it_can_run(monkeypat
     assert why == "" or why.startswith("liger-kernel stays off: ")
 
 
+@pytest.mark.parametrize("upcast", [True, False])
+def test_kbit_upcast_false_keeps_the_unquantized_weights_in_their_loaded_dtype(upcast):
+    """PEFT's prepare_model_for_kbit_training copies every unquantized weight to fp32 (so the residual stream runs
+    in fp32); kbit_upcast: false undoes it exactly, and the LoRA weights stay fp32 either way."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from quantune.lib.config import load_config
+    from quantune.lib.lora import add_lora
+
+    spec = dict(load_config()["tiny_world"]["families"]["glm"])
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), vocab_size=256, pad_token_id=0,
+                                                                   **spec),
+                                             dtype=torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    recipe = {"quantization": "nf4", "kbit_upcast": upcast, "gradient_checkpointing": False, "lora_r": 4,
+              "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    model = add_lora(model, recipe, "CAUSAL_LM")
+    base = {n.removeprefix("base_model.model.").replace(".base_layer", ""): p
+            for n, p in model.named_parameters() if "lora_" not in n}
+    assert base.keys() == before.keys()
+    assert {p.dtype for p in base.values()} == {torch.float32 if upcast else torch.bfloat16}
+    assert all(torch.equal(base[n].float(), w.float()) for n, w in before.items())  # the same values
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+
+
+def test_profiler_writes_the_profiled_steps_wall_and_top_operators(tmp_path):
+    """lib.trainer.profiler (QUANTUNE_PROFILE, the benches' --profile): steps after `wait` are profiled and
+    profile.txt names their wall time and the operators that ran in them, not those of the steps before."""
+    import torch
+
+    from quantune.lib.trainer import profiler
+
+    assert profiler(None) is None and profiler("") is None
+    cb = profiler(str(tmp_path / "p"), wait=1, active=2)
+    a = torch.randn(64, 64)
+    for step in range(4):
+        cb.on_step_begin(None, None, None)
+        (a @ a) if step else torch.tanh(a)  # only the first step, which is not profiled, runs tanh
+        cb.on_step_end(None, None, None)
+        assert (tmp_path / "p" / "profile.txt").exists() == (step >= 2)
+    text = (tmp_path / "p" / "profile.txt").read_text()
+    assert text.startswith("steps 2-3: wall ") and "aten::mm" in text and "aten::tanh" not in text, text[:2000]
+
+
 def test_compare_without_trained_adapters_says_what_to_build(tmp_path, tiny_world):
     cfg = tiny_cfg(tmp_path)  # an empty results dir: no adapter has been trained there
     proc = subprocess.run([sys.executable, "-m", "quantune.lora_compare", "--recipe",
@@ -370,8 +415,10 @@ def test_fast_and_lean_modes_follow_the_seed_configuration_step_for_step(tiny_wo
     seed, fast, lean = runs["seed"], runs["fast"], runs["lean"]
     assert (seed["speed"], seed["speed_changes"]) == ("seed", {})
     assert fast["speed_changes"] == {"padding": "packed", "per_device_train_batch_size": 8,
-                                     "gradient_accumulation_steps": 1, "gradient_checkpointing": False}
-    assert lean["speed_changes"] == {"padding": "packed"}  # checkpointing was on already
+                                     "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
+                                     "kbit_upcast": False}
+    assert lean["speed_changes"] == {"padding": "packed", "kbit_upcast": False}  # checkpointing was on already
+    assert (seed["kbit_upcast"], fast["kbit_upcast"], lean["kbit_upcast"]) == (1, 0, 0)
     # liger_kernel: auto would join fast and lean on a GPU; here the modes say why it stayed off
     assert fast["liger_kernel"] == lean["liger_kernel"] == seed["liger_kernel"] == 0 and "speed_note" not in seed
     assert "liger-kernel stays off: liger-kernel's Triton kernels need a CUDA GPU" in fast["speed_note"]

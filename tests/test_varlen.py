@@ -4,6 +4,8 @@ same rows padded (fp32, CPU): the same loss and gradients, by the per-row SDPA p
 CUDA GPU: bench/sft_speed.py and bench/qlora_speed.py run it there)."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 FAMILIES = ["qwen3", "glm"]  # GQA in both: 4 query heads over 2 key/value heads (glm: its multi-query groups)
@@ -129,13 +131,58 @@ def test_batches_without_row_boundaries_take_the_sdpa_path_unchanged():
     assert greedy.shape == (1, 9)
 
 
-def test_describe_names_the_kernel_a_packed_run_takes():
+def test_describe_names_the_path_packed_rows_took(monkeypatch):
+    """Before a packed batch has run: the path a batch of that device and dtype would take; after: the path taken
+    (here the CPU's, whatever the recipe's compute dtype)."""
     import torch
 
     from quantune.lib import varlen
 
+    monkeypatch.setattr(varlen, "_ran", set())
     assert varlen.describe("cpu", torch.float32).startswith("SDPA row by row")
     assert varlen.describe("cuda", torch.float32).startswith("SDPA row by row")  # the flash kernel takes half types
+    model = _model("qwen3")
+    varlen.use(model)
+    with torch.no_grad():
+        model(**varlen.packed_collator()(_rows()))
+    assert varlen._ran == {"per_row"} and varlen.describe("cuda", torch.bfloat16) == varlen.PATHS["per_row"]
+
+
+def test_fp32_inputs_under_autocast_take_the_flash_path_in_the_autocast_dtype(monkeypatch, request):
+    """A QLoRA model's attention inputs are fp32 (its norms stay fp32) while the Trainer runs under bf16 autocast:
+    they are cast to bf16 as SDPA itself is under autocast, so the flash kernel takes them (here a reference of its
+    signature, and a flash_runs that accepts a CPU tensor); the loss matches the padded sdpa path under the same
+    autocast to bf16's precision."""
+    import torch
+    import torch.nn.attention.varlen as tv
+
+    from quantune.lib import varlen
+    from quantune.lib.prompts import SFTCollator
+
+    model = _model("glm")
+    rows = _rows()
+    ref, calls = _reference_varlen(new_signature=True)
+    seen = []
+
+    @functools.wraps(ref)  # the adapter reads the kernel's signature
+    def kernel(q, *a, **kw):
+        seen.append(q.dtype)
+        return ref(q, *a, **kw)
+
+    monkeypatch.setattr(tv, "varlen_attn", kernel)
+    monkeypatch.setattr(varlen, "flash_runs", lambda is_cuda, dtype: dtype in (torch.float16, torch.bfloat16))
+    monkeypatch.setattr(varlen, "_ran", set())
+    varlen._varlen_params.cache_clear()
+    request.addfinalizer(varlen._varlen_params.cache_clear)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(**SFTCollator(pad_id=0)(rows)).loss.item()
+        varlen.use(model)
+        got = model(**varlen.packed_collator()(rows)).loss.item()
+    assert seen == [torch.bfloat16] * model.config.num_hidden_layers and varlen._ran == {"flash"}
+    assert abs(got - want) <= 2e-2 * abs(want), (got, want)
+    with torch.no_grad():  # without autocast fp32 stays fp32: the per-row path
+        model(**varlen.packed_collator()(rows))
+    assert varlen._ran == {"flash", "per_row"} and len(seen) == model.config.num_hidden_layers
 
 
 @pytest.mark.parametrize("signature", ["2.12", "2.10"])

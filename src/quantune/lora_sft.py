@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -43,8 +44,8 @@ from .lib.models import pick_device, set_cpu_threads
 from .lib.plots import plot_losses
 from .lib.prompts import ANSWER_FIELD, SFTCollator, build_split, template_of
 from .lib.trainer import (TokenCount, check_packing, complete_checkpoints, counting_trainer, fingerprint,
-                          keep_checkpoints_of, liger_setting, packing_refusal, run_record, speed_changes, step_timer,
-                          tokens_counting, total_optimizer_steps)
+                          keep_checkpoints_of, liger_setting, packing_refusal, profiler, run_record, speed_changes,
+                          step_timer, tokens_counting, total_optimizer_steps)
 
 
 def _fmt_of(cfg: dict, recipe: dict) -> str:
@@ -93,6 +94,11 @@ def speed_settings(cfg: dict, r: dict, where: str) -> tuple[dict, dict, str]:
     """The recipe as its `speed` mode runs it (lib.trainer.speed_changes: the Trainer's loss is a token-level mean
     over the optimizer step's rows in every mode), what the mode changed, and a switch it could not turn on."""
     changes, note = speed_changes(r, lambda: packing_of(cfg, r, where))
+    if r["kbit_upcast"] == "auto":  # PEFT's fp32 upcast as the seed ran it; fast and lean keep compute_dtype
+        upcast = r["speed"] == "seed" or r["quantization"] != "nf4"
+        if not upcast:
+            changes = {**changes, "kbit_upcast": False}
+        r = {**r, "kbit_upcast": upcast}
     return {**r, **changes}, changes, note
 
 
@@ -261,7 +267,7 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
     trainer = counting_trainer(count)(
         model=model, args=training_arguments(job, ckpt_root, steps, warmup, cdt), train_dataset=train_ds,
         eval_dataset=eval_ds, data_collator=collator_for(job, tok),
-        callbacks=[trainer_callback(writer), rec, timer])
+        callbacks=[trainer_callback(writer), rec, timer] + [c for c in [profiler(os.environ.get("QUANTUNE_PROFILE"))] if c])
     if resume:
         print(f"resuming {r['name']} from {resume}")
     ev0 = {}
@@ -325,6 +331,7 @@ def run_metrics(job: Job, trainer, rec, tm: dict, ev: dict, ev0: dict) -> dict:
         **({"packed_attention": varlen.describe(job.device, compute_dtype(r, job.device))}
            if r["padding"] == "packed" else {}),
         "speed": r["speed"], "speed_changes": dict(job.speed_changes), "liger_kernel": int(r["liger_kernel"]),
+        **({"kbit_upcast": int(r["kbit_upcast"])} if r["quantization"] == "nf4" else {}),
         **({"speed_note": job.speed_note} if job.speed_note else {}),
         "global_step": trainer.state.global_step, "epochs": float(trainer.state.epoch or 0),
         "resumed_from_step": rec.step_at_begin, "steps_this_run": trainer.state.global_step - rec.step_at_begin,

@@ -42,7 +42,8 @@ from .lib.models import count_parameters
 from .lib.sft_data import collator, dataset_loss, dedupe_pairs, prepare_data
 from .lib.measure import matmul_tflops, train_flops_per_token
 from .lib.trainer import (TokenCount, check_packing, complete_checkpoints, counting_trainer, drop_incomplete_checkpoints,
-                          fingerprint, keep_checkpoints_of, liger_setting, packing_refusal, speed_changes, step_timer)
+                          fingerprint, keep_checkpoints_of, liger_setting, packing_refusal, profiler, speed_changes,
+                          step_timer)
 
 # keys that change nothing a checkpoint holds: a checkpoint written under other values of them is resumed
 RESUME_IGNORES = ("logging_steps", "save_total_limit", "keep_checkpoints", "description", "early_stopping_patience",
@@ -347,7 +348,8 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
     timer = step_timer(count)
     trainer = counting_trainer(count)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                       data_collator=coll, processing_class=tok,
-                                      callbacks=callbacks_for(recipe, writer) + [timer])
+                                      callbacks=callbacks_for(recipe, writer) + [timer]
+                                      + [c for c in [profiler(os.environ.get("QUANTUNE_PROFILE"))] if c])
     flops_token = train_flops_per_token(model.config, params["params_total"], data_stats["tokens_mean_train"])
     if is_main:
         print(f"world size {args.world_size}, device {args.device}, ZeRO config {recipe['deepspeed_config']}, "

@@ -242,6 +242,58 @@ def step_timer(count: TokenCount | None = None, warmup: int = 1):
     return _StepTimer()
 
 
+def profiler(out_dir: str | None, wait: int = 2, active: int = 2):
+    """A TrainerCallback profiling `active` optimizer steps after the first `wait` of a run with torch.profiler, or
+    None without `out_dir` (the benches' QUANTUNE_PROFILE, a diagnostic: it changes no result). Rank 0 writes
+    out_dir/profile.txt: those steps' wall seconds, the GPU's busy seconds in them (its kernels' own time) and
+    the operators with the most GPU and CPU time, which say whether a step waits on the GPU or on Python."""
+    if not out_dir:
+        return None
+    import os
+
+    import torch
+    from transformers import TrainerCallback
+
+    def busy(ev) -> float:  # self device time, in microseconds (self_cuda_time_total before torch 2.4)
+        return getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0) or 0
+
+    class _Profile(TrainerCallback):
+        def __init__(self):
+            self.seen, self.prof, self.t0 = 0, None, 0.0
+
+        def on_step_begin(self, args, state, control, **kw):
+            if self.seen == wait and self.prof is None:
+                acts = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    acts.append(torch.profiler.ProfilerActivity.CUDA)
+                    torch.cuda.synchronize()
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.__enter__()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.seen += 1
+            if self.prof is None or self.seen != wait + active:
+                return
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            if int(os.environ.get("RANK", "0")) != 0:
+                return
+            events = self.prof.key_averages()
+            gpu = sum(busy(e) for e in events) / 1e6
+            by_gpu = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+            text = [f"steps {wait + 1}-{wait + active}: wall {wall:.3f} s, GPU kernels {gpu:.3f} s "
+                    f"({gpu / wall:.0%} busy)", "", "by GPU time:", events.table(sort_by=by_gpu, row_limit=40), "",
+                    "by CPU time:", events.table(sort_by="self_cpu_time_total", row_limit=40)]
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            Path(out_dir, "profile.txt").write_text("\n".join(text) + "\n", encoding="utf-8")
+            self.prof = None
+
+    return _Profile()
+
+
 def run_record():
     """A TrainerCallback recording where this run (first or resumed) began, for this run's own tokens/s, and
     the seconds since it began at each logged step."""

@@ -6,9 +6,13 @@ transformers' sdpa path keeps packed rows apart with a block-diagonal mask over 
 computes densely: measured on one H200 at shape scale (bench/results/sft_speed.md), packing a step's 32 rows of
 300-470 tokens that way ran at 0.78x the padded seed configuration. Here no position is spent on another row.
 
-Where that kernel does not run (a CPU, fp32 activations, a sliding window, a torch without varlen_attn) each row
-goes through SDPA on its own, the same function; attention dropout in training is refused. Batches without row
-boundaries (padded eval or generation) take transformers' sdpa path unchanged.
+Under autocast (the Trainer's bf16 / fp16) fp32 queries, keys and values are cast to the autocast dtype first, as
+SDPA itself is cast: a QLoRA model keeps its norms in fp32 (PEFT's k-bit preparation), so its attention inputs
+arrive in fp32, and on one H200 they took the per-row path: 0.85x the padded seed configuration where the same rows
+padded in one micro-batch ran 2.22x (bench/results/qlora_speed.md). Where the kernel does not run (a CPU, fp32
+without autocast, a sliding window, a torch without varlen_attn) each row goes through SDPA on its own, the same
+function; attention dropout in training is refused. Batches without row boundaries (padded eval or generation)
+take transformers' sdpa path unchanged. `describe` names the paths that packed rows took in this process.
 """
 from __future__ import annotations
 
@@ -16,6 +20,9 @@ import functools
 import inspect
 
 NAME = "quantune_varlen"
+PATHS = {"flash": "torch varlen_attn (flash), each packed row on its own",
+         "per_row": "SDPA row by row, each packed row on its own"}
+_ran: set[str] = set()  # the PATHS keys packed rows took in this process
 
 
 @functools.cache
@@ -89,10 +96,15 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     if drop > 0:
         raise ValueError(f"{NAME}: attention dropout {drop} is not supported on packed rows; set the model's "
                          "attention_dropout to 0 or use padding: longest")
+    dev = q.device.type
+    if q.dtype == torch.float32 and torch.is_autocast_enabled(dev) \
+            and torch.get_autocast_dtype(dev) in (torch.float16, torch.bfloat16):
+        q, k, v = (t.to(torch.get_autocast_dtype(dev)) for t in (q, k, v))  # what autocast does to SDPA
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    fn = _flash if flash_runs(q.is_cuda, q.dtype) and not window else _per_row
-    out = fn(q, k.contiguous(), v.contiguous(), cu_q.to(q.device, torch.int32), cu_k.to(q.device, torch.int32),
-             max_q, max_k, scale)
+    path = "flash" if flash_runs(q.is_cuda, q.dtype) and not window else "per_row"
+    _ran.add(path)
+    out = (_flash if path == "flash" else _per_row)(q, k.contiguous(), v.contiguous(), cu_q.to(q.device, torch.int32),
+                                                     cu_k.to(q.device, torch.int32), max_q, max_k, scale)
     return out[None], None
 
 
@@ -115,10 +127,11 @@ def use(model) -> str:
 
 
 def describe(device: str, dtype) -> str:
-    """What a packed run's attention is, for metrics.json."""
-    if flash_runs(device == "cuda", dtype):
-        return "torch varlen_attn (flash), each packed row on its own"
-    return "SDPA row by row, each packed row on its own"
+    """A packed run's attention, for metrics.json: the paths its packed rows took in this process, or before any
+    did (a run resumed at its end), the path a `dtype` batch on `device` would take."""
+    if _ran:
+        return " and ".join(PATHS[p] for p in sorted(_ran))
+    return PATHS["flash" if flash_runs(device == "cuda", dtype) else "per_row"]
 
 
 def packed_collator():
