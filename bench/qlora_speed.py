@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -68,7 +69,9 @@ def run_one(name: str, variant: str, over: dict, cfg: dict, tmp: Path) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{name}.yaml"  # keeps the recipe's name: its checks apply
     path.write_text(yaml.safe_dump(r, allow_unicode=True), encoding="utf-8")
+    t0 = time.perf_counter()
     m = train(str(path), str(d / "out"), cfg)  # QUANTUNE_PROFILE (--profile) set by main: profiled
+    wall = time.perf_counter() - t0
     losses = {int(k[len("loss_step"):]): v for k, v in m.items() if k.startswith("loss_step")}
     return {"setting": name, "variant": variant, "mode": m["speed"], "speed_changes": m["speed_changes"],
             "overrides": over, "scale": cfg["scale"],
@@ -80,7 +83,8 @@ def run_one(name: str, variant: str, over: dict, cfg: dict, tmp: Path) -> dict:
             "peak_mem_kind": m["peak_mem_kind"], "losses": [losses[s] for s in sorted(losses)],
             "liger_kernel": m["liger_kernel"], "kbit_upcast": m.get("kbit_upcast"),
             "packed_attention": m.get("packed_attention"),
-            "speed_note": m.get("speed_note", ""), "device": m["device"], "gpu": gpu_name()}
+            "speed_note": m.get("speed_note", ""), "run_seconds": round(wall, 1),
+            "load_seconds": round(m["load_seconds"], 1), "device": m["device"], "gpu": gpu_name()}
 
 
 def reset_gpu() -> None:

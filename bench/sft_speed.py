@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -58,8 +59,10 @@ def run_one(variant: str, over: dict, scale: str, epochs: int, tmp: Path, sets: 
     cmd = [sys.executable, "-m", "quantune.sft", "--recipe", str(path), "--out", str(d / "out"), "--set",
            f"scale={scale}", *(x for kv in sets for x in ("--set", kv))]
     env = {**os.environ, **({"QUANTUNE_PROFILE": str(profile / f"profile_{variant}")} if profile else {})}
+    t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
-    row = {"variant": variant, "overrides": over, "scale": scale, "epochs": epochs}
+    wall = time.perf_counter() - t0
+    row = {"variant": variant, "overrides": over, "scale": scale, "epochs": epochs, "run_seconds": round(wall, 1)}
     if p.returncode != 0:
         errs = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.startswith("quantune: error:")]
         return {**row, "error": errs[-1] if errs else (p.stdout + p.stderr).strip().splitlines()[-1]}
