@@ -264,10 +264,11 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
     rec = run_record()
     if r["padding"] == "packed":  # training needs no KV cache
         model.config.use_cache = False
+    prof = profiler(os.environ.get("QUANTUNE_PROFILE"))
     trainer = counting_trainer(count)(
         model=model, args=training_arguments(job, ckpt_root, steps, warmup, cdt), train_dataset=train_ds,
         eval_dataset=eval_ds, data_collator=collator_for(job, tok),
-        callbacks=[trainer_callback(writer), rec, timer] + [c for c in [profiler(os.environ.get("QUANTUNE_PROFILE"))] if c])
+        callbacks=[trainer_callback(writer), rec, timer] + ([prof] if prof else []))
     if resume:
         print(f"resuming {r['name']} from {resume}")
     ev0 = {}

@@ -346,10 +346,10 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
     writer = TBWriter(outp / "tb") if is_main else None
     count = TokenCount()
     timer = step_timer(count)
+    prof = profiler(os.environ.get("QUANTUNE_PROFILE"))
     trainer = counting_trainer(count)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                       data_collator=coll, processing_class=tok,
-                                      callbacks=callbacks_for(recipe, writer) + [timer]
-                                      + [c for c in [profiler(os.environ.get("QUANTUNE_PROFILE"))] if c])
+                                      callbacks=callbacks_for(recipe, writer) + [timer] + ([prof] if prof else []))
     flops_token = train_flops_per_token(model.config, params["params_total"], data_stats["tokens_mean_train"])
     if is_main:
         print(f"world size {args.world_size}, device {args.device}, ZeRO config {recipe['deepspeed_config']}, "
