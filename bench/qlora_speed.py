@@ -122,7 +122,7 @@ def write(rows: list[dict], out: Path) -> None:
             md += [f"## {name}", "", *(f"- {r['variant']}: failed: {r['error']}" for r in failed), ""]
             continue
         base = rs[0]
-        rate = max(r["real_tokens_per_s"] for r in rs if r["mode"] == "seed" and r["variant"].startswith("seed"))
+        rate = max(r["real_tokens_per_s"] for r in rs if r["variant"] in ("seed", "seed_again"))
         noise = next((max_diff(r["losses"], base["losses"]) for r in rs if r["variant"] == "seed_again"), None)
         md += [f"## {name} ({base['scale']}, {base['gpu']}; seed runs' loss spread: "
                f"{'-' if noise is None else f'{noise:.2e}'})", ""]

@@ -44,8 +44,8 @@ from .lib.models import pick_device, set_cpu_threads
 from .lib.plots import plot_losses
 from .lib.prompts import ANSWER_FIELD, SFTCollator, build_split, template_of
 from .lib.trainer import (TokenCount, check_packing, complete_checkpoints, counting_trainer, fingerprint,
-                          keep_checkpoints_of, liger_setting, packing_refusal, profiler, run_record, speed_changes,
-                          step_timer, tokens_counting, total_optimizer_steps)
+                          keep_checkpoints_of, packing_refusal, profiler, run_record, speed_changes, step_timer,
+                          tokens_counting, total_optimizer_steps, with_liger)
 
 
 def _fmt_of(cfg: dict, recipe: dict) -> str:
@@ -160,11 +160,7 @@ def prepare(recipe_path: str, cfg: dict, run_recipe: dict | None = None) -> Job:
             raise fail(f"{where}: key quantization", "nf4 needs bitsandbytes, which is not installed",
                        "pip install bitsandbytes (envs/finetune.yaml pins it) or set quantization: none") from None
     check_target_modules(m, r, where)
-    liger, liger_note = liger_setting(r, m, device, where)
-    if liger and r["liger_kernel"] == "auto":
-        changes = {**changes, "liger_kernel": True}
-    note = "; ".join(x for x in (note, liger_note) if x)
-    r = {**r, "liger_kernel": liger}
+    r, changes, note = with_liger(r, m, device, where, changes, note)
     train_rows = load_split(ds, r["train_split"], r.get("max_train_samples"))
     eval_rows = load_split(ds, r["eval_split"], r.get("max_eval_samples"))
     if not train_rows:

@@ -42,8 +42,8 @@ from .lib.models import count_parameters
 from .lib.sft_data import collator, dataset_loss, dedupe_pairs, prepare_data
 from .lib.measure import matmul_tflops, train_flops_per_token
 from .lib.trainer import (TokenCount, check_packing, complete_checkpoints, counting_trainer, drop_incomplete_checkpoints,
-                          fingerprint, keep_checkpoints_of, liger_setting, packing_refusal, profiler, speed_changes,
-                          step_timer)
+                          fingerprint, keep_checkpoints_of, packing_refusal, profiler, speed_changes, step_timer,
+                          with_liger)
 
 # keys that change nothing a checkpoint holds: a checkpoint written under other values of them is resumed
 RESUME_IGNORES = ("logging_steps", "save_total_limit", "keep_checkpoints", "description", "early_stopping_patience",
@@ -78,13 +78,11 @@ def speed_settings(cfg: dict, recipe: dict, where: str) -> dict:
     return {**recipe, **changes, "speed_changes": changes, "speed_note": note}
 
 
-def with_liger(recipe: dict, m: dict, device: str, where: str) -> dict:
-    """The recipe with liger_kernel decided for this device (lib.trainer.liger_setting): what auto turned on joins
+def liger_settings(recipe: dict, m: dict, device: str, where: str) -> dict:
+    """The recipe with liger_kernel decided for this device (lib.trainer.with_liger): what auto turned on joins
     `speed_changes`, why it stayed off joins `speed_note`."""
-    on, note = liger_setting(recipe, m, device, where)
-    auto_on = {"liger_kernel": True} if on and recipe["liger_kernel"] == "auto" else {}
-    return {**recipe, "liger_kernel": on, "speed_changes": {**recipe["speed_changes"], **auto_on},
-            "speed_note": "; ".join(x for x in (recipe["speed_note"], note) if x)}
+    r, changes, note = with_liger(recipe, m, device, where, recipe["speed_changes"], recipe["speed_note"])
+    return {**r, "speed_changes": changes, "speed_note": note}
 
 
 AUTO_ZERO = {True: "recipes/deepspeed/zero0.json", False: "recipes/deepspeed/zero2.json"}  # one rank?
@@ -317,7 +315,7 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
 
     recipe = check_inputs(recipe_path, cfg)
     m = resolve_model(cfg, recipe["model"], must_exist=True)
-    recipe = with_liger(recipe, m, "cuda" if num_gpus else "cpu", str(recipe_path))
+    recipe = liger_settings(recipe, m, "cuda" if num_gpus else "cpu", str(recipe_path))
     outp = Path(out)
     ckpt_dir = checkpoint_dir(outp)
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -399,7 +397,7 @@ def _cmd(a) -> None:
         num_gpus = 0 if cfg["scale"] == "tiny" else int(recipe["gpus"])  # a CPU rank at tiny scale
     check_gpus(num_gpus, f"{a.recipe}: key gpus (--num-gpus {num_gpus})")
     m = resolve_model(cfg, recipe["model"], where=str(a.recipe), must_exist=True)
-    recipe = with_liger(recipe, m, "cuda" if num_gpus else "cpu", str(a.recipe))
+    recipe = liger_settings(recipe, m, "cuda" if num_gpus else "cpu", str(a.recipe))
     auto_ranks = recipe["zero_auto_ranks"]
     if auto_ranks and max(num_gpus, 1) != auto_ranks:
         raise fail(f"{a.recipe}: key deepspeed_config", f"auto chose {recipe['deepspeed_config']} for {auto_ranks} "

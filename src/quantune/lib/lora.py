@@ -80,7 +80,7 @@ def add_lora(model, recipe: dict, task_type: str):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs=gc_kwargs)
         if not recipe["kbit_upcast"]:  # undo its fp32 copies (exact: bf16 -> fp32 -> bf16)
             for n, p in model.named_parameters():
-                if p.dtype != loaded[n] and p.dtype.is_floating_point:
+                if p.dtype != loaded[n]:
                     p.data = p.data.to(loaded[n])
     elif gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)

@@ -128,6 +128,15 @@ def evaluate_model(model, tokenizer, text: str, *, context: int, stride: int, ma
 
 # ---------------------------------------------------------------- memory, size, KL, sign_split
 
+def synced_clock() -> float:
+    """time.perf_counter() once the GPU (if any) has finished the work queued so far."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 class PeakMemory:
     """Peak memory of a block: the CUDA allocator's peak when a GPU is in use, and the process's peak RSS
     (VmHWM, reset through /proc/self/clear_refs where the kernel allows; else the lifetime peak)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import fail, write_json
+from .measure import synced_clock
 
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 TRAINER_STATE = ("trainer_state.json",)  # the file the Trainer writes last into a checkpoint
@@ -189,6 +190,15 @@ def liger_setting(r: dict, m: dict, device: str, where: str) -> tuple[bool, str]
     return refusal is None, f"liger-kernel stays off: {refusal[0]}" if refusal else ""
 
 
+def with_liger(r: dict, m: dict, device: str, where: str, changes: dict, note: str) -> tuple[dict, dict, str]:
+    """The recipe with liger_kernel decided for this device (liger_setting), its mode's changes with what auto
+    turned on, and its note with why liger stayed off."""
+    on, why = liger_setting(r, m, device, where)
+    if on and r["liger_kernel"] == "auto":
+        changes = {**changes, "liger_kernel": True}
+    return {**r, "liger_kernel": on}, changes, "; ".join(x for x in (note, why) if x)
+
+
 def step_timer(count: TokenCount | None = None, warmup: int = 1):
     """A TrainerCallback timing the optimizer steps (their micro-batches, backward and update; not evaluation,
     logging or checkpoints), the GPU synchronised at each boundary. The first `warmup` steps of a run are kept
@@ -204,23 +214,16 @@ def step_timer(count: TokenCount | None = None, warmup: int = 1):
             self.warmup_seconds, self.warmup_steps, self.warmup_real, self.warmup_computed = 0.0, 0, 0, 0
             self._t = self._c = None
 
-        def _now(self) -> float:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            return time.perf_counter()
-
         def _tokens(self) -> tuple[int, int]:
             return (count.real, count.computed) if count is not None else (0, 0)
 
         def on_step_begin(self, args, state, control, **kw):
-            self._t, self._c = self._now(), self._tokens()
+            self._t, self._c = synced_clock(), self._tokens()
 
         def on_step_end(self, args, state, control, **kw):
             if self._t is None:
                 return
-            dt = self._now() - self._t
+            dt = synced_clock() - self._t
             real, computed = (b - a for a, b in zip(self._c, self._tokens()))
             if self.warmup_steps < warmup:
                 self.warmup_seconds += dt
@@ -254,8 +257,7 @@ def profiler(out_dir: str | None, wait: int = 2, active: int = 2):
     import torch
     from transformers import TrainerCallback
 
-    def busy(ev) -> float:  # self device time, in microseconds (self_cuda_time_total before torch 2.4)
-        return getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0) or 0
+    from .common import atomic_write_text
 
     class _Profile(TrainerCallback):
         def __init__(self):
@@ -266,29 +268,26 @@ def profiler(out_dir: str | None, wait: int = 2, active: int = 2):
                 acts = [torch.profiler.ProfilerActivity.CPU]
                 if torch.cuda.is_available():
                     acts.append(torch.profiler.ProfilerActivity.CUDA)
-                    torch.cuda.synchronize()
                 self.prof = torch.profiler.profile(activities=acts)
                 self.prof.__enter__()
-                self.t0 = time.perf_counter()
+                self.t0 = synced_clock()
 
         def on_step_end(self, args, state, control, **kw):
             self.seen += 1
             if self.prof is None or self.seen != wait + active:
                 return
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            wall = time.perf_counter() - self.t0
+            wall = synced_clock() - self.t0
             self.prof.__exit__(None, None, None)
             if int(os.environ.get("RANK", "0")) != 0:
                 return
             events = self.prof.key_averages()
-            gpu = sum(busy(e) for e in events) / 1e6
+            # self device time in microseconds (self_cuda_time_total before torch 2.4)
             by_gpu = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+            gpu = sum(getattr(e, by_gpu) for e in events) / 1e6
             text = [f"steps {wait + 1}-{wait + active}: wall {wall:.3f} s, GPU kernels {gpu:.3f} s "
                     f"({gpu / wall:.0%} busy)", "", "by GPU time:", events.table(sort_by=by_gpu, row_limit=40), "",
                     "by CPU time:", events.table(sort_by="self_cpu_time_total", row_limit=40)]
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            Path(out_dir, "profile.txt").write_text("\n".join(text) + "\n", encoding="utf-8")
+            atomic_write_text(Path(out_dir, "profile.txt"), "\n".join(text) + "\n")
             self.prof = None
 
     return _Profile()

@@ -97,9 +97,9 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
         raise ValueError(f"{NAME}: attention dropout {drop} is not supported on packed rows; set the model's "
                          "attention_dropout to 0 or use padding: longest")
     dev = q.device.type
-    if q.dtype == torch.float32 and torch.is_autocast_enabled(dev) \
-            and torch.get_autocast_dtype(dev) in (torch.float16, torch.bfloat16):
-        q, k, v = (t.to(torch.get_autocast_dtype(dev)) for t in (q, k, v))  # what autocast does to SDPA
+    low = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    if q.dtype == torch.float32 and low in (torch.float16, torch.bfloat16):
+        q, k, v = (t.to(low) for t in (q, k, v))  # what autocast does to SDPA
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     path = "flash" if flash_runs(q.is_cuda, q.dtype) and not window else "per_row"
     _ran.add(path)
