@@ -3,13 +3,14 @@ models of one family at several sizes (random weights, config/hub_configs/), its
 the parameter count, one table and one plot per recipe.
 
     python bench/shape_scaling.py --out bench/results                    # every series (on the GPU machine)
-    python bench/shape_scaling.py --series gptq_opt67b --out bench/results
+    python bench/shape_scaling.py --series rtn_opt67b --out bench/results
 
-Series: rtn_opt67b and gptq_opt67b (W4 g128, 128 x 2048 calibration) on OPT 125m / 1.3b / 2.7b / 6.7b; the
-QLoRA recipe qlora_chatglm_linear (NF4, r 4 on the attention's q/k/v, 16 x 4 rows of AdvertiseGen lengths, the
-shape caps' steps) on Qwen2.5-0.5B / Qwen2.5-1.5B / ChatGLM3-6B shapes (ChatGLM3's fused query_key_value is
-q/k/v there). Each run is the stage's run on a copy of the recipe with `model:` (and for a decoder without ChatGLM's
-module names, `target_modules`) replaced; the shape world's models and data are built by the workflow's own rules.
+Series: rtn_opt67b (W4 g128) on OPT 125m / 1.3b / 2.7b / 6.7b (GPTQ's and AWQ's series are bench/quant_speed.py's:
+llm-compressor's own call and the fast path side by side); the QLoRA recipe qlora_chatglm_linear (NF4, r 4 on the
+attention's q/k/v, 16 x 4 rows of AdvertiseGen lengths, the shape caps' steps) on Qwen2.5-0.5B / Qwen2.5-1.5B /
+ChatGLM3-6B shapes (ChatGLM3's fused query_key_value is q/k/v there). Each run is the stage's run on a copy of the
+recipe with `model:` (and for a decoder without ChatGLM's module names, `target_modules`) replaced; the shape
+world's models and data are built by the workflow's own rules.
 Writes shape_scaling.json (rows: series, model, params, seconds, peak_gib, the stage's figures, gpu) and .md, and
 shape_scaling_<series>.png. Run it where scripts/gpu_check.sh has installed the stack (PYTHONPATH set).
 """
@@ -27,7 +28,6 @@ from benchlib import build_shape_inputs, gpu_name
 ROOT = Path(__file__).resolve().parent.parent
 SERIES = {
     "rtn_opt67b": ["opt-125m", "opt-1.3b", "opt-2.7b", "opt-6.7b"],
-    "gptq_opt67b": ["opt-125m", "opt-1.3b", "opt-2.7b", "opt-6.7b"],
     "qlora_chatglm_linear": ["qwen2.5-0.5b", "qwen2.5-1.5b", "chatglm3-6b"],
 }
 QKV = ["q_proj", "k_proj", "v_proj"]  # ChatGLM3's query_key_value, in a decoder that keeps them apart

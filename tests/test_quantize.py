@@ -64,6 +64,10 @@ def tiny_opt_meta():
      "backend: llmcompressor"),
     ("gptq_opt67b", {"calibration_dataset": None}, "key calibration_dataset: method gptq calibrates on data"),
     ("rtn_opt67b", {"awq_mappings": [{"smooth": "x", "balance": ["y"]}]}, "key awq_mappings: method rtn does not use it"),
+    ("rtn_opt67b", {"speed": "fast"}, "key speed: method rtn does not use it; fix: remove the key"),
+    ("gptq_opt67b", {"backend": "gptqmodel", "sign_split": None, "speed": "fast"},
+     "key speed: the speed modes are llm-compressor's (GPTQModel has its own options); fix: remove the key or set "
+     "backend: llmcompressor"),
 ])
 def test_recipe_checks_give_one_line_naming_file_and_key(tmp_path, name, changes, line):
     p = write_recipe(tmp_path, name, recipe(name, **changes))
@@ -272,6 +276,65 @@ def test_sign_split_measures_the_quantized_model_and_its_mirror_and_puts_the_mod
     assert abs(s["nll_fp"] - base) < 1e-6, (s, base)  # RTN rounds the original weights
     assert abs(s["nll_fp"] + s["nll_odd"] + s["nll_even"] - quant) < 1e-6, (s, quant)  # W + dW = the quantized model
     assert abs(s["nll_mirror"] - quant) > 1e-5 and s["nll_even"] > 0, (s, quant)
+
+
+def test_fast_hessian_update_is_llmcompressors_with_the_products_in_the_inputs_precision():
+    """add_input_products (the fast mode's GPU Hessian update) against llm-compressor's accumulate_hessian on the
+    same fp16 batches: the same 2 X^T X and the same row count. The kernel, torch.mm with out_dtype=float32, runs
+    only on CUDA; here it is replaced by a reference of its signature (fp16 operands, exact products, fp32 sums)."""
+    import torch
+    from llmcompressor.modifiers.gptq.helpers import accumulate_hessian
+
+    from quantune.lib.quant_backends import add_input_products
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(24, 8)
+    ref_mm = lambda a, b: a.float() @ b.float()  # noqa: E731
+    h_ref, n_ref = torch.zeros(24, 24), torch.zeros(())
+    h, n = torch.zeros(24, 24), torch.zeros(())
+    exact = torch.zeros(24, 24, dtype=torch.float64)
+    for shape in ((3, 40, 24), (2, 40, 24), (40, 24)):  # batches of rows, and a 2-D input (one row)
+        x = torch.randn(shape).half()
+        h_ref, n_ref = accumulate_hessian(x, layer, h_ref, n_ref)
+        add_input_products(h, n, x, mm=ref_mm)
+        x64 = x.double().reshape(-1, 24)
+        exact += 2 * x64.t() @ x64
+    assert n.item() == n_ref.item() == 6
+    tol = 1e-6 * exact.abs().max().item()  # fp32 sums of 120 products, as llm-compressor's own
+    assert (h_ref.double() - exact).abs().max().item() < tol
+    assert (h.double() - exact).abs().max().item() < tol, (h.double() - exact).abs().max()
+
+
+@pytest.mark.slow
+def test_fast_mode_quantizes_to_llmcompressors_weights_with_one_hessian_per_input(tiny_world, tmp_path):
+    """speed: fast against llm-compressor's own path (speed: seed) on the tiny OPT: on a CPU the fast mode's
+    Hessian products are llm-compressor's own, so the saved quantized tensors must be equal bit for bit, which holds
+    only if each shared Hessian is the one its layers' common input gives (q/k/v read one LayerNorm output:
+    2 of every block's 3 share; out_proj and fc1, of the same width, must not)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from quantune.quantize import run
+
+    cfg = load_config(overrides={"results": {"tiny": str(tiny_world.parent), "full": str(tmp_path / "full")}})
+    got = {}
+    for speed in ("seed", "fast"):
+        (tmp_path / speed).mkdir()
+        path = write_recipe(tmp_path / speed, "gptq_opt67b", recipe("gptq_opt67b", speed=speed))
+        m = run(str(path), str(tmp_path / speed / "out"), cfg)
+        tensors = {}
+        for f in sorted((tmp_path / speed / "out" / "model").glob("*.safetensors")):
+            tensors.update(load_file(f))
+        got[speed] = (m, tensors)
+    (seed, ts), (fast, tf) = got["seed"], got["fast"]
+    layers = seed["quantized_layers"] // 6  # q, k, v, out_proj, fc1, fc2 per block
+    assert seed["speed"] == "seed" and seed["speed_changes"] == {} and seed["hessians_shared"] == 0
+    assert fast["speed"] == "fast" and fast["hessians_shared"] == 2 * layers, fast
+    assert fast["hessian_products"] == "fp32 matmul (llm-compressor's)"  # no CUDA here
+    assert ts.keys() == tf.keys() and any(k.endswith("weight_packed") for k in ts)
+    differ = [k for k in ts if not torch.equal(ts[k], tf[k])]
+    assert not differ, differ
+    assert fast["gptq_loss_mean"] == seed["gptq_loss_mean"] and fast["ppl_quant"] == seed["ppl_quant"]
 
 
 def make_salient_channels(src: Path, dst: Path, scale: float, k: int) -> None:

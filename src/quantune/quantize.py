@@ -16,6 +16,7 @@ for GPTQ in its own env (envs/gptqmodel.yaml), imported only when a recipe says 
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,9 +79,9 @@ def check_recipe(recipe: dict, where: str) -> None:
     foreign = {
         "gptq": AWQ_KEYS + BNB_INT8_KEYS + BNB_NF4_KEYS,
         "awq": GPTQ_KEYS + BNB_INT8_KEYS + BNB_NF4_KEYS,
-        "rtn": AWQ_KEYS + GPTQ_KEYS + BNB_INT8_KEYS + BNB_NF4_KEYS + CALIB_KEYS,
-        "bnb_int8": AWQ_KEYS + GPTQ_KEYS + GROUPED_KEYS + BNB_NF4_KEYS + CALIB_KEYS + LLMC_KEYS,
-        "bnb_nf4": AWQ_KEYS + GPTQ_KEYS + GROUPED_KEYS + BNB_INT8_KEYS + CALIB_KEYS + LLMC_KEYS,
+        "rtn": AWQ_KEYS + GPTQ_KEYS + BNB_INT8_KEYS + BNB_NF4_KEYS + CALIB_KEYS + ("speed",),
+        "bnb_int8": AWQ_KEYS + GPTQ_KEYS + GROUPED_KEYS + BNB_NF4_KEYS + CALIB_KEYS + LLMC_KEYS + ("speed",),
+        "bnb_nf4": AWQ_KEYS + GPTQ_KEYS + GROUPED_KEYS + BNB_INT8_KEYS + CALIB_KEYS + LLMC_KEYS + ("speed",),
     }[method]
     for key in foreign:
         if key in recipe:
@@ -98,6 +99,9 @@ def check_recipe(recipe: dict, where: str) -> None:
     if backend == "gptqmodel" and "sign_split" in recipe:
         raise fail(f"{where}: key sign_split", "it is measured on llm-compressor's in-memory model only",
                    "remove the key or set backend: llmcompressor")
+    if backend == "gptqmodel" and "speed" in recipe:
+        raise fail(f"{where}: key speed", "the speed modes are llm-compressor's (GPTQModel has its own options)",
+                   "remove the key or set backend: llmcompressor")
     if backend == "gptqmodel" and recipe.get("act_order") in ("static", "weight"):
         raise fail(f"{where}: key act_order", f"GPTQModel has no {recipe['act_order']!r} activation order",
                    "use none or group (GPTQModel's desc_act)")
@@ -111,10 +115,10 @@ _GROUPED_DEFAULTS = {"zero_point": False, "ignore": ["lm_head"]}
 _CALIB_DEFAULTS = {"calibration_split": "train", "calibration_batch_size": 1}
 METHOD_DEFAULTS = {
     ("llmcompressor", "gptq"): {**_GROUPED_DEFAULTS, **_CALIB_DEFAULTS, "act_order": "static", "damp": 0.01,
-                                "block_size": 128, "sign_split": True},
+                                "block_size": 128, "sign_split": True, "speed": "seed"},
     ("gptqmodel", "gptq"): {**_GROUPED_DEFAULTS, **_CALIB_DEFAULTS, "act_order": "none", "damp": 0.01},
     ("llmcompressor", "awq"): {**_GROUPED_DEFAULTS, **_CALIB_DEFAULTS, "duo_scaling": True, "n_grid": 20,
-                               "sign_split": True},
+                               "sign_split": True, "speed": "seed"},
     ("llmcompressor", "rtn"): {**_GROUPED_DEFAULTS, "sign_split": True},
     ("bitsandbytes", "bnb_int8"): {"int8_threshold": 6.0},
     ("bitsandbytes", "bnb_nf4"): {"quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
@@ -206,8 +210,24 @@ def quantize_in_memory(model, job: Job, save_dir: Path) -> dict:
     original = None
     if r["sign_split"] and r["method"] == "gptq":  # GPTQ overwrites the weights it rounds: keep them (CPU)
         original = {n: mod.weight.detach().to("cpu", copy=True) for n, mod in quantized_linears(model, list(r["ignore"]))}
+    offload = offloads_model(r, job.device)
+    moved = 0.0
+    if offload:  # llm-compressor's sequential pipeline then onloads one decoder layer at a time
+        t0 = time.perf_counter()
+        model.to("cpu")
+        release_memory()
+        moved += time.perf_counter() - t0
     with PeakMemory() as pk:
         extra = quantize_llmcompressor(model, job.tok, r, job.samples, job.info.get("awq_mappings"))
+    if offload:  # back on the GPU for the measurements (outside the peak: evaluating needs it there anyway)
+        from compressed_tensors.offload import remove_dispatch
+
+        t0 = time.perf_counter()
+        remove_dispatch(model, onload_tensors=True)
+        model.to(job.device)
+        moved += time.perf_counter() - t0
+    extra.update(quant_move_seconds=moved, **speed_changes(r, extra, offload))
+    pk.seconds += moved
     ref_logits = first_window_logits(model, job.ids, r["context"])
     split = {}
     if r["sign_split"]:  # before the save, which compresses the in-memory weights
@@ -217,6 +237,25 @@ def quantize_in_memory(model, job: Job, save_dir: Path) -> dict:
     job.tok.save_pretrained(save_dir)
     return {"pk": pk, "ref_logits": ref_logits, "format": "compressed-tensors (pack-quantized)", "extra": extra,
             "split": split}
+
+
+def offloads_model(recipe: dict, device: str) -> bool:
+    """The fast mode on a GPU keeps a calibrated method's model on the CPU during oneshot, so the peak GPU memory is
+    a decoder layer and its calibration batch, not the whole model (the move out and back is counted in
+    quant_seconds as quant_move_seconds)."""
+    return recipe.get("speed") == "fast" and device == "cuda" and recipe["method"] in CALIBRATED
+
+
+def speed_changes(recipe: dict, extra: dict, offload: bool) -> dict:
+    """What the recipe's speed mode changed against llm-compressor's own call (metrics' speed_changes)."""
+    if recipe.get("speed") != "fast" or recipe["method"] not in CALIBRATED:
+        return {"speed": recipe.get("speed", "seed"), "speed_changes": {}}
+    changes = {"calibration_batch_size": extra.get("calibration_batch_size")}
+    if recipe["method"] == "gptq":
+        changes["hessians"] = f"{extra['hessian_products']}; {extra['hessians_shared']} layers share another's"
+    if offload:
+        changes.update(model_during_oneshot="cpu, one decoder layer onloaded at a time", sequential_prefetch=True)
+    return {"speed": "fast", "speed_changes": changes}
 
 
 def quantize_on_load(job: Job, save_dir: Path) -> dict:

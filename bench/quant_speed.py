@@ -1,0 +1,272 @@
+"""GPTQ and AWQ through the quantize stage, llm-compressor's own call against the project's fast path (issue 19's
+bench), with where the time goes: each run is the stage's own run (`quantune.quantize.run`) of recipes/gptq_opt67b.yaml
+or awq_opt67b.yaml with only `model:` and `speed:` changed. Path `llmcompressor` is `speed: seed` (oneshot as
+its defaults have it, the recipe's calibration batch); path `project` is `speed: fast` (the same method, settings,
+calibration rows and order; see the quantize schema's `speed`). Each run is a process of its own (the same CUDA
+start-up for both paths), with wall-clock timers, the GPU synchronised around them, on the stage's phases and
+llm-compressor 0.14's: tracing the model into subgraphs, the calibration cache and its onload/offload traffic,
+the calibration forwards (GPTQ's Hessian hooks timed apart), GPTQ's per-layer solve, AWQ's scale search, saving
+and the measurements. A nested phase is also inside its parent: the table says which.
+
+    python bench/quant_speed.py --out bench/results                         # scale shape, on the GPU machine
+    python bench/quant_speed.py --methods gptq --models opt-6.7b --out /tmp/qs
+    python bench/quant_speed.py --scale tiny --models opt-6.7b --out /tmp/qs  # the same code on the tiny OPT, CPU
+
+Writes quant_speed.json (a list of rows: method, path, model, params, seconds (the stage's quant_seconds),
+peak_gib, split (phase -> seconds), the result figures (GPTQ's mean layer loss, perplexity, KL to the unquantized
+model), gpu) and quant_speed.md: per method and model the project path's time and peak against llm-compressor's
+and how far its result is from it; one plot each of time and peak memory against parameters for both paths. On a
+GPU it also checks the fast path's Hessian update against llm-compressor's on one half-precision batch. Run it
+where scripts/gpu_check.sh installed the quantize group's wheels (PYTHONPATH set); the shape world is built by
+the workflow's rules.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+from benchlib import build_shape_inputs, gpu_name
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = {"gptq": "gptq_opt67b", "awq": "awq_opt67b"}
+MODELS = ["opt-125m", "opt-1.3b", "opt-2.7b", "opt-6.7b"]
+PATHS = {"llmcompressor": "seed", "project": "fast"}
+# phase: (module, attribute path, the phase it runs inside)
+PHASES = {
+    "load model (and the reload)": ("quantune.quantize", "load_model", None),
+    "baseline measure": ("quantune.quantize", "measure_base", None),
+    "quantize (oneshot)": ("quantune.quantize", "quantize_llmcompressor", None),
+    "trace subgraphs": ("llmcompressor.pipelines.sequential.pipeline", "trace_subgraphs", "quantize (oneshot)"),
+    "calibration cache": ("llmcompressor.pipelines.cache", "IntermediatesCache.from_dataloader", "quantize (oneshot)"),
+    "cache fetch (onload)": ("llmcompressor.pipelines.cache", "IntermediatesCache.fetch", "quantize (oneshot)"),
+    "cache update (offload)": ("llmcompressor.pipelines.cache", "IntermediatesCache.update", "quantize (oneshot)"),
+    "subgraph forwards": ("llmcompressor.pipelines.sequential.helpers", "Subgraph.forward", "quantize (oneshot)"),
+    "GPTQ Hessian hooks": ("llmcompressor.modifiers.gptq.base", "GPTQModifier.calibrate_module", "subgraph forwards"),
+    "GPTQ solve (compress)": ("llmcompressor.modifiers.gptq.base", "GPTQModifier.compress_modules",
+                              "quantize (oneshot)"),
+    "AWQ smoothing (scale search)": ("llmcompressor.modifiers.transform.awq.base", "AWQModifier._apply_smoothing",
+                                     "quantize (oneshot)"),
+    "save_pretrained": ("transformers.modeling_utils", "PreTrainedModel.save_pretrained", None),
+    "quantized measure": ("quantune.quantize", "measure_saved", None),
+}
+RESULT_KEYS = ("gptq_loss_mean", "gptq_loss_max", "ppl_base", "ppl_quant", "kl_vs_base")
+
+
+class Timers:
+    def __init__(self):
+        self.seconds, self.calls = defaultdict(float), defaultdict(int)
+
+    def wrap(self, phase: str, fn):
+        import torch
+
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+        @functools.wraps(fn)
+        def timed(*a, **kw):
+            sync()
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                sync()
+                self.seconds[phase] += time.perf_counter() - t0
+                self.calls[phase] += 1
+
+        return timed
+
+
+def install(timers: Timers) -> list[str]:
+    """Wrap every phase this installation has (before the stage is imported); returns the phases it lacks. The fast
+    path patches GPTQModifier.calibrate_module while oneshot runs, so its Hessian hooks are timed there as well."""
+    missing = []
+    for phase, (mod, attr, _) in PHASES.items():
+        try:
+            owner = importlib.import_module(mod)
+            *path, name = attr.split(".")
+            for p in path:
+                owner = getattr(owner, p)
+            setattr(owner, name, timers.wrap(phase, getattr(owner, name)))
+        except (ImportError, AttributeError):
+            missing.append(phase)
+    if "GPTQ Hessian hooks" not in missing:
+        from quantune.lib import quant_backends
+
+        quant_backends.GptqHessians.calibrate = timers.wrap("GPTQ Hessian hooks", quant_backends.GptqHessians.calibrate)
+    return missing
+
+
+def recipe_copy(method: str, model: str, path_name: str, tmp: Path) -> Path:
+    """recipes/<method's recipe>.yaml with `model` and the path's `speed`: the file keeps the recipe's name, so
+    its checks and scale caps apply."""
+    name = RECIPES[method]
+    r = yaml.safe_load((ROOT / "recipes" / f"{name}.yaml").read_text(encoding="utf-8"))
+    r.update(model=model, speed=PATHS[path_name])
+    d = tmp / f"{model}-{path_name}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{name}.yaml").write_text(yaml.safe_dump(r, allow_unicode=True), encoding="utf-8")
+    return d / f"{name}.yaml"
+
+
+def one_run(method: str, model: str, path_name: str, scale: str, sets: list[str], out_json: Path) -> None:
+    """One stage run with the timers installed (in a process of its own), its row written to out_json."""
+    from quantune.lib.config import _parse_set, load_config, load_recipe
+
+    cfg = load_config(overrides={"scale": scale, **_parse_set(sets)})
+    timers = Timers()
+    missing = install(timers)
+    from quantune.quantize import run  # after install: the stage's module-level names are the wrapped ones
+
+    (ROOT / "results").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="quant-speed-", dir=ROOT / "results") as tmp:
+        path = recipe_copy(method, model, path_name, Path(tmp))
+        build_shape_inputs(cfg, load_recipe(path, cfg), model)
+        t0 = time.perf_counter()
+        m = run(str(path), str(Path(tmp) / "out"), cfg)
+        wall = time.perf_counter() - t0
+    q = m["quant_seconds"]
+    split = {phase: {"seconds": round(timers.seconds[phase], 3), "calls": timers.calls[phase], "inside": parent,
+                     "share_of_quant": round(timers.seconds[phase] / q, 4) if q else None}
+             for phase, (_, _, parent) in PHASES.items() if timers.calls.get(phase)}
+    row = {"method": method, "path": path_name, "speed": m.get("speed"), "model": model, "scale": scale,
+           "params": m["params_total"], "dtype": m["dtype"], "seconds": round(q, 3),
+           "quant_move_seconds": m.get("quant_move_seconds"),
+           "peak_gib": round(m["quant_peak_gpu_mb"] / 1024, 2) if m.get("quant_peak_gpu_mb") else None,
+           "peak_rss_gib": round(m["quant_peak_rss_mb"] / 1024, 2), "wall_s": round(wall, 1),
+           "calibration": f"{m['calibration_samples']} x {m['calibration_seq_len']}",
+           "calibration_batch_size": m.get("calibration_batch_size"), "speed_changes": m.get("speed_changes"),
+           "hessian_products": m.get("hessian_products"), **{k: m.get(k) for k in RESULT_KEYS if k in m},
+           "split": split, "phases_missing": missing, "gpu": gpu_name(),
+           "versions": {k[len("version_"):]: v for k, v in m.items() if k.startswith("version_")}}
+    out_json.write_text(json.dumps(row, indent=1) + "\n", encoding="utf-8")
+
+
+def hessian_check() -> dict | None:
+    """On a GPU: the fast path's Hessian update (half-precision products, fp32 sums) against llm-compressor's fp32
+    one on the same fp16 batch of an OPT-6.7B fc2 input's width: the largest difference relative to the largest
+    entry, and each one's time."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from llmcompressor.modifiers.gptq.helpers import accumulate_hessian
+
+    from quantune.lib.quant_backends import add_input_products
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16384, 8, device="cuda")
+    x = torch.randn(8, 2048, 16384, device="cuda", dtype=torch.float16)
+    out = {"input": "8 x 2048 x 16384 fp16 (standard normal)"}
+    for name, fn in (("llmcompressor", lambda h, n: accumulate_hessian(x, layer, h, n)),
+                     ("project", lambda h, n: add_input_products(h, n, x))):
+        h, n = torch.zeros(16384, 16384, device="cuda"), torch.zeros((), device="cuda")
+        fn(h, n)  # warm-up
+        h.zero_()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn(h, n)
+        torch.cuda.synchronize()
+        out[f"{name}_seconds"] = round(time.perf_counter() - t0, 4)
+        out[name] = h
+    ref, fast = out.pop("llmcompressor"), out.pop("project")
+    out["max_rel_diff"] = ((fast - ref).abs().max() / ref.abs().max()).item()
+    return out
+
+
+def write(rows: list[dict], check: dict | None, out: Path) -> None:
+    from quantune.lib.report_render import plot
+    from quantune.lib.tables import markdown_table
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quant_speed.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    ok = [r for r in rows if "error" not in r]
+    gpu = ok[0]["gpu"] if ok else "-"
+    md = ["# GPTQ and AWQ: llm-compressor's own call against the project's fast path (quantize stage)", "",
+          "`python bench/quant_speed.py`: recipes gptq_opt67b and awq_opt67b with only `model` and `speed` changed "
+          "(llmcompressor = `speed: seed`, project = `speed: fast`), each the stage's own run in a process of its "
+          f"own; seconds = the stage's quant_seconds, peak = the CUDA allocator's peak of that block. {gpu}.", ""]
+    if check:
+        md += [f"Hessian update on one batch ({check['input']}): fast path {check['project_seconds']} s, "
+               f"llm-compressor's {check['llmcompressor_seconds']} s, largest difference "
+               f"{check['max_rel_diff']:.2e} of the largest entry.", ""]
+    table = []
+    for r in ok:
+        base = next((b for b in ok if b["path"] == "llmcompressor" and (b["method"], b["model"]) == (r["method"],
+                                                                                                 r["model"])), None)
+        ratio = f"{r['seconds'] / base['seconds']:.2f}x" if base and base["seconds"] else "-"
+        same = "-"
+        if base and r is not base:
+            key = "gptq_loss_mean" if r.get("gptq_loss_mean") is not None else "kl_vs_base"
+            same = f"{key} {r.get(key, 0) / base[key]:.4f}x; ppl {r['ppl_quant'] / base['ppl_quant']:.5f}x" \
+                if base.get(key) else "-"
+        table.append([r["method"], r["model"], r["path"], f"{r['params']:,}", r["seconds"], ratio, r["peak_gib"],
+                      r["calibration_batch_size"], same])
+    md += markdown_table(["method", "model", "path", "parameters", "seconds", "time vs llmcompressor", "peak GiB",
+                          "calibration batch", "result vs llmcompressor"], table) + [""]
+    for r in rows:
+        if "error" in r:
+            md += [f"- {r['method']} {r['model']} {r['path']}: failed: {r['error']}"]
+    for method in dict.fromkeys(r["method"] for r in ok):
+        for model in dict.fromkeys(r["model"] for r in ok if r["method"] == method):
+            pair = [r for r in ok if (r["method"], r["model"]) == (method, model)]
+            phases = list(dict.fromkeys(p for r in pair for p in r["split"]))
+            md += ["", f"## {method}, {model}: where the time goes", ""] + markdown_table(
+                ["phase", "inside"] + [f"{r['path']} s" for r in pair],
+                [[p, next(r["split"][p]["inside"] for r in pair if p in r["split"]) or "-"]
+                 + [r["split"].get(p, {}).get("seconds", "-") for r in pair] for p in phases])
+        for key, label in (("seconds", "quantization seconds"), ("peak_gib", "peak GPU GiB")):
+            series = {p: [(r["params"] / 1e9, r[key]) for r in ok if r["method"] == method and r["path"] == p
+                          and r[key] is not None] for p in PATHS}
+            png = plot(out / f"quant_speed_{method}_{key}.png", series, "parameters (billions)", label,
+                       f"{method}: {label} against model size", marker="o")
+            if png:
+                md += ["", f"![{method} {key}]({png.name})"]
+    (out / "quant_speed.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="*", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--models", nargs="*", default=MODELS)
+    p.add_argument("--paths", nargs="*", default=list(PATHS), choices=list(PATHS))
+    p.add_argument("--scale", default="shape", choices=["tiny", "shape"])
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override (dotted keys)")
+    p.add_argument("--one", nargs=4, metavar=("METHOD", "MODEL", "PATH", "JSON"), help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.one:
+        one_run(*a.one[:3], a.scale, a.set, Path(a.one[3]))
+        return 0
+    rows: list[dict] = []
+    check = hessian_check()
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in a.methods:
+            for model in a.models:
+                for path_name in a.paths:
+                    print(f"quant_speed: {method} {model} {path_name}", flush=True)
+                    js = Path(tmp) / f"{method}-{model}-{path_name}.json"
+                    cmd = [sys.executable, __file__, "--scale", a.scale, *[f"--set={s}" for s in a.set],
+                           "--one", method, model, path_name, str(js)]
+                    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                    sys.stdout.write(r.stdout[-4000:])
+                    if r.returncode == 0 and js.exists():
+                        rows.append(json.loads(js.read_text()))
+                    else:
+                        err = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+                        rows.append({"method": method, "model": model, "path": path_name,
+                                     "error": err[-1] if err else f"exit {r.returncode}"})
+                        sys.stderr.write(r.stderr[-4000:])
+                    write(rows, check, a.out)  # after each run: a later failure keeps what finished
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
