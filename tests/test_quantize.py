@@ -305,6 +305,25 @@ def test_fast_hessian_update_is_llmcompressors_with_the_products_in_the_inputs_p
     assert (h.double() - exact).abs().max().item() < tol, (h.double() - exact).abs().max()
 
 
+def test_fast_mode_keeps_activations_on_the_gpu_only_where_they_fit():
+    """OPT-6.7B's GPTQ calibration (128 x 2,048 tokens, hidden 4,096, fp16: a layer's inputs and outputs 4 GiB)
+    stays on the GPU; twice the tokens go to the CPU with prefetching, as do fp32 activations of the same tokens."""
+    import torch
+    from transformers import AutoConfig
+
+    from quantune.lib.quant_backends import activations_placement
+
+    class Model:  # what activations_placement reads of a model
+        def __init__(self, dtype):
+            self.config = AutoConfig.for_model("opt", hidden_size=4096)
+            self.dtype = dtype
+
+    fp16, fp32 = Model(torch.float16), Model(torch.float32)
+    assert activations_placement(fp16, 128 * 2048, "cuda:0") == {"sequential_offload_device": "cuda:0"}
+    assert activations_placement(fp16, 256 * 2048, "cuda:0") == {"sequential_prefetch": True}
+    assert activations_placement(fp32, 128 * 2048, "cuda:0") == {"sequential_prefetch": True}
+
+
 @pytest.mark.slow
 def test_fast_mode_quantizes_to_llmcompressors_weights_with_one_hessian_per_input(tiny_world, tmp_path):
     """speed: fast against llm-compressor's own path (speed: seed) on the tiny OPT: on a CPU the fast mode's

@@ -254,7 +254,8 @@ def speed_changes(recipe: dict, extra: dict, offload: bool) -> dict:
     if recipe["method"] == "gptq":
         changes["hessians"] = f"{extra['hessian_products']}; {extra['hessians_shared']} layers share another's"
     if offload:
-        changes.update(model_during_oneshot="cpu, one decoder layer onloaded at a time", sequential_prefetch=True)
+        changes.update(model_during_oneshot="cpu, one decoder layer onloaded at a time",
+                       activations_between_layers=extra.get("calibration_activations_on"))
     return {"speed": "fast", "speed_changes": changes}
 
 

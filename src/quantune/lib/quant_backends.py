@@ -211,12 +211,26 @@ def fast_gptq_hessians(state: GptqHessians):
         GPTQModifier.calibrate_module = orig
 
 
+# the fast mode keeps the activations between decoder layers on the GPU up to this size (inputs and outputs of a
+# layer: 2 x 128 x 2,048 x 4,096 fp16 = 4 GiB for OPT-6.7B's GPTQ calibration), else on the CPU with prefetching
+FAST_GPU_ACTIVATIONS_BYTES = 4 * 2**30
+
+
+def activations_placement(model, tokens: int, device: str) -> dict:
+    """oneshot's arguments for where the sequential pipeline keeps the activations between layers in the fast mode:
+    on the GPU (no host traffic) when a layer's inputs and outputs for every calibration token fit
+    FAST_GPU_ACTIVATIONS_BYTES, else on the CPU (llm-compressor's default) with the next batch prefetched."""
+    hidden = model.config.get_text_config().hidden_size
+    if 2 * tokens * hidden * model.dtype.itemsize <= FAST_GPU_ACTIVATIONS_BYTES:
+        return {"sequential_offload_device": device}
+    return {"sequential_prefetch": True}
+
+
 def quantize_llmcompressor(model, tokenizer, recipe: dict, samples: dict | None, awq_mappings) -> dict:
     """Run llm-compressor's oneshot on `model` in place; returns extra numbers (GPTQ losses, what the fast mode
     changed). The fast mode (`speed: fast`) keeps llm-compressor's GPTQ / AWQ and its sequential pipeline and
     changes how the same sums are computed: calibration batches of FAST_CALIBRATION_TOKENS, GPTQ's Hessians by
-    GptqHessians, and on a GPU the next batch's activations fetched while the current one runs
-    (sequential_prefetch)."""
+    GptqHessians, and on a GPU the activations between layers kept there (activations_placement)."""
     import torch
     from llmcompressor import oneshot
 
@@ -235,7 +249,9 @@ def quantize_llmcompressor(model, tokenizer, recipe: dict, samples: dict | None,
         kwargs = dict(dataset=DataLoader(rows, batch_size=batch, shuffle=False, collate_fn=default_data_collator))
         out["calibration_batch_size"] = batch
         if fast and torch.cuda.is_available():
-            kwargs["sequential_prefetch"] = True
+            kwargs.update(activations_placement(model, len(rows) * len(rows[0]["input_ids"]),
+                                                f"cuda:{torch.cuda.current_device()}"))
+            out["calibration_activations_on"] = kwargs.get("sequential_offload_device", "cpu")
     losses: list[float] = []
     hessians = GptqHessians()
     with contextlib.ExitStack() as stack:
