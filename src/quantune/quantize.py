@@ -218,12 +218,12 @@ def quantize_in_memory(model, job: Job, save_dir: Path) -> dict:
         release_memory()
         moved += time.perf_counter() - t0
     with PeakMemory() as pk:
-        extra = quantize_llmcompressor(model, job.tok, r, job.samples, job.info.get("awq_mappings"))
+        extra = quantize_llmcompressor(model, job.tok, r, job.samples, job.info.get("awq_mappings"), job.device)
     if offload:  # back on the GPU for the measurements (outside the peak: evaluating needs it there anyway)
         from compressed_tensors.offload import remove_dispatch
 
         t0 = time.perf_counter()
-        remove_dispatch(model, onload_tensors=True)
+        remove_dispatch(model)  # (onload_tensors=True would onload lm_head and its tied embeddings apart)
         model.to(job.device)
         moved += time.perf_counter() - t0
     extra.update(quant_move_seconds=moved, **speed_changes(r, extra, offload))

@@ -186,7 +186,7 @@ class GptqHessians:
                 add_input_products(h, n, inp)
                 done = True
                 self.paths.add("tensor_cores")
-            except (RuntimeError, TypeError, NotImplementedError) as e:  # a torch without mm's out_dtype
+            except (NotImplementedError, TypeError) as e:  # a torch or device without mm's out_dtype (not OOM)
                 self.refused = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         if not done:
             modifier._hessians[module], modifier._num_samples[module] = accumulate_hessian(inp, module, h, n)
@@ -212,25 +212,28 @@ def fast_gptq_hessians(state: GptqHessians):
 
 
 # the fast mode keeps the activations between decoder layers on the GPU up to this size (inputs and outputs of a
-# layer: 2 x 128 x 2,048 x 4,096 fp16 = 4 GiB for OPT-6.7B's GPTQ calibration), else on the CPU with prefetching
+# layer: 2 x 128 x 2,048 x 4,096 fp16 = 4 GiB for OPT-6.7B's GPTQ calibration; an attention implementation that
+# caches a 4-D causal mask adds ~1 GiB there), else on the CPU, llm-compressor's default
 FAST_GPU_ACTIVATIONS_BYTES = 4 * 2**30
 
 
 def activations_placement(model, tokens: int, device: str) -> dict:
     """oneshot's arguments for where the sequential pipeline keeps the activations between layers in the fast mode:
     on the GPU (no host traffic) when a layer's inputs and outputs for every calibration token fit
-    FAST_GPU_ACTIVATIONS_BYTES, else on the CPU (llm-compressor's default) with the next batch prefetched."""
+    FAST_GPU_ACTIVATIONS_BYTES, else none (on the CPU as llm-compressor does; its sequential_prefetch is not used:
+    in 0.14 it copies from unpinned CPU tensors on a side stream)."""
     hidden = model.config.get_text_config().hidden_size
     if 2 * tokens * hidden * model.dtype.itemsize <= FAST_GPU_ACTIVATIONS_BYTES:
         return {"sequential_offload_device": device}
-    return {"sequential_prefetch": True}
+    return {}
 
 
-def quantize_llmcompressor(model, tokenizer, recipe: dict, samples: dict | None, awq_mappings) -> dict:
+def quantize_llmcompressor(model, tokenizer, recipe: dict, samples: dict | None, awq_mappings,
+                           device: str = "cpu") -> dict:
     """Run llm-compressor's oneshot on `model` in place; returns extra numbers (GPTQ losses, what the fast mode
     changed). The fast mode (`speed: fast`) keeps llm-compressor's GPTQ / AWQ and its sequential pipeline and
     changes how the same sums are computed: calibration batches of FAST_CALIBRATION_TOKENS, GPTQ's Hessians by
-    GptqHessians, and on a GPU the activations between layers kept there (activations_placement)."""
+    GptqHessians, and on a GPU (`device` cuda) the activations between layers kept there (activations_placement)."""
     import torch
     from llmcompressor import oneshot
 
@@ -248,7 +251,7 @@ def quantize_llmcompressor(model, tokenizer, recipe: dict, samples: dict | None,
         batch = min(calibration_batch_size(recipe), len(rows))
         kwargs = dict(dataset=DataLoader(rows, batch_size=batch, shuffle=False, collate_fn=default_data_collator))
         out["calibration_batch_size"] = batch
-        if fast and torch.cuda.is_available():
+        if fast and device == "cuda":
             kwargs.update(activations_placement(model, len(rows) * len(rows[0]["input_ids"]),
                                                 f"cuda:{torch.cuda.current_device()}"))
             out["calibration_activations_on"] = kwargs.get("sequential_offload_device", "cpu")
