@@ -12,7 +12,7 @@ Variants (recipe overrides; `seed` twice, so that the loss tolerance is the seed
 spread): the recipe's speed modes seed, fast (packed + the step's rows in one micro-batch + checkpointing off)
 and lean (packed, checkpointing on, the written micro-batch), fast_liger (fast + liger-kernel, where it patches
 the model: not ChatGLM's `glm` type, a one-line error row), fast_upcast (fast with PEFT's fp32 copies of the
-unquantized weights, kbit_upcast: true), then single switches on the seed configuration: upcast_off (kbit_upcast:
+unquantized weights, kbit_upcast: true), fast_compile (fast with torch_compile: each decoder block compiled), then single switches on the seed configuration: upcast_off (kbit_upcast:
 false), packed (padding-free rows), no_gc (gradient checkpointing off), one_micro_batch (batch x accumulation,
 accumulation 1, checkpointing off), max_length (every row padded to the length limits). A variant that fails
 (out of GPU memory) is a row with its one-line error; the next one still runs.
@@ -47,6 +47,7 @@ def variants(r: dict) -> dict[str, dict]:
         "fast": {"speed": "fast"}, "lean": {"speed": "lean"},  # the recipe's modes (lora_sft.speed_settings)
         "fast_liger": {"speed": "fast", "liger_kernel": True},  # fast + liger-kernel (where it patches the model)
         "fast_upcast": {"speed": "fast", "kbit_upcast": True},  # fast with PEFT's fp32 unquantized weights
+        "fast_compile": {"speed": "fast", "torch_compile": True},  # fast with each decoder block compiled
         "upcast_off": {**seed, "kbit_upcast": False},  # the seed configuration with them in compute_dtype
         # one switch at a time, on the seed configuration: what each part of fast is worth
         "packed": {**seed, "padding": "packed"},
@@ -82,6 +83,7 @@ def run_one(name: str, variant: str, over: dict, cfg: dict, tmp: Path) -> dict:
             "seconds_per_step": m.get("seconds_per_step"), "peak_gib": round(m["peak_mem_mb"] / 1024, 3),
             "peak_mem_kind": m["peak_mem_kind"], "losses": [losses[s] for s in sorted(losses)],
             "liger_kernel": m["liger_kernel"], "kbit_upcast": m.get("kbit_upcast"),
+            "torch_compile_regions": m.get("torch_compile_regions"),
             "packed_attention": m.get("packed_attention"),
             "speed_note": m.get("speed_note", ""), "run_seconds": round(wall, 1),
             "load_seconds": round(m["load_seconds"], 1), "device": m["device"], "gpu": gpu_name()}

@@ -9,6 +9,8 @@ schedule, data order and loss.
 
 Variants: seed, seed_again, fast (packed rows, the step's rows in one micro-batch, checkpointing off, and
 liger-kernel's fused kernels, which liger_kernel: auto turns on where they run), fast_no_liger (fast without them),
+fast_compile (fast with torch_compile: each decoder block compiled, dynamic shapes; the first step, which pays the
+compilation, is outside the rates as every run's first step is),
 then single switches on the seed configuration: packed, no_gc, one_micro_batch (the step's rows in one padded
 micro-batch, checkpointing off). Each row holds the stage's own figures from metrics.json: real tokens/s over the
 optimizer steps' seconds, MFU against the matmul rate the run measured (bf16 on a GPU), peak memory, the eval
@@ -40,6 +42,7 @@ def variants(r: dict) -> dict[str, dict]:
            "gradient_accumulation_steps": 1}
     return {"seed": seed, "seed_again": seed, "fast": {"speed": "fast"},
             "fast_no_liger": {"speed": "fast", "liger_kernel": False},
+            "fast_compile": {"speed": "fast", "torch_compile": True},
             "packed": {**seed, "padding": "packed"}, "no_gc": {**seed, "gradient_checkpointing": False},
             "one_micro_batch": {**seed, **one, "gradient_checkpointing": False}}
 
@@ -70,7 +73,8 @@ def run_one(variant: str, over: dict, scale: str, epochs: int, tmp: Path, sets: 
     return {**row, "mode": m["speed"], "speed_changes": m.get("speed_changes", {}),
             "batch": f"{m['per_device_train_batch_size']} x {m['gradient_accumulation_steps']}",
             "padding": m["padding"], "gradient_checkpointing": m["gradient_checkpointing"],
-            "liger_kernel": m["liger_kernel"], "packed_attention": m.get("packed_attention"),
+            "liger_kernel": m["liger_kernel"], "torch_compile_regions": m.get("torch_compile_regions"),
+            "packed_attention": m.get("packed_attention"),
             "speed_note": m.get("speed_note", ""),
             "zero_stage": m["zero_stage"], "steps": m["global_step"], "real_tokens_per_s": m["real_tokens_per_s"],
             "pad_fraction": m["pad_fraction"], "mfu": m["mfu"], "matmul_tflops": m["matmul_tflops"],

@@ -145,13 +145,15 @@ def test_fast_mode_follows_the_seed_configuration_epoch_by_epoch(tiny_world, res
     as micro-batch 4 x accumulation 2 with gradient checkpointing, 2 epochs, fp32 on one CPU rank, dropout 0 as
     Qwen3's config has it). fast runs each optimizer step's 8 rows packed in one micro-batch without checkpointing:
     the same rows per step, schedule and data order, so the eval loss per epoch agrees up to summation order
-    (asserted within 1e-3; measured: equal to the printed 7 digits at every epoch)."""
+    (asserted within 1e-3; measured: equal to the printed 7 digits at every epoch). fast with torch_compile
+    (each decoder block compiled through accelerate and the DeepSpeed engine, inductor on the CPU) computes the
+    same losses as fast (within 1e-5) with every decoder block compiled."""
     runs = {}
-    for mode in ("seed", "fast"):
+    for mode in ("seed", "fast", "compiled"):
         recipe = recipe_copy(tmp_path / mode, tiny={"num_train_epochs": 2, "max_rows": 120, "max_seq_len": 64,
                                                     "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
                                                     "gradient_checkpointing": True, "logging_steps": 1},
-                             top={"speed": mode})
+                             top={"speed": "fast", "torch_compile": True} if mode == "compiled" else {"speed": mode})
         r = subprocess.run(sft_cmd(recipe, tmp_path / mode / "out", results_root), cwd=ROOT, env=sft_env(),
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -177,6 +179,12 @@ def test_fast_mode_follows_the_seed_configuration_epoch_by_epoch(tiny_world, res
           f"fast {[fast[f'eval_loss_epoch{e}'] for e in range(3)]}")
     assert diffs[0] <= 1e-5 and max(diffs) <= 1e-3, diffs
     assert abs(fast["saved_model_eval_loss"] - fast["best_eval_loss"]) < 1e-4  # packed eval = reloaded model's
+    compiled = runs["compiled"]
+    layers = json.loads((tiny_world / "models" / "qwen3" / "config.json").read_text())["num_hidden_layers"]
+    assert (fast["torch_compile"], fast["torch_compile_regions"]) == (0, 0)
+    assert compiled["torch_compile"] == 1 and compiled["torch_compile_regions"] >= layers, compiled
+    for e in range(3):
+        assert abs(compiled[f"eval_loss_epoch{e}"] - fast[f"eval_loss_epoch{e}"]) <= 1e-5, (compiled, fast)
 
 
 def test_prompt_mask_switch_truncation_and_eos(tiny_qwen3):

@@ -90,8 +90,8 @@ def test_packed_rows_give_the_padded_loss_and_gradients(family, path, monkeypatc
         ref, calls = _reference_varlen(new_signature=path == "flash_2.12")
         monkeypatch.setattr(tv, "varlen_attn", ref)
         monkeypatch.setattr(varlen, "flash_runs", lambda is_cuda, dtype: True)
-        varlen._varlen_params.cache_clear()  # the signature is read once a process; here once a stub
-        request.addfinalizer(varlen._varlen_params.cache_clear)
+        varlen.refresh()  # the signature is read once a process; here once a stub
+        request.addfinalizer(varlen.refresh)
     assert varlen.use(model) == varlen.NAME and model.config._attn_implementation == varlen.NAME
     packed = varlen.packed_collator()(rows)
     total = sum(len(r["input_ids"]) for r in rows)
@@ -172,8 +172,8 @@ def test_fp32_inputs_under_autocast_take_the_flash_path_in_the_autocast_dtype(mo
     monkeypatch.setattr(tv, "varlen_attn", kernel)
     monkeypatch.setattr(varlen, "flash_runs", lambda is_cuda, dtype: dtype in (torch.float16, torch.bfloat16))
     monkeypatch.setattr(varlen, "_ran", set())
-    varlen._varlen_params.cache_clear()
-    request.addfinalizer(varlen._varlen_params.cache_clear)
+    varlen.refresh()
+    request.addfinalizer(varlen.refresh)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         want = model(**SFTCollator(pad_id=0)(rows)).loss.item()
         varlen.use(model)
@@ -196,7 +196,7 @@ def test_flash_adapter_keeps_a_scale_other_than_the_kernels_own(signature, monke
 
     ref, calls = _reference_varlen(new_signature=signature == "2.12")
     monkeypatch.setattr(tv, "varlen_attn", ref)
-    varlen._varlen_params.cache_clear()
+    varlen.refresh()
     try:
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(20, h, 8, generator=g) for h in (4, 2, 2))
@@ -204,6 +204,6 @@ def test_flash_adapter_keeps_a_scale_other_than_the_kernels_own(signature, monke
         want = varlen._per_row(q, k, v, cu, cu, 8, 8, 0.3)
         got = varlen._flash(q, k, v, cu, cu, 8, 8, 0.3)
     finally:
-        varlen._varlen_params.cache_clear()
+        varlen.refresh()
     assert calls == [3] and (got - want).abs().max().item() <= 1e-6
     assert (varlen._per_row(q, k, v, cu, cu, 8, 8, 8 ** -0.5) - want).abs().max().item() > 1e-3  # the scale matters

@@ -42,8 +42,8 @@ from .lib.models import count_parameters
 from .lib.sft_data import collator, dataset_loss, dedupe_pairs, prepare_data
 from .lib.measure import matmul_tflops, train_flops_per_token
 from .lib.trainer import (TokenCount, check_packing, complete_checkpoints, counting_trainer, drop_incomplete_checkpoints,
-                          fingerprint, keep_checkpoints_of, packing_refusal, profiler, speed_changes, step_timer,
-                          with_liger)
+                          compiled_modules, fingerprint, keep_checkpoints_of, packing_refusal, profiler, speed_changes,
+                          step_timer, with_liger)
 
 # keys that change nothing a checkpoint holds: a checkpoint written under other values of them is resumed
 RESUME_IGNORES = ("logging_steps", "save_total_limit", "keep_checkpoints", "description", "early_stopping_patience",
@@ -178,6 +178,7 @@ def training_args(recipe: dict, output_dir: str, use_cpu: bool, **overrides):
         data_seed=recipe["seed"],
         bf16=recipe["bf16"],
         gradient_checkpointing=recipe["gradient_checkpointing"], use_liger_kernel=bool(recipe["liger_kernel"]),
+        torch_compile=recipe["torch_compile"],
         gradient_checkpointing_kwargs={"use_reentrant": False} if recipe["gradient_checkpointing"] else None,
         eval_strategy="epoch",
         save_strategy="epoch",
@@ -238,7 +239,7 @@ def sft_metrics(recipe: dict, m: dict, zero: dict, world: int, device: str, lr: 
         "padding": recipe["padding"], "speed": recipe["speed"], "speed_changes": recipe["speed_changes"],
         **({"packed_attention": varlen.describe(device, torch.bfloat16 if recipe["bf16"] else torch.float32)}
            if recipe["padding"] == "packed" else {}),
-        "liger_kernel": int(recipe["liger_kernel"]),
+        "liger_kernel": int(recipe["liger_kernel"]), "torch_compile": int(recipe["torch_compile"]),
         **({"speed_note": recipe["speed_note"]} if recipe["speed_note"] else {}),
         "only_optimize_lora": lora, "lora_dim": recipe["lora_dim"] if lora else None, "learning_rate": lr,
         "per_device_train_batch_size": recipe["per_device_train_batch_size"],
@@ -366,12 +367,14 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
     peak = peak_memory_mb()
     world = args.world_size
     device = "cpu" if use_cpu else "cuda"
+    regions = compiled_modules(trainer.model_wrapped)
     del trainer, model
     saved_loss = saved_model_loss(final, recipe, device, eval_ds, coll)
     metrics = {**sft_metrics(recipe, m, zero, world, device, lr, data_stats, params, evals),
                **outcome_metrics(state, evals, result.training_loss, train_s, start_step, tokens_before, peak,
                                  final, saved_loss),
-               **speed_metrics(count, timer, flops_token, device)}
+               **speed_metrics(count, timer, flops_token, device),
+               "torch_compile_regions": regions}
     writer.final({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, state.global_step)
     writer.close()
     if not recipe["keep_checkpoints"]:

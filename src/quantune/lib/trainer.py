@@ -102,7 +102,8 @@ class TokenCount:
 
 
 def counting_trainer(count: TokenCount):
-    """transformers' Trainer that adds each micro-batch it trains on to `count`."""
+    """transformers' Trainer that adds each micro-batch it trains on to `count`, and compiles as `torch_compile`
+    says (dynamo_plugin)."""
     from transformers import Trainer
 
     class _CountingTrainer(Trainer):
@@ -110,7 +111,35 @@ def counting_trainer(count: TokenCount):
             count.add(inputs)
             return super().training_step(model, inputs, *args, **kwargs)
 
+        def _build_accelerator_args(self, **kwargs):
+            args = super()._build_accelerator_args(**kwargs)
+            if "dynamo_plugin" in args:
+                args["dynamo_plugin"] = dynamo_plugin(self.args.torch_compile)
+            return args
+
     return _CountingTrainer
+
+
+def dynamo_plugin(on: bool):
+    """accelerate's torch.compile settings for a run: with `torch_compile` each repeated decoder block is compiled
+    on its own (regional compilation: the block's graph is compiled once and reused by every layer; under DeepSpeed
+    through the engine's module.compile) with dynamic shapes from the start (packed rows change the token count at
+    every step); without it, no compilation, whatever ACCELERATE_DYNAMO_* an earlier TrainingArguments with
+    torch_compile left in this process's environment."""
+    from accelerate.utils import TorchDynamoPlugin
+
+    if on:
+        return TorchDynamoPlugin(backend="inductor", use_regional_compilation=True, dynamic=True)
+    return TorchDynamoPlugin(backend="no")
+
+
+def compiled_modules(model) -> int:
+    """Compiled modules in a trained model (the Trainer's model_wrapped), for metrics: regional compilation's
+    blocks, compiled in place under DeepSpeed (nn.Module.compile) or wrapped (torch.compile's OptimizedModule)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return sum(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
+               for m in model.modules())
 
 
 def packing_refusal(cfg: dict, model: str, seq2seq: bool, where: str) -> tuple[str, str] | None:

@@ -23,6 +23,8 @@ NAME = "quantune_varlen"
 PATHS = {"flash": "torch varlen_attn (flash), each packed row on its own",
          "per_row": "SDPA row by row, each packed row on its own"}
 _ran: set[str] = set()  # the PATHS keys packed rows took in this process
+_UNSET = object()
+_PARAMS = _UNSET  # varlen_attn's parameter names (None: no varlen_attn), read once by _params()
 
 
 @functools.cache
@@ -35,12 +37,28 @@ def _varlen_params() -> frozenset | None:
     return frozenset(inspect.signature(varlen_attn).parameters)
 
 
+def _params() -> frozenset | None:
+    """varlen_attn's parameter names, read on first use (register() does, so that inside a compiled decoder block
+    this is a global read, not an inspect call that would break the graph)."""
+    global _PARAMS
+    if _PARAMS is _UNSET:
+        _PARAMS = _varlen_params()
+    return _PARAMS
+
+
+def refresh() -> None:
+    """Read varlen_attn's signature again at the next use (after the kernel was replaced, as tests do)."""
+    global _PARAMS
+    _varlen_params.cache_clear()
+    _PARAMS = _UNSET
+
+
 def _flash(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float):
     """torch's varlen_attn, causal, on [T, H, D] tensors; its signature moved between torch releases (2.10:
     is_causal and no scale or GQA; 2.12: window_size, scale, enable_gqa)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    params = _varlen_params()
+    params = _params()
     kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     if "scale" in params:
         kw["scale"] = scale
@@ -74,7 +92,7 @@ def flash_runs(is_cuda: bool, dtype) -> bool:
     """Whether torch's varlen flash kernel takes packed rows of this device and dtype."""
     import torch
 
-    return is_cuda and dtype in (torch.float16, torch.bfloat16) and _varlen_params() is not None
+    return is_cuda and dtype in (torch.float16, torch.bfloat16) and _params() is not None
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
@@ -114,6 +132,7 @@ def register() -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    _params()
     AttentionInterface.register(NAME, attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     return NAME
