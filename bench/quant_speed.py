@@ -177,7 +177,10 @@ def hessian_check() -> dict | None:
         out[f"{name}_seconds"] = round(time.perf_counter() - t0, 4)
         out[name] = h
     ref, fast = out.pop("llmcompressor"), out.pop("project")
+    off = ~torch.eye(ref.shape[0], dtype=torch.bool, device=ref.device)
     out["max_rel_diff"] = ((fast - ref).abs().max() / ref.abs().max()).item()
+    out["frobenius_rel_diff"] = ((fast - ref).norm() / ref.norm()).item()
+    out["offdiag_rms_rel_diff"] = ((fast - ref)[off].pow(2).mean().sqrt() / ref[off].pow(2).mean().sqrt()).item()
     return out
 
 
@@ -195,8 +198,9 @@ def write(rows: list[dict], check: dict | None, out: Path) -> None:
           f"own; seconds = the stage's quant_seconds, peak = the CUDA allocator's peak of that block. {gpu}.", ""]
     if check:
         md += [f"Hessian update on one batch ({check['input']}): fast path {check['project_seconds']} s, "
-               f"llm-compressor's {check['llmcompressor_seconds']} s, largest difference "
-               f"{check['max_rel_diff']:.2e} of the largest entry.", ""]
+               f"llm-compressor's {check['llmcompressor_seconds']} s; differences: largest "
+               f"{check['max_rel_diff']:.2e} of the largest entry, Frobenius {check['frobenius_rel_diff']:.2e}, "
+               f"off-diagonal RMS {check['offdiag_rms_rel_diff']:.2e} of theirs.", ""]
     table = []
     for r in ok:
         base = next((b for b in ok if b["path"] == "llmcompressor" and (b["method"], b["model"]) == (r["method"],

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -67,8 +68,10 @@ def run_one(variant: str, over: dict, scale: str, epochs: int, tmp: Path, sets: 
     wall = time.perf_counter() - t0
     row = {"variant": variant, "overrides": over, "scale": scale, "epochs": epochs, "run_seconds": round(wall, 1)}
     if p.returncode != 0:
-        errs = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.startswith("quantune: error:")]
-        return {**row, "error": errs[-1] if errs else (p.stdout + p.stderr).strip().splitlines()[-1]}
+        lines = (p.stdout + p.stderr).splitlines()
+        errs = [ln for ln in lines if ln.startswith("quantune: error:")] or \
+            [ln for ln in lines if re.search(r"\w(Error|Exception|Unsupported)\b", ln)] or lines[-1:]
+        return {**row, "error": errs[-1][:600], "stderr_tail": "\n".join(p.stderr.splitlines()[-60:])}
     m = json.loads((d / "out" / "metrics.json").read_text())
     return {**row, "mode": m["speed"], "speed_changes": m.get("speed_changes", {}),
             "batch": f"{m['per_device_train_batch_size']} x {m['gradient_accumulation_steps']}",

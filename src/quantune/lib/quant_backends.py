@@ -4,7 +4,6 @@ QuantizationModifier for round-to-nearest), GPTQModel (GPTQ in its own env, CUDA
 from __future__ import annotations
 
 import contextlib
-import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -114,7 +113,7 @@ def _gptq_losses(sink: list):
 # calibration tokens per forward in the fast mode: 8 rows of 2,048 (GPTQ), 32 of 512 (AWQ)
 FAST_CALIBRATION_TOKENS = 16384
 HESSIAN_PATHS = {
-    "tensor_cores": "products of the model's fp16/bf16 inputs on tensor cores, fp32 sums (torch.mm out_dtype)",
+    "tensor_cores": "the model's fp16/bf16 inputs, exact in TF32, multiplied on tensor cores in TF32 with fp32 sums",
     "fp32": "fp32 matmul (llm-compressor's)"}
 
 
@@ -127,19 +126,33 @@ def calibration_batch_size(recipe: dict) -> int:
     return rows
 
 
-def add_input_products(hessian, num_samples, inp, mm=None) -> None:
-    """llm-compressor's GPTQ Hessian update for a Linear layer's input, hessian += 2 X^T X and num_samples += its rows,
-    with the products taken in the input's own half precision and summed in fp32 (`mm`: torch.mm with out_dtype
-    float32, CUDA only). A product of two fp16 (11-bit significand) or bf16 (8-bit) numbers is exact in fp32's 24
-    bits, so this is llm-compressor's fp32 matmul of the same numbers up to the order of the sums, at the tensor-core
-    rate instead of the fp32 one."""
+@contextlib.contextmanager
+def tf32_matmul():
+    """fp32 matmuls on tensor cores in TF32 inside the block (torch.backends.cuda.matmul.allow_tf32)."""
     import torch
 
-    mm = mm or functools.partial(torch.mm, out_dtype=torch.float32)
-    x = inp.to(hessian.device)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def add_input_products(hessian, num_samples, inp) -> None:
+    """llm-compressor's GPTQ Hessian update for a Linear layer's input, hessian += 2 X^T X and num_samples += its rows,
+    with the matmul in TF32 on a GPU. Every fp16 or bf16 number is exact in TF32 (a 10-bit significand and fp32's
+    exponent), so the products of the model's half-precision inputs are exact and TF32's matmul sums them in fp32:
+    llm-compressor's fp32 matmul of the same numbers up to the order of the sums, at the tensor cores' TF32 rate.
+    (The first version multiplied the fp16 operands directly into an fp32 output, torch.mm's out_dtype: on the H200
+    that matmul's sums were not fp32-accurate, 9.4e-5 of the largest entry on one standard-normal batch, and GPTQ's
+    layer losses came out 5.3x llm-compressor's with three Hessian inversions failing; bench/results/quant_speed.md.)
+    On a CPU the flag does nothing: this is llm-compressor's update with the factor 2 applied after the product."""
+    x = inp.to(hessian.device).float()
     rows = x.shape[0] if x.dim() > 2 else 1  # as llm-compressor counts: the leading dimension of a batch
     x = x.reshape(-1, x.shape[-1])
-    hessian.add_(mm(x.t(), x), alpha=2.0)
+    with tf32_matmul():
+        hessian.addmm_(x.t(), x, alpha=2.0)
     num_samples += rows
 
 
@@ -147,7 +160,8 @@ class GptqHessians:
     """GPTQModifier's calibration hook for the fast mode (patched in by `fast_gptq_hessians`):
     - one Hessian for the layers that read the same input tensor (q_proj, k_proj and v_proj read one LayerNorm's
       output): the first layer's accumulator is shared by reference, so the products are taken once, not three times;
-    - on a GPU, products of half-precision inputs on tensor cores with fp32 sums (`add_input_products`).
+    - on a GPU, the half-precision inputs' products in TF32 on tensor cores, exact, with fp32 sums
+      (`add_input_products`).
     Elsewhere (a CPU, fp32 inputs, other layer types) llm-compressor's own update runs, so on a CPU the quantized
     weights are those of llm-compressor's path bit for bit."""
 
@@ -155,7 +169,6 @@ class GptqHessians:
         self.last = None  # (weak reference to the last input accumulated, its version, the module it went to)
         self.shared = 0
         self.paths: set[str] = set()
-        self.refused: str | None = None  # why the tensor-core path is off (the first failure, then fp32 for all)
 
     def calibrate(self, modifier, module, args, _output) -> None:
         import weakref
@@ -179,24 +192,17 @@ class GptqHessians:
             modifier._hessians[module] = make_empty_hessian(module, device=dev)
             modifier._num_samples[module] = torch.zeros((), device=dev)
         h, n = modifier._hessians[module], modifier._num_samples[module]
-        done = False
-        if (self.refused is None and h.is_cuda and type(module) is torch.nn.Linear
-                and inp.dtype in (torch.float16, torch.bfloat16)):
-            try:
-                add_input_products(h, n, inp)
-                done = True
-                self.paths.add("tensor_cores")
-            except (NotImplementedError, TypeError) as e:  # a torch or device without mm's out_dtype (not OOM)
-                self.refused = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-        if not done:
+        if h.is_cuda and type(module) is torch.nn.Linear and inp.dtype in (torch.float16, torch.bfloat16):
+            add_input_products(h, n, inp)
+            self.paths.add("tensor_cores")
+        else:
             modifier._hessians[module], modifier._num_samples[module] = accumulate_hessian(inp, module, h, n)
             self.paths.add("fp32")
         self.last = (weakref.ref(inp), inp._version, module)
 
     def describe(self) -> dict:
         return {"hessian_products": " and ".join(HESSIAN_PATHS[p] for p in sorted(self.paths)) or None,
-                "hessians_shared": self.shared,
-                **({"hessian_tensor_cores_refused": self.refused} if self.refused else {})}
+                "hessians_shared": self.shared}
 
 
 @contextlib.contextmanager

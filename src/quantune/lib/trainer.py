@@ -310,9 +310,13 @@ def profiler(out_dir: str | None, wait: int = 2, active: int = 2):
             if int(os.environ.get("RANK", "0")) != 0:
                 return
             events = self.prof.key_averages()
-            # self device time in microseconds (self_cuda_time_total before torch 2.4)
-            by_gpu = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
-            gpu = sum(getattr(e, by_gpu) for e in events) / 1e6
+            # self device time in microseconds (self_cuda_time_total before torch 2.4), of the kernels alone: an
+            # operator's row repeats its kernels' time
+            by_gpu = "self_device_time_total" if hasattr(events[0], "self_device_time_total") \
+                else "self_cuda_time_total"
+            kernels = [e for e in events  # as torch's table sums its "Self CUDA time total"
+                       if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", 0)]
+            gpu = sum(getattr(e, by_gpu) for e in kernels) / 1e6
             text = [f"steps {wait + 1}-{wait + active}: wall {wall:.3f} s, GPU kernels {gpu:.3f} s "
                     f"({gpu / wall:.0%} busy)", "", "by GPU time:", events.table(sort_by=by_gpu, row_limit=40), "",
                     "by CPU time:", events.table(sort_by="self_cpu_time_total", row_limit=40)]
