@@ -58,7 +58,7 @@ PHASES = {
     "save_pretrained": ("transformers.modeling_utils", "PreTrainedModel.save_pretrained", None),
     "quantized measure": ("quantune.quantize", "measure_saved", None),
 }
-RESULT_KEYS = ("gptq_loss_mean", "gptq_loss_max", "ppl_base", "ppl_quant", "kl_vs_base")
+RESULT_KEYS = ("gptq_loss_mean", "gptq_loss_max", "gptq_rtn_fallback_layers", "ppl_base", "ppl_quant", "kl_vs_base")
 
 
 class Timers:
@@ -212,9 +212,10 @@ def write(rows: list[dict], check: dict | None, out: Path) -> None:
             same = f"{key} {r.get(key, 0) / base[key]:.4f}x; ppl {r['ppl_quant'] / base['ppl_quant']:.5f}x" \
                 if base.get(key) else "-"
         table.append([r["method"], r["model"], r["path"], f"{r['params']:,}", r["seconds"], ratio, r["peak_gib"],
-                      r["calibration_batch_size"], same])
+                      r["calibration_batch_size"], same, r.get("gptq_rtn_fallback_layers", "-")])
     md += markdown_table(["method", "model", "path", "parameters", "seconds", "time vs llmcompressor", "peak GiB",
-                          "calibration batch", "result vs llmcompressor"], table) + [""]
+                          "calibration batch", "result vs llmcompressor", "GPTQ layers rounded to nearest"],
+                         table) + [""]
     for r in rows:
         if "error" in r:
             md += [f"- {r['method']} {r['model']} {r['path']}: failed: {r['error']}"]

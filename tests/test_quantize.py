@@ -354,6 +354,7 @@ def test_fast_mode_quantizes_to_llmcompressors_weights_with_one_hessian_per_inpu
     differ = [k for k in ts if not torch.equal(ts[k], tf[k])]
     assert not differ, differ
     assert fast["gptq_loss_mean"] == seed["gptq_loss_mean"] and fast["ppl_quant"] == seed["ppl_quant"]
+    assert fast["gptq_rtn_fallback_layers"] == seed["gptq_rtn_fallback_layers"] == 0  # every Hessian inverted
 
 
 def make_salient_channels(src: Path, dst: Path, scale: float, k: int) -> None:

@@ -269,7 +269,10 @@ def quantize_llmcompressor(model, tokenizer, recipe: dict, samples: dict | None,
         stack.enter_context(_gptq_losses(losses))
         if fast and recipe["method"] == "gptq":
             stack.enter_context(fast_gptq_hessians(hessians))
-        oneshot(model=model, processor=tokenizer, recipe=llmcompressor_modifiers(recipe, awq_mappings), **kwargs)
+        modifiers = llmcompressor_modifiers(recipe, awq_mappings)
+        oneshot(model=model, processor=tokenizer, recipe=modifiers, **kwargs)
+    if recipe["method"] == "gptq":  # layers whose Hessian did not invert: llm-compressor rounded them to nearest
+        out["gptq_rtn_fallback_layers"] = len(getattr(modifiers[0], "_rtn_fallback_module_names", []))
     if losses:
         out.update({"gptq_layers": len(losses), "gptq_loss_mean": sum(losses) / len(losses),
                     "gptq_loss_max": max(losses), "_gptq_losses": losses})
