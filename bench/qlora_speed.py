@@ -12,9 +12,10 @@ Variants (recipe overrides; `seed` twice, so that the loss tolerance is the seed
 spread): the recipe's speed modes seed, fast (packed + the step's rows in one micro-batch + checkpointing off)
 and lean (packed, checkpointing on, the written micro-batch), fast_liger (fast + liger-kernel, where it patches
 the model: not ChatGLM's `glm` type, a one-line error row), fast_upcast (fast with PEFT's fp32 copies of the
-unquantized weights, kbit_upcast: true), fast_compile (fast with torch_compile: each decoder block compiled), then single switches on the seed configuration: upcast_off (kbit_upcast:
-false), packed (padding-free rows), no_gc (gradient checkpointing off), one_micro_batch (batch x accumulation,
-accumulation 1, checkpointing off), max_length (every row padded to the length limits). A variant that fails
+unquantized weights, kbit_upcast: true), fast_compile (fast with torch_compile: each decoder block compiled),
+then single switches on the seed configuration: upcast_off (kbit_upcast: false), packed (padding-free rows),
+no_gc (gradient checkpointing off), one_micro_batch (batch x accumulation, accumulation 1, checkpointing off),
+max_length (every row padded to the length limits). A variant that fails
 (out of GPU memory) is a row with its one-line error; the next one still runs.
 Each run is the stage's `train` on a copy of the recipe in a temporary directory (scale shape: the shape caps'
 steps; logging and loss recording at every step). Writes qlora_speed.json (rows: setting, variant, overrides,

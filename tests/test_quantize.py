@@ -333,6 +333,7 @@ def test_fast_mode_quantizes_to_llmcompressors_weights_with_one_hessian_per_inpu
     import torch
     from safetensors.torch import load_file
 
+    from quantune.lib.metrics import check_metrics
     from quantune.quantize import run
 
     cfg = load_config(overrides={"results": {"tiny": str(tiny_world.parent), "full": str(tmp_path / "full")}})
@@ -355,6 +356,8 @@ def test_fast_mode_quantizes_to_llmcompressors_weights_with_one_hessian_per_inpu
     assert not differ, differ
     assert fast["gptq_loss_mean"] == seed["gptq_loss_mean"] and fast["ppl_quant"] == seed["ppl_quant"]
     assert fast["gptq_rtn_fallback_layers"] == seed["gptq_rtn_fallback_layers"] == 0  # every Hessian inverted
+    for speed in got:  # every key the stage wrote is declared in its metrics schema
+        check_metrics(tmp_path / speed / "out" / "metrics.json")
 
 
 def make_salient_channels(src: Path, dst: Path, scale: float, k: int) -> None:

@@ -43,9 +43,9 @@ from .lib.lora import peft_trainable_line
 from .lib.models import pick_device, set_cpu_threads
 from .lib.plots import plot_losses
 from .lib.prompts import ANSWER_FIELD, SFTCollator, build_split, template_of
-from .lib.trainer import (TokenCount, check_packing, compiled_modules, complete_checkpoints, counting_trainer, fingerprint,
-                          keep_checkpoints_of, packing_refusal, profiler, run_record, speed_changes, step_timer,
-                          tokens_counting, total_optimizer_steps, with_liger)
+from .lib.trainer import (TokenCount, check_packing, compiled_modules, complete_checkpoints, counting_trainer,
+                          fingerprint, keep_checkpoints_of, packing_refusal, profiler, run_record, speed_changes,
+                          step_timer, tokens_counting, total_optimizer_steps, with_liger)
 
 
 def _fmt_of(cfg: dict, recipe: dict) -> str:
@@ -200,7 +200,8 @@ def training_arguments(job: Job, ckpt_root: Path, steps: int, warmup: int, cdt):
         save_steps=r["save_steps"], save_total_limit=r["save_total_limit"], seed=r["seed"], data_seed=r["seed"],
         report_to="none", remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
         include_num_input_tokens_seen=True if r["padding"] == "packed" else tokens_counting(),  # packed: no pads
-        use_cpu=job.device == "cpu", use_liger_kernel=bool(r["liger_kernel"]), torch_compile=bool(r["torch_compile"]),
+        use_cpu=job.device == "cpu", use_liger_kernel=bool(r["liger_kernel"]),
+        torch_compile=bool(r["torch_compile"]),
         bf16=job.device == "cuda" and cdt == torch.bfloat16, fp16=job.device == "cuda" and cdt == torch.float16,
     )
     if r.get("max_steps"):

@@ -255,7 +255,7 @@ def speed_changes(recipe: dict, extra: dict, offload: bool) -> dict:
         changes["hessians"] = f"{extra['hessian_products']}; {extra['hessians_shared']} layers share another's"
     if offload:
         changes.update(model_during_oneshot="cpu, one decoder layer onloaded at a time",
-                       activations_between_layers=extra.get("calibration_activations_on"))
+                       activations_between_layers=extra.get("_activations_on"))
     return {"speed": "fast", "speed_changes": changes}
 
 

@@ -260,7 +260,7 @@ def quantize_llmcompressor(model, tokenizer, recipe: dict, samples: dict | None,
         if fast and device == "cuda":
             kwargs.update(activations_placement(model, len(rows) * len(rows[0]["input_ids"]),
                                                 f"cuda:{torch.cuda.current_device()}"))
-            out["calibration_activations_on"] = kwargs.get("sequential_offload_device", "cpu")
+            out["_activations_on"] = kwargs.get("sequential_offload_device", "cpu")  # for speed_changes
     losses: list[float] = []
     hessians = GptqHessians()
     with contextlib.ExitStack() as stack:
@@ -271,12 +271,12 @@ def quantize_llmcompressor(model, tokenizer, recipe: dict, samples: dict | None,
             stack.enter_context(fast_gptq_hessians(hessians))
         modifiers = llmcompressor_modifiers(recipe, awq_mappings)
         oneshot(model=model, processor=tokenizer, recipe=modifiers, **kwargs)
-    if recipe["method"] == "gptq":  # layers whose Hessian did not invert: llm-compressor rounded them to nearest
-        out["gptq_rtn_fallback_layers"] = len(getattr(modifiers[0], "_rtn_fallback_module_names", []))
     if losses:
         out.update({"gptq_layers": len(losses), "gptq_loss_mean": sum(losses) / len(losses),
                     "gptq_loss_max": max(losses), "_gptq_losses": losses})
     if recipe["method"] == "gptq":
+        # layers whose Hessian did not invert: llm-compressor rounded them to nearest
+        out["gptq_rtn_fallback_layers"] = len(getattr(modifiers[0], "_rtn_fallback_module_names", []))
         out.update(hessians.describe() if fast else {"hessian_products": HESSIAN_PATHS["fp32"], "hessians_shared": 0})
     return out
 

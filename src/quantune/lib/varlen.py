@@ -16,7 +16,6 @@ take transformers' sdpa path unchanged. `describe` names the paths that packed r
 """
 from __future__ import annotations
 
-import functools
 import inspect
 
 NAME = "quantune_varlen"
@@ -27,7 +26,6 @@ _UNSET = object()
 _PARAMS = _UNSET  # varlen_attn's parameter names (None: no varlen_attn), read once by _params()
 
 
-@functools.cache
 def _varlen_params() -> frozenset | None:
     """varlen_attn's parameter names (read once a process), or None where this torch has no varlen_attn."""
     try:
@@ -49,7 +47,6 @@ def _params() -> frozenset | None:
 def refresh() -> None:
     """Read varlen_attn's signature again at the next use (after the kernel was replaced, as tests do)."""
     global _PARAMS
-    _varlen_params.cache_clear()
     _PARAMS = _UNSET
 
 
