@@ -13,6 +13,7 @@ spread): the recipe's speed modes seed, fast (packed + the step's rows in one mi
 and lean (packed, checkpointing on, the written micro-batch), fast_liger (fast + liger-kernel, where it patches
 the model: not ChatGLM's `glm` type, a one-line error row), fast_upcast (fast with PEFT's fp32 copies of the
 unquantized weights, kbit_upcast: true), fast_compile (fast with torch_compile: each decoder block compiled),
+lean_double (lean at twice the written micro-batch, half the accumulation: the same rows per optimizer step),
 then single switches on the seed configuration: upcast_off (kbit_upcast: false), packed (padding-free rows),
 no_gc (gradient checkpointing off), one_micro_batch (batch x accumulation, accumulation 1, checkpointing off),
 max_length (every row padded to the length limits). A variant that fails
@@ -43,12 +44,17 @@ def variants(r: dict) -> dict[str, dict]:
     one = {"per_device_train_batch_size": r["per_device_train_batch_size"] * r["gradient_accumulation_steps"],
            "gradient_accumulation_steps": 1}
     seed = {"speed": "seed"}  # the recipe's keys as written (the committed recipes run speed: fast)
+    rows, half = one["per_device_train_batch_size"], max(1, r["gradient_accumulation_steps"] // 2)
     return {
         "seed": seed, "seed_again": seed,
         "fast": {"speed": "fast"}, "lean": {"speed": "lean"},  # the recipe's modes (lora_sft.speed_settings)
         "fast_liger": {"speed": "fast", "liger_kernel": True},  # fast + liger-kernel (where it patches the model)
         "fast_upcast": {"speed": "fast", "kbit_upcast": True},  # fast with PEFT's fp32 unquantized weights
         "fast_compile": {"speed": "fast", "torch_compile": True},  # fast with each decoder block compiled
+        # lean with twice the written micro-batch (the same rows per optimizer step): its checkpointed activations
+        # are small beside the NF4 weights, so the seed's peak may still hold them
+        "lean_double": {"speed": "lean", "gradient_accumulation_steps": half,
+                        "per_device_train_batch_size": rows // half},
         "upcast_off": {**seed, "kbit_upcast": False},  # the seed configuration with them in compute_dtype
         # one switch at a time, on the seed configuration: what each part of fast is worth
         "packed": {**seed, "padding": "packed"},

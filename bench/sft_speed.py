@@ -10,7 +10,8 @@ schedule, data order and loss.
 Variants: seed, seed_again, fast (packed rows, the step's rows in one micro-batch, checkpointing off, and
 liger-kernel's fused kernels, which liger_kernel: auto turns on where they run), fast_no_liger (fast without them),
 fast_compile (fast with torch_compile: each decoder block compiled, dynamic shapes; the first step, which pays the
-compilation, is outside the rates as every run's first step is),
+compilation, is outside the rates as every run's first step is), fast_zero1 (fast under recipes/deepspeed/zero1.json:
+DeepSpeed's flat-buffer BF16_Optimizer in place of ZeRO-0's per-parameter bf16 wrapper),
 then single switches on the seed configuration: packed, no_gc, one_micro_batch (the step's rows in one padded
 micro-batch, checkpointing off). Each row holds the stage's own figures from metrics.json: real tokens/s over the
 optimizer steps' seconds, MFU against the matmul rate the run measured (bf16 on a GPU), peak memory, the eval
@@ -33,6 +34,8 @@ from pathlib import Path
 import yaml
 from benchlib import build_shape_inputs, gpu_name
 
+from quantune.lib.tb import read_scalars
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "qwen3_deepspeed_sft.yaml"
 
@@ -44,6 +47,7 @@ def variants(r: dict) -> dict[str, dict]:
     return {"seed": seed, "seed_again": seed, "fast": {"speed": "fast"},
             "fast_no_liger": {"speed": "fast", "liger_kernel": False},
             "fast_compile": {"speed": "fast", "torch_compile": True},
+            "fast_zero1": {"speed": "fast", "deepspeed_config": "recipes/deepspeed/zero1.json"},
             "packed": {**seed, "padding": "packed"}, "no_gc": {**seed, "gradient_checkpointing": False},
             "one_micro_batch": {**seed, **one, "gradient_checkpointing": False}}
 
@@ -51,7 +55,7 @@ def variants(r: dict) -> dict[str, dict]:
 def run_one(variant: str, over: dict, scale: str, epochs: int, tmp: Path, sets: list[str],
             profile: Path | None = None) -> dict:
     raw = yaml.safe_load(RECIPE.read_text(encoding="utf-8"))
-    keys = {**over, "num_train_epochs": epochs, "keep_checkpoints": False}
+    keys = {**over, "num_train_epochs": epochs, "keep_checkpoints": False, "logging_steps": 1}
     if scale == "tiny":
         raw.setdefault("tiny", {}).update(keys)
     else:
@@ -73,6 +77,8 @@ def run_one(variant: str, over: dict, scale: str, epochs: int, tmp: Path, sets: 
             [ln for ln in lines if re.search(r"\w(Error|Exception|Unsupported)\b", ln)] or lines[-1:]
         return {**row, "error": errs[-1][:600], "stderr_tail": "\n".join(p.stderr.splitlines()[-60:])}
     m = json.loads((d / "out" / "metrics.json").read_text())
+    tb = read_scalars(d / "out" / "tb")
+    per_step = {tag: [v for _, v in sorted(tb.get(f"train/{tag}", []))] for tag in ("loss", "grad_norm")}
     return {**row, "mode": m["speed"], "speed_changes": m.get("speed_changes", {}),
             "batch": f"{m['per_device_train_batch_size']} x {m['gradient_accumulation_steps']}",
             "padding": m["padding"], "gradient_checkpointing": m["gradient_checkpointing"],
@@ -83,6 +89,7 @@ def run_one(variant: str, over: dict, scale: str, epochs: int, tmp: Path, sets: 
             "pad_fraction": m["pad_fraction"], "mfu": m["mfu"], "matmul_tflops": m["matmul_tflops"],
             "matmul_dtype": m["matmul_dtype"], "peak_gib": round(m["peak_mem_mb"] / 1024, 3),
             "eval_loss": [m[f"eval_loss_epoch{e}"] for e in range(epochs + 1) if f"eval_loss_epoch{e}" in m],
+            "train_loss": per_step["loss"], "grad_norm": per_step["grad_norm"],
             "device": m["device"], "gpu": gpu_name()}
 
 
@@ -97,18 +104,22 @@ def write(rows: list[dict], out: Path) -> None:
           "the listed keys changed (same rows per optimizer step, schedule, epochs, seed, data order). Real tokens/s "
           "over the optimizer steps' seconds after each run's first (warm-up) one; MFU against the matmul rate the "
           "run measured. Speed ratios against the faster "
-          "of the two `seed` runs; eval-loss diff: the largest per-epoch difference from the first.", ""]
+          "of the two `seed` runs; eval-loss diff: the largest per-epoch difference from the first; train-loss diff: the "
+          "largest per-step difference of the Trainer's logged loss (every step) from the first.", ""]
     if ok and ok[0]["variant"] == "seed":
         base = ok[0]
         rate = max(r["real_tokens_per_s"] for r in ok if r["variant"] in ("seed", "seed_again"))
-        diff = lambda r: max((abs(a - b) for a, b in zip(r["eval_loss"], base["eval_loss"])), default=float("nan"))  # noqa: E731
+        def diff(r, key="eval_loss"):
+            return max((abs(a - b) for a, b in zip(r.get(key) or [], base.get(key) or [])), default=float("nan"))
+
         md += markdown_table(
             ["variant", "mode", "batch", "padding", "checkpointing", "liger", "ZeRO", "real tokens/s", "x seed", "MFU",
-             "matmul TFLOP/s", "peak GiB", "eval-loss diff"],
+             "matmul TFLOP/s", "peak GiB", "eval-loss diff", "train-loss diff"],
             [[r["variant"], r["mode"], r["batch"], r["padding"], r["gradient_checkpointing"], r["liger_kernel"],
               r["zero_stage"],
               f"{r['real_tokens_per_s']:.0f}", f"{r['real_tokens_per_s'] / rate:.2f}",
-              f"{r['mfu']:.1%}", f"{r['matmul_tflops']:.3g} ({r['matmul_dtype']})", r["peak_gib"], f"{diff(r):.2e}"]
+              f"{r['mfu']:.1%}", f"{r['matmul_tflops']:.3g} ({r['matmul_dtype']})", r["peak_gib"], f"{diff(r):.2e}",
+              f"{diff(r, 'train_loss'):.2e}"]
              for r in ok]) + [""]
     md += [f"- {r['variant']}: {r['speed_note']}" for r in ok if r["speed_note"]]
     md += [f"- {r['variant']}: failed: {r['error']}" for r in rows if "error" in r]

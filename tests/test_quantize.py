@@ -279,27 +279,30 @@ def test_sign_split_measures_the_quantized_model_and_its_mirror_and_puts_the_mod
 
 
 def test_fast_hessian_update_is_llmcompressors_on_half_precision_inputs():
-    """add_input_products (the fast mode's Hessian update) against llm-compressor's accumulate_hessian and a float64
-    reference on the same fp16 batches: the same 2 X^T X within fp32 summation error, the same row count. (On a
-    GPU its matmul runs in TF32, which holds every fp16 / bf16 number exactly; the flag does nothing here.)"""
+    """add_input_products (the fast mode's Hessian update: per chunk of rows, the centred rows' products plus the
+    mean's outer product) against llm-compressor's accumulate_hessian and a float64 reference on the same fp16
+    batches, non-negative as a post-ReLU input is (the case that broke the uncentred TF32 product on the H200), and
+    longer than one chunk: the same 2 X^T X within fp32 rounding. (On a GPU the centred products run in TF32;
+    the flag does nothing here.)"""
     import torch
     from llmcompressor.modifiers.gptq.helpers import accumulate_hessian
 
+    from quantune.lib import quant_backends
     from quantune.lib.quant_backends import add_input_products
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(24, 8)
     h_ref, n_ref = torch.zeros(24, 24), torch.zeros(())
-    h, n = torch.zeros(24, 24), torch.zeros(())
+    h = torch.zeros(24, 24)
     exact = torch.zeros(24, 24, dtype=torch.float64)
-    for shape in ((3, 40, 24), (2, 40, 24), (40, 24)):  # batches of rows, and a 2-D input (one row)
-        x = torch.randn(shape).half()
+    for shape in ((3, 40, 24), (2, 40, 24), (40, 24), (5000, 24)):  # 3-D and 2-D; the last is 3 chunks
+        x = (torch.randn(shape) + 0.5).relu().half()
         h_ref, n_ref = accumulate_hessian(x, layer, h_ref, n_ref)
-        add_input_products(h, n, x)
+        add_input_products(h, x)
         x64 = x.double().reshape(-1, 24)
         exact += 2 * x64.t() @ x64
-    assert n.item() == n_ref.item() == 6
-    tol = 1e-6 * exact.abs().max().item()  # fp32 sums of 120 products, as llm-compressor's own
+    assert quant_backends.HESSIAN_CHUNK_TOKENS < 5000
+    tol = 1e-6 * exact.abs().max().item()  # fp32 sums of 5,200 products
     assert (h_ref.double() - exact).abs().max().item() < tol
     assert (h.double() - exact).abs().max().item() < tol, (h.double() - exact).abs().max()
     assert not torch.backends.cuda.matmul.allow_tf32  # the TF32 switch is put back
@@ -358,6 +361,57 @@ def test_fast_mode_quantizes_to_llmcompressors_weights_with_one_hessian_per_inpu
     assert fast["gptq_rtn_fallback_layers"] == seed["gptq_rtn_fallback_layers"] == 0  # every Hessian inverted
     for speed in got:  # every key the stage wrote is declared in its metrics schema
         check_metrics(tmp_path / speed / "out" / "metrics.json")
+
+
+@pytest.mark.slow
+def test_fast_mode_batches_calibration_without_rescaling_hessians(tiny_world, tmp_path):
+    """The fast mode's calibration batches are larger than the recipe's (here 64 rows against 4). llm-compressor
+    counts a Hessian's samples by its input's leading dimension, 1 for the 2-D inputs of OPT's fc1 and fc2 (16x
+    fewer calls here), which would scale those Hessians and their GPTQ losses by 16: the fast mode must count the
+    recipe's way, so GPTQ's layer losses and perplexity stay the seed path's (up to the batches' fp32 rounding)."""
+    from quantune.quantize import run
+
+    cfg = load_config(overrides={"results": {"tiny": str(tiny_world.parent), "full": str(tmp_path / "full")}})
+    got = {}
+    for speed in ("seed", "fast"):
+        (tmp_path / speed).mkdir()
+        raw = recipe("gptq_opt67b", speed=speed)
+        raw["tiny"]["calibration_batch_size"] = 4
+        got[speed] = run(str(write_recipe(tmp_path / speed, "gptq_opt67b", raw)), str(tmp_path / speed / "out"), cfg)
+    seed, fast = got["seed"], got["fast"]
+    assert (seed["calibration_batch_size"], fast["calibration_batch_size"]) == (4, 64)
+    # measured: layer losses' mean 1.0023x and max 1.011x (other batch shapes round fp32 sums otherwise, and GPTQ's
+    # rounding decisions follow), perplexity 1.00006x; without the recipe's count, 15.0x and 16.2x
+    for key, tol in (("gptq_loss_mean", 0.03), ("gptq_loss_max", 0.03), ("ppl_quant", 1e-3)):
+        assert abs(fast[key] / seed[key] - 1) < tol, (key, seed[key], fast[key])
+
+
+@pytest.mark.slow
+def test_gptq_counts_the_layers_llmcompressor_rounded_to_nearest(tiny_world, tmp_path, monkeypatch):
+    """A Hessian that does not invert makes llm-compressor quantize that layer by rounding to nearest, which it only
+    logs (and forgets at finalize): metrics.json's gptq_rtn_fallback_layers must count them. Every fc2 Hessian (the
+    one layer per block that is wider in than out) is made negative definite, so exactly one layer per block falls
+    back and the others keep GPTQ."""
+    import llmcompressor.modifiers.gptq.base as gptq_base
+    import torch
+
+    from quantune.quantize import run
+
+    orig = gptq_base.accumulate_hessian
+
+    def broken_fc2(inp, module, hessian, num_samples):
+        h, n = orig(inp, module, hessian, num_samples)
+        if module.in_features > module.out_features:
+            h.copy_(-torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
+        return h, n
+
+    monkeypatch.setattr(gptq_base, "accumulate_hessian", broken_fc2)
+    cfg = load_config(overrides={"results": {"tiny": str(tiny_world.parent), "full": str(tmp_path / "full")}})
+    path = write_recipe(tmp_path, "gptq_opt67b", recipe("gptq_opt67b", speed="seed"))
+    m = run(str(path), str(tmp_path / "out"), cfg)
+    blocks = m["quantized_layers"] // 6
+    assert blocks >= 2 and m["gptq_rtn_fallback_layers"] == blocks, m
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["gptq_rtn_fallback_layers"] == blocks
 
 
 def make_salient_channels(src: Path, dst: Path, scale: float, k: int) -> None:

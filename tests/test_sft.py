@@ -265,7 +265,7 @@ def test_real_keys_keep_the_seed_values(tmp_path):
     assert full["deepspeed_config"] == "recipes/deepspeed/zero0.json" and full["early_stopping_patience"] >= 1
     assert full["zero_choice"].startswith("auto, one rank") and full["padding"] == "max_length"
     assert full["speed"] == "fast"
-    for name in ("zero0.json", "zero2.json", "zero3.json", "zero3_offload.json"):
+    for name in ("zero0.json", "zero1.json", "zero2.json", "zero3.json", "zero3_offload.json"):
         ds = json.loads((ROOT / "recipes" / "deepspeed" / name).read_text())
         assert ds["bf16"]["enabled"] == "auto" and ds["train_micro_batch_size_per_gpu"] == "auto"
     z3 = json.loads((ROOT / "recipes" / "deepspeed" / "zero3.json").read_text())["zero_optimization"]

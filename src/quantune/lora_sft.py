@@ -44,8 +44,8 @@ from .lib.models import pick_device, set_cpu_threads
 from .lib.plots import plot_losses
 from .lib.prompts import ANSWER_FIELD, SFTCollator, build_split, template_of
 from .lib.trainer import (TokenCount, check_packing, compiled_modules, complete_checkpoints, counting_trainer,
-                          fingerprint, keep_checkpoints_of, packing_refusal, profiler, run_record, speed_changes,
-                          step_timer, tokens_counting, total_optimizer_steps, with_liger)
+                          fingerprint, keep_checkpoints_of, liger_kernel_config, packing_refusal, profiler, run_record,
+                          speed_changes, step_timer, tokens_counting, total_optimizer_steps, with_liger)
 
 
 def _fmt_of(cfg: dict, recipe: dict) -> str:
@@ -201,6 +201,7 @@ def training_arguments(job: Job, ckpt_root: Path, steps: int, warmup: int, cdt):
         report_to="none", remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
         include_num_input_tokens_seen=True if r["padding"] == "packed" else tokens_counting(),  # packed: no pads
         use_cpu=job.device == "cpu", use_liger_kernel=bool(r["liger_kernel"]),
+        liger_kernel_config=liger_kernel_config(r),
         torch_compile=bool(r["torch_compile"]),
         bf16=job.device == "cuda" and cdt == torch.bfloat16, fp16=job.device == "cuda" and cdt == torch.float16,
     )

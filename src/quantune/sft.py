@@ -42,8 +42,8 @@ from .lib.models import count_parameters
 from .lib.sft_data import collator, dataset_loss, dedupe_pairs, prepare_data
 from .lib.measure import matmul_tflops, train_flops_per_token
 from .lib.trainer import (TokenCount, check_packing, complete_checkpoints, counting_trainer, drop_incomplete_checkpoints,
-                          compiled_modules, fingerprint, keep_checkpoints_of, packing_refusal, profiler, speed_changes,
-                          step_timer, with_liger)
+                          compiled_modules, fingerprint, keep_checkpoints_of, liger_kernel_config, packing_refusal,
+                          profiler, speed_changes, step_timer, with_liger)
 
 # keys that change nothing a checkpoint holds: a checkpoint written under other values of them is resumed
 RESUME_IGNORES = ("logging_steps", "save_total_limit", "keep_checkpoints", "description", "early_stopping_patience",
@@ -178,6 +178,7 @@ def training_args(recipe: dict, output_dir: str, use_cpu: bool, **overrides):
         data_seed=recipe["seed"],
         bf16=recipe["bf16"],
         gradient_checkpointing=recipe["gradient_checkpointing"], use_liger_kernel=bool(recipe["liger_kernel"]),
+        liger_kernel_config=liger_kernel_config(recipe),
         torch_compile=recipe["torch_compile"],
         gradient_checkpointing_kwargs={"use_reentrant": False} if recipe["gradient_checkpointing"] else None,
         eval_strategy="epoch",

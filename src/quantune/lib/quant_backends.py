@@ -93,6 +93,25 @@ def fp32_awq_loss():
 
 
 @contextlib.contextmanager
+def _gptq_rtn_fallbacks(sink: list):
+    """Collect the layers whose Hessian did not invert and that llm-compressor rounded to nearest instead: its
+    GPTQModifier lists them only until on_finalize, which logs the list and then clears it (0.14.0.1)."""
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    orig = GPTQModifier._log_rtn_fallback_summary
+
+    def _log(self):
+        sink.extend(self._rtn_fallback_module_names)
+        return orig(self)
+
+    GPTQModifier._log_rtn_fallback_summary = _log
+    try:
+        yield
+    finally:
+        GPTQModifier._log_rtn_fallback_summary = orig
+
+
+@contextlib.contextmanager
 def _gptq_losses(sink: list):
     """Collect GPTQ's per-layer reconstruction losses that llm-compressor logs (METRIC 'error <loss>')."""
     from loguru import logger
@@ -113,7 +132,8 @@ def _gptq_losses(sink: list):
 # calibration tokens per forward in the fast mode: 8 rows of 2,048 (GPTQ), 32 of 512 (AWQ)
 FAST_CALIBRATION_TOKENS = 16384
 HESSIAN_PATHS = {
-    "tensor_cores": "the model's fp16/bf16 inputs, exact in TF32, multiplied on tensor cores in TF32 with fp32 sums",
+    "tensor_cores": "TF32 tensor-core products of each 2,048-token chunk's centred inputs, plus the chunk's mean "
+                    "outer product in fp32",
     "fp32": "fp32 matmul (llm-compressor's)"}
 
 
@@ -139,33 +159,48 @@ def tf32_matmul():
         torch.backends.cuda.matmul.allow_tf32 = prev
 
 
-def add_input_products(hessian, num_samples, inp) -> None:
-    """llm-compressor's GPTQ Hessian update for a Linear layer's input, hessian += 2 X^T X and num_samples += its rows,
-    with the matmul in TF32 on a GPU. Every fp16 or bf16 number is exact in TF32 (a 10-bit significand and fp32's
-    exponent), so the products of the model's half-precision inputs are exact and TF32's matmul sums them in fp32:
-    llm-compressor's fp32 matmul of the same numbers up to the order of the sums, at the tensor cores' TF32 rate.
-    (The first version multiplied the fp16 operands directly into an fp32 output, torch.mm's out_dtype: on the H200
-    that matmul's sums were not fp32-accurate, 9.4e-5 of the largest entry on one standard-normal batch, and GPTQ's
-    layer losses came out 5.3x llm-compressor's with three Hessian inversions failing; bench/results/quant_speed.md.)
-    On a CPU the flag does nothing: this is llm-compressor's update with the factor 2 applied after the product."""
-    x = inp.to(hessian.device).float()
-    rows = x.shape[0] if x.dim() > 2 else 1  # as llm-compressor counts: the leading dimension of a batch
-    x = x.reshape(-1, x.shape[-1])
-    with tf32_matmul():
-        hessian.addmm_(x.t(), x, alpha=2.0)
-    num_samples += rows
+# tokens per tensor-core product in add_input_products: each product's sums stay short (see there)
+HESSIAN_CHUNK_TOKENS = 2048
+
+
+def add_input_products(hessian, inp) -> None:
+    """hessian += 2 X^T X for a Linear layer's half-precision input X (llm-compressor's GPTQ update, the factor 2
+    applied after the product), fast on a GPU and as accurate as llm-compressor's fp32 matmul.
+
+    Tensor cores sum a product's terms in fp32 but truncate each partial sum instead of rounding it, so every sum
+    drifts towards zero by about (terms / 8) fp32 ulps. On an OPT-6.7B layer's fc2 input (post-ReLU: every entry
+    >= 0, so every entry of X^T X is a long all-positive sum) one TF32 product over 16,384 tokens came out 1.1e-4
+    of the largest entry below llm-compressor's, and that error is aligned with the Hessian's largest eigenvector:
+    on the H200 it outgrew GPTQ's 1% damping and 24 fc2 Hessians did not invert (bench/results/quant_speed.md).
+    Hence, per chunk of HESSIAN_CHUNK_TOKENS rows: the rows' mean mu is taken out (X = Xc + 1 mu^T, so
+    X^T X = Xc^T Xc + n mu mu^T exactly), Xc^T Xc runs on tensor cores in TF32, where its mixed-sign sums over
+    2,048 terms stay small, and n mu mu^T is added in fp32 on CUDA cores; the chunks are added in fp32.
+    On a CPU the TF32 switch does nothing: fp32 throughout."""
+    x = inp.to(hessian.device).reshape(-1, inp.shape[-1])
+    for chunk in x.split(HESSIAN_CHUNK_TOKENS):
+        c = chunk.float()
+        mu = c.mean(dim=0)
+        c -= mu
+        with tf32_matmul():
+            hessian.addmm_(c.t(), c, alpha=2.0)
+        hessian.addr_(mu, mu, alpha=2.0 * c.shape[0])
 
 
 class GptqHessians:
     """GPTQModifier's calibration hook for the fast mode (patched in by `fast_gptq_hessians`):
     - one Hessian for the layers that read the same input tensor (q_proj, k_proj and v_proj read one LayerNorm's
       output): the first layer's accumulator is shared by reference, so the products are taken once, not three times;
-    - on a GPU, the half-precision inputs' products in TF32 on tensor cores, exact, with fp32 sums
-      (`add_input_products`).
-    Elsewhere (a CPU, fp32 inputs, other layer types) llm-compressor's own update runs, so on a CPU the quantized
-    weights are those of llm-compressor's path bit for bit."""
+    - on a GPU, the half-precision inputs' products on tensor cores, centred chunk by chunk (`add_input_products`);
+    - the samples counted as the recipe's batching counts them (see __init__).
+    Elsewhere (a CPU, fp32 inputs, other layer types) llm-compressor's own update runs, so on a CPU at the recipe's
+    batch size the quantized weights are those of llm-compressor's path bit for bit."""
 
-    def __init__(self):
+    def __init__(self, seed_tokens_per_call: int):
+        # llm-compressor counts a Hessian's samples as its inputs' leading dimension: the batch's rows for a 3-D
+        # input, but 1 for a 2-D one (OPT flattens the tokens before fc1 and fc2), i.e. one per forward call. The
+        # fast mode's larger batches would then count fewer samples than the recipe's batching and scale those
+        # Hessians (and GPTQ's reported losses) up; a 2-D input counts its tokens / the recipe's tokens per call.
+        self.seed_tokens_per_call = seed_tokens_per_call
         self.last = None  # (weak reference to the last input accumulated, its version, the module it went to)
         self.shared = 0
         self.paths: set[str] = set()
@@ -193,11 +228,14 @@ class GptqHessians:
             modifier._num_samples[module] = torch.zeros((), device=dev)
         h, n = modifier._hessians[module], modifier._num_samples[module]
         if h.is_cuda and type(module) is torch.nn.Linear and inp.dtype in (torch.float16, torch.bfloat16):
-            add_input_products(h, n, inp)
+            add_input_products(h, inp)
+            n += inp.shape[0] if inp.dim() > 2 else 1  # as accumulate_hessian counts
             self.paths.add("tensor_cores")
         else:
             modifier._hessians[module], modifier._num_samples[module] = accumulate_hessian(inp, module, h, n)
             self.paths.add("fp32")
+        if inp.dim() == 2 and inp.shape[0] != self.seed_tokens_per_call:
+            modifier._num_samples[module] += inp.shape[0] / self.seed_tokens_per_call - 1
         self.last = (weakref.ref(inp), inp._version, module)
 
     def describe(self) -> dict:
@@ -262,12 +300,15 @@ def quantize_llmcompressor(model, tokenizer, recipe: dict, samples: dict | None,
                                                 f"cuda:{torch.cuda.current_device()}"))
             out["_activations_on"] = kwargs.get("sequential_offload_device", "cpu")  # for speed_changes
     losses: list[float] = []
-    hessians = GptqHessians()
+    fallbacks: list[str] = []
+    hessians = None
     with contextlib.ExitStack() as stack:
         stack.enter_context(_cpu_safe_calibration())
         stack.enter_context(fp32_awq_loss())
         stack.enter_context(_gptq_losses(losses))
+        stack.enter_context(_gptq_rtn_fallbacks(fallbacks))
         if fast and recipe["method"] == "gptq":
+            hessians = GptqHessians(recipe["calibration_batch_size"] * recipe["calibration_seq_len"])
             stack.enter_context(fast_gptq_hessians(hessians))
         modifiers = llmcompressor_modifiers(recipe, awq_mappings)
         oneshot(model=model, processor=tokenizer, recipe=modifiers, **kwargs)
@@ -276,8 +317,8 @@ def quantize_llmcompressor(model, tokenizer, recipe: dict, samples: dict | None,
                     "gptq_loss_max": max(losses), "_gptq_losses": losses})
     if recipe["method"] == "gptq":
         # layers whose Hessian did not invert: llm-compressor rounded them to nearest
-        out["gptq_rtn_fallback_layers"] = len(getattr(modifiers[0], "_rtn_fallback_module_names", []))
-        out.update(hessians.describe() if fast else {"hessian_products": HESSIAN_PATHS["fp32"], "hessians_shared": 0})
+        out["gptq_rtn_fallback_layers"] = len(fallbacks)
+        out.update(hessians.describe() if hessians else {"hessian_products": HESSIAN_PATHS["fp32"], "hessians_shared": 0})
     return out
 
 

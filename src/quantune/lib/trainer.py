@@ -225,7 +225,23 @@ def with_liger(r: dict, m: dict, device: str, where: str, changes: dict, note: s
     on, why = liger_setting(r, m, device, where)
     if on and r["liger_kernel"] == "auto":
         changes = {**changes, "liger_kernel": True}
+    if on and r.get("torch_compile"):
+        why = "liger-kernel: its fused linear cross-entropy only (torch_compile fuses the decoder blocks)"
     return {**r, "liger_kernel": on}, changes, "; ".join(x for x in (note, why) if x)
+
+
+# liger-kernel with torch_compile: only its fused linear cross-entropy, at the LM head outside the compiled decoder
+# blocks. Its in-block kernels (RMSNorm, RoPE, SwiGLU) are autograd Functions around Triton launches that dynamo
+# cannot trace (an AssertionError in higher_order_ops on the H200, Qwen3 under DeepSpeed), and inductor fuses those
+# same operations itself.
+LIGER_WITH_COMPILE = {"fused_linear_cross_entropy": True, "cross_entropy": False, "rms_norm": False, "rope": False,
+                      "swiglu": False, "geglu": False, "layer_norm": False}
+
+
+def liger_kernel_config(r: dict) -> dict | None:
+    """TrainingArguments.liger_kernel_config for the recipe: liger's defaults, or LIGER_WITH_COMPILE when its
+    decoder blocks are compiled."""
+    return dict(LIGER_WITH_COMPILE) if r["liger_kernel"] and r.get("torch_compile") else None
 
 
 def step_timer(count: TokenCount | None = None, warmup: int = 1):
