@@ -10,8 +10,9 @@ schedule, data order and loss.
 Variants: seed, seed_again, fast (packed rows, the step's rows in one micro-batch, checkpointing off, and
 liger-kernel's fused kernels, which liger_kernel: auto turns on where they run), fast_no_liger (fast without them),
 fast_compile (fast with torch_compile: each decoder block compiled, dynamic shapes; the first step, which pays the
-compilation, is outside the rates as every run's first step is), fast_zero1 (fast under recipes/deepspeed/zero1.json:
-DeepSpeed's flat-buffer BF16_Optimizer in place of ZeRO-0's per-parameter bf16 wrapper),
+compilation, is outside the rates as every run's first step is), seed_zero0 and fast_zero0 (under
+recipes/deepspeed/zero0.json, ZeRO-0's bf16 wrapper, which `deepspeed_config: auto` picked for one GPU until its
+initial zero-gradient AdamW step was found; auto now picks ZeRO-1),
 then single switches on the seed configuration: packed, no_gc, one_micro_batch (the step's rows in one padded
 micro-batch, checkpointing off). Each row holds the stage's own figures from metrics.json: real tokens/s over the
 optimizer steps' seconds, MFU against the matmul rate the run measured (bf16 on a GPU), peak memory, the eval
@@ -47,7 +48,8 @@ def variants(r: dict) -> dict[str, dict]:
     return {"seed": seed, "seed_again": seed, "fast": {"speed": "fast"},
             "fast_no_liger": {"speed": "fast", "liger_kernel": False},
             "fast_compile": {"speed": "fast", "torch_compile": True},
-            "fast_zero1": {"speed": "fast", "deepspeed_config": "recipes/deepspeed/zero1.json"},
+            "seed_zero0": {**seed, "deepspeed_config": "recipes/deepspeed/zero0.json"},
+            "fast_zero0": {"speed": "fast", "deepspeed_config": "recipes/deepspeed/zero0.json"},
             "packed": {**seed, "padding": "packed"}, "no_gc": {**seed, "gradient_checkpointing": False},
             "one_micro_batch": {**seed, **one, "gradient_checkpointing": False}}
 

@@ -85,18 +85,20 @@ def liger_settings(recipe: dict, m: dict, device: str, where: str) -> dict:
     return {**r, "speed_changes": changes, "speed_note": note}
 
 
-AUTO_ZERO = {True: "recipes/deepspeed/zero0.json", False: "recipes/deepspeed/zero2.json"}  # one rank?
+AUTO_ZERO = {True: "recipes/deepspeed/zero1.json", False: "recipes/deepspeed/zero2.json"}  # one rank?
 
 
 def zero_settings(recipe: dict, ranks: int) -> dict:
     """`deepspeed_config: auto` follows the ranks the job runs (the recipe's gpus; one CPU rank at tiny scale):
-    ZeRO-0 on one, where partitioning saves nothing and only adds communication, ZeRO-2 on several; a named file
-    is the recipe's pin. `zero_choice` says which and why; `zero_auto_ranks` the ranks auto chose for (None: pinned)."""
+    ZeRO-1 on one, where partitioning saves nothing but its optimizer steps as plain AdamW does, in flat fp32
+    buffers (ZeRO-0's bf16 wrapper takes a zero-gradient AdamW step when it starts, so every later update is
+    bias-corrected one step late, and checks, casts and copies each parameter on its own), ZeRO-2 on several; a
+    named file is the recipe's pin. `zero_choice` says which and why; `zero_auto_ranks` the ranks auto chose for (None: pinned)."""
     if recipe["deepspeed_config"] != "auto":
         pin = recipe["deepspeed_config"]
         return {**recipe, "zero_choice": f"pinned by the recipe ({pin})", "zero_auto_ranks": None}
     path = AUTO_ZERO[ranks == 1]
-    why = ("one rank: partitioning saves nothing" if ranks == 1
+    why = ("one rank: nothing to partition, ZeRO-1's optimizer steps as plain AdamW" if ranks == 1
            else f"{ranks} ranks: optimizer states and gradients partitioned")
     return {**recipe, "deepspeed_config": path, "zero_choice": f"auto, {why} ({path})", "zero_auto_ranks": ranks}
 
