@@ -44,23 +44,24 @@ def variants(r: dict) -> dict[str, dict]:
     one = {"per_device_train_batch_size": r["per_device_train_batch_size"] * r["gradient_accumulation_steps"],
            "gradient_accumulation_steps": 1}
     seed = {"speed": "seed"}  # the recipe's keys as written (the committed recipes run speed: fast)
-    rows, half = one["per_device_train_batch_size"], max(1, r["gradient_accumulation_steps"] // 2)
+    acc = r["gradient_accumulation_steps"]
+    # lean with twice the written micro-batch and half the accumulation (the same rows per optimizer step): its
+    # checkpointed activations are small beside the NF4 weights, so the seed's peak may still hold them
+    double = {"lean_double": {"speed": "lean", "per_device_train_batch_size": 2 * r["per_device_train_batch_size"],
+                              "gradient_accumulation_steps": acc // 2}} if acc % 2 == 0 else {}
     return {
         "seed": seed, "seed_again": seed,
         "fast": {"speed": "fast"}, "lean": {"speed": "lean"},  # the recipe's modes (lora_sft.speed_settings)
         "fast_liger": {"speed": "fast", "liger_kernel": True},  # fast + liger-kernel (where it patches the model)
         "fast_upcast": {"speed": "fast", "kbit_upcast": True},  # fast with PEFT's fp32 unquantized weights
         "fast_compile": {"speed": "fast", "torch_compile": True},  # fast with each decoder block compiled
-        # lean with twice the written micro-batch (the same rows per optimizer step): its checkpointed activations
-        # are small beside the NF4 weights, so the seed's peak may still hold them
-        "lean_double": {"speed": "lean", "gradient_accumulation_steps": half,
-                        "per_device_train_batch_size": rows // half},
         "upcast_off": {**seed, "kbit_upcast": False},  # the seed configuration with them in compute_dtype
         # one switch at a time, on the seed configuration: what each part of fast is worth
         "packed": {**seed, "padding": "packed"},
         "no_gc": {**seed, "gradient_checkpointing": False},
         "one_micro_batch": {**seed, **one, "gradient_checkpointing": False},
         "max_length": {**seed, "padding": "max_length"},  # every row padded to the length limits (what the seed avoided)
+        **double,
     }
 
 

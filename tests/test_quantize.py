@@ -302,10 +302,29 @@ def test_fast_hessian_update_is_llmcompressors_on_half_precision_inputs():
         x64 = x.double().reshape(-1, 24)
         exact += 2 * x64.t() @ x64
     assert quant_backends.HESSIAN_CHUNK_TOKENS < 5000
+    x32 = torch.randn(5000, 24)  # an fp32 input is centred on a copy, never in place
+    before = x32.clone()
+    add_input_products(torch.zeros(24, 24), x32)
+    assert torch.equal(x32, before)
     tol = 1e-6 * exact.abs().max().item()  # fp32 sums of 5,200 products
     assert (h_ref.double() - exact).abs().max().item() < tol
     assert (h.double() - exact).abs().max().item() < tol, (h.double() - exact).abs().max()
     assert not torch.backends.cuda.matmul.allow_tf32  # the TF32 switch is put back
+
+
+def test_fast_hessians_count_samples_as_the_recipes_batching_does():
+    """GptqHessians.samples: llm-compressor counts a 3-D input's rows and a 2-D input (OPT's fc1/fc2 read the
+    batch's tokens flattened) once per call; the fast mode's larger batches must count the calls the recipe's batching
+    (here 1 row of 2,048 tokens a call) would have made."""
+    import torch
+
+    from quantune.lib.quant_backends import GptqHessians
+
+    h = GptqHessians(2048)
+    assert h.samples(torch.zeros(8, 2048, 16)) == 8  # 3-D: rows, as llm-compressor counts
+    assert h.samples(torch.zeros(8 * 2048, 16)) == 8  # 2-D: 8 of the recipe's calls
+    assert h.samples(torch.zeros(2048, 16)) == 1  # the recipe's own batch: llm-compressor's count
+    assert GptqHessians(4 * 128).samples(torch.zeros(64 * 128, 16)) == 16
 
 
 def test_fast_mode_keeps_activations_on_the_gpu_only_where_they_fit():

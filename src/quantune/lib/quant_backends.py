@@ -167,8 +167,8 @@ def add_input_products(hessian, inp) -> None:
     """hessian += 2 X^T X for a Linear layer's half-precision input X (llm-compressor's GPTQ update, the factor 2
     applied after the product), fast on a GPU and as accurate as llm-compressor's fp32 matmul.
 
-    Tensor cores sum a product's terms in fp32 but truncate each partial sum instead of rounding it, so every sum
-    drifts towards zero by about (terms / 8) fp32 ulps. On an OPT-6.7B layer's fc2 input (post-ReLU: every entry
+    Tensor cores sum a product's terms in fp32 but truncate rather than round as they align and add them (Fasi et
+    al., "Numerical behavior of NVIDIA tensor cores", 2021), so a long sum of same-sign terms drifts towards zero. On an OPT-6.7B layer's fc2 input (post-ReLU: every entry
     >= 0, so every entry of X^T X is a long all-positive sum) one TF32 product over 16,384 tokens came out 1.1e-4
     of the largest entry below llm-compressor's, and that error is aligned with the Hessian's largest eigenvector:
     on the H200 it outgrew GPTQ's 1% damping and 24 fc2 Hessians did not invert (bench/results/quant_speed.md).
@@ -176,9 +176,11 @@ def add_input_products(hessian, inp) -> None:
     X^T X = Xc^T Xc + n mu mu^T exactly), Xc^T Xc runs on tensor cores in TF32, where its mixed-sign sums over
     2,048 terms stay small, and n mu mu^T is added in fp32 on CUDA cores; the chunks are added in fp32.
     On a CPU the TF32 switch does nothing: fp32 throughout."""
+    import torch
+
     x = inp.to(hessian.device).reshape(-1, inp.shape[-1])
     for chunk in x.split(HESSIAN_CHUNK_TOKENS):
-        c = chunk.float()
+        c = chunk.to(torch.float32, copy=True)  # centred in place below: never the caller's tensor
         mu = c.mean(dim=0)
         c -= mu
         with tf32_matmul():
@@ -229,14 +231,20 @@ class GptqHessians:
         h, n = modifier._hessians[module], modifier._num_samples[module]
         if h.is_cuda and type(module) is torch.nn.Linear and inp.dtype in (torch.float16, torch.bfloat16):
             add_input_products(h, inp)
-            n += inp.shape[0] if inp.dim() > 2 else 1  # as accumulate_hessian counts
+            n += self.samples(inp)
             self.paths.add("tensor_cores")
         else:
-            modifier._hessians[module], modifier._num_samples[module] = accumulate_hessian(inp, module, h, n)
+            modifier._hessians[module], n = accumulate_hessian(inp, module, h, n)
+            n += self.samples(inp) - (1 if inp.dim() == 2 else inp.shape[0])  # from its count to the recipe's
+            modifier._num_samples[module] = n
             self.paths.add("fp32")
-        if inp.dim() == 2 and inp.shape[0] != self.seed_tokens_per_call:
-            modifier._num_samples[module] += inp.shape[0] / self.seed_tokens_per_call - 1
         self.last = (weakref.ref(inp), inp._version, module)
+
+    def samples(self, inp) -> float:
+        """The samples llm-compressor counts for this input under the recipe's batching: the leading dimension of
+        a 3-D (or higher) input, the recipe's calls' worth of tokens for a 2-D one (up to a partial last batch,
+        which llm-compressor counts as a whole call)."""
+        return inp.shape[0] / self.seed_tokens_per_call if inp.dim() == 2 else inp.shape[0]
 
     def describe(self) -> dict:
         return {"hessian_products": " and ".join(HESSIAN_PATHS[p] for p in sorted(self.paths)) or None,
@@ -284,6 +292,7 @@ def quantize_llmcompressor(model, tokenizer, recipe: dict, samples: dict | None,
     fast = recipe.get("speed") == "fast"
     kwargs: dict[str, Any] = {}
     out: dict[str, Any] = {}
+    seed_tokens_per_call = recipe.get("calibration_seq_len", 1)  # tokens per call of llm-compressor's own path
     if samples is not None:
         # equal-length token windows as a plain DataLoader (oneshot takes one as is): no `datasets` Arrow table
         # and fingerprinting in between (Dataset.from_dict fails under Python 3.12 + dill 0.4 on the GPU image)
@@ -293,6 +302,7 @@ def quantize_llmcompressor(model, tokenizer, recipe: dict, samples: dict | None,
         rows = [{"input_ids": torch.tensor(s, dtype=torch.long), "attention_mask": torch.ones(len(s), dtype=torch.long)}
                 for s in samples["input_ids"]]
         batch = min(calibration_batch_size(recipe), len(rows))
+        seed_tokens_per_call = min(recipe["calibration_batch_size"], len(rows)) * len(rows[0]["input_ids"])
         kwargs = dict(dataset=DataLoader(rows, batch_size=batch, shuffle=False, collate_fn=default_data_collator))
         out["calibration_batch_size"] = batch
         if fast and device == "cuda":
@@ -308,7 +318,7 @@ def quantize_llmcompressor(model, tokenizer, recipe: dict, samples: dict | None,
         stack.enter_context(_gptq_losses(losses))
         stack.enter_context(_gptq_rtn_fallbacks(fallbacks))
         if fast and recipe["method"] == "gptq":
-            hessians = GptqHessians(recipe["calibration_batch_size"] * recipe["calibration_seq_len"])
+            hessians = GptqHessians(seed_tokens_per_call)
             stack.enter_context(fast_gptq_hessians(hessians))
         modifiers = llmcompressor_modifiers(recipe, awq_mappings)
         oneshot(model=model, processor=tokenizer, recipe=modifiers, **kwargs)
