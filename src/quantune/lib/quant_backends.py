@@ -167,12 +167,12 @@ def add_input_products(hessian, inp) -> None:
     """hessian += 2 X^T X for a Linear layer's half-precision input X (llm-compressor's GPTQ update, the factor 2
     applied after the product), fast on a GPU and as accurate as llm-compressor's fp32 matmul.
 
-    Tensor cores sum a product's terms in fp32 but truncate rather than round as they align and add them (Fasi et
-    al., "Numerical behavior of NVIDIA tensor cores", 2021), so a long sum of same-sign terms drifts towards zero. On an OPT-6.7B layer's fc2 input (post-ReLU: every entry
-    >= 0, so every entry of X^T X is a long all-positive sum) one TF32 product over 16,384 tokens came out 1.1e-4
-    of the largest entry below llm-compressor's, and that error is aligned with the Hessian's largest eigenvector:
-    on the H200 it outgrew GPTQ's 1% damping and 24 fc2 Hessians did not invert (bench/results/quant_speed.md).
-    Hence, per chunk of HESSIAN_CHUNK_TOKENS rows: the rows' mean mu is taken out (X = Xc + 1 mu^T, so
+    On the H200 one TF32 product over 16,384 standard-normal fp16 tokens differed from llm-compressor's fp32 one by
+    1.1e-4 of the largest entry (~1,000x fp32's summation error), and with it 24 of OPT-6.7B's fc2 Hessians did
+    not invert (bench/results/quant_speed.md). The likely mechanism: tensor cores truncate rather than round as they
+    align and add a product's terms (Fasi et al., "Numerical behavior of NVIDIA tensor cores", 2021), so a long sum
+    of same-sign terms drifts towards zero; fc2's inputs are post-ReLU (>= 0), every entry of X^T X is such a sum,
+    and the error lines up with the Hessian's dominant eigenvector, past GPTQ's 1% damping. Hence, per chunk of HESSIAN_CHUNK_TOKENS rows: the rows' mean mu is taken out (X = Xc + 1 mu^T, so
     X^T X = Xc^T Xc + n mu mu^T exactly), Xc^T Xc runs on tensor cores in TF32, where its mixed-sign sums over
     2,048 terms stay small, and n mu mu^T is added in fp32 on CUDA cores; the chunks are added in fp32.
     On a CPU the TF32 switch does nothing: fp32 throughout."""
