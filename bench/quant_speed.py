@@ -191,11 +191,11 @@ def hessian_check(device: str = "cuda", d: int = 16384, batch: int = 8, seq: int
     paths = {"llmcompressor": lambda h: accumulate_hessian(x, layer, h, torch.zeros((), device=device)),
              "project": lambda h: add_input_products(h, x),
              "tf32_one_product": lambda h: tf32_one_product(h, x)}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for name, fn in paths.items():
         h = torch.zeros(d, d, device=device)
         fn(h)  # warm-up
         h.zero_()
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
         fn(h)

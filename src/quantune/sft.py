@@ -93,7 +93,8 @@ def zero_settings(recipe: dict, ranks: int) -> dict:
     ZeRO-1 on one, where partitioning saves nothing but its optimizer steps as plain AdamW does, in flat fp32
     buffers (ZeRO-0's bf16 wrapper takes a zero-gradient AdamW step when it starts, so every later update is
     bias-corrected one step late, and checks, casts and copies each parameter on its own), ZeRO-2 on several; a
-    named file is the recipe's pin. `zero_choice` says which and why; `zero_auto_ranks` the ranks auto chose for (None: pinned)."""
+    named file is the recipe's pin. `zero_choice` says which and why; `zero_auto_ranks` the ranks auto chose for
+    (None: pinned)."""
     if recipe["deepspeed_config"] != "auto":
         pin = recipe["deepspeed_config"]
         return {**recipe, "zero_choice": f"pinned by the recipe ({pin})", "zero_auto_ranks": None}

@@ -131,9 +131,11 @@ def _gptq_losses(sink: list):
 
 # calibration tokens per forward in the fast mode: 8 rows of 2,048 (GPTQ), 32 of 512 (AWQ)
 FAST_CALIBRATION_TOKENS = 16384
+# tokens per tensor-core product in add_input_products: each product's sums stay short (see there)
+HESSIAN_CHUNK_TOKENS = 2048
 HESSIAN_PATHS = {
-    "tensor_cores": "TF32 tensor-core products of each 2,048-token chunk's centred inputs, plus the chunk's mean "
-                    "outer product in fp32",
+    "tensor_cores": f"TF32 tensor-core products of each {HESSIAN_CHUNK_TOKENS:,}-token chunk's centred inputs, plus "
+                    "the chunk's mean outer product in fp32",
     "fp32": "fp32 matmul (llm-compressor's)"}
 
 
@@ -159,22 +161,20 @@ def tf32_matmul():
         torch.backends.cuda.matmul.allow_tf32 = prev
 
 
-# tokens per tensor-core product in add_input_products: each product's sums stay short (see there)
-HESSIAN_CHUNK_TOKENS = 2048
-
-
 def add_input_products(hessian, inp) -> None:
     """hessian += 2 X^T X for a Linear layer's half-precision input X (llm-compressor's GPTQ update, the factor 2
-    applied after the product), fast on a GPU and as accurate as llm-compressor's fp32 matmul.
+    applied after the product), fast on a GPU and meant to be as accurate as llm-compressor's fp32 matmul
+    (bench/quant_speed.py's Hessian check measures both against float64).
 
     On the H200 one TF32 product over 16,384 standard-normal fp16 tokens differed from llm-compressor's fp32 one by
     1.1e-4 of the largest entry (~1,000x fp32's summation error), and with it 24 of OPT-6.7B's fc2 Hessians did
     not invert (bench/results/quant_speed.md). The likely mechanism: tensor cores truncate rather than round as they
     align and add a product's terms (Fasi et al., "Numerical behavior of NVIDIA tensor cores", 2021), so a long sum
     of same-sign terms drifts towards zero; fc2's inputs are post-ReLU (>= 0), every entry of X^T X is such a sum,
-    and the error lines up with the Hessian's dominant eigenvector, past GPTQ's 1% damping. Hence, per chunk of HESSIAN_CHUNK_TOKENS rows: the rows' mean mu is taken out (X = Xc + 1 mu^T, so
-    X^T X = Xc^T Xc + n mu mu^T exactly), Xc^T Xc runs on tensor cores in TF32, where its mixed-sign sums over
-    2,048 terms stay small, and n mu mu^T is added in fp32 on CUDA cores; the chunks are added in fp32.
+    and the error lines up with the Hessian's dominant eigenvector, past GPTQ's 1% damping. Hence, per chunk of
+    HESSIAN_CHUNK_TOKENS rows: the rows' mean mu is taken out (X = Xc + 1 mu^T, so X^T X = Xc^T Xc + n mu mu^T
+    exactly), Xc^T Xc runs on tensor cores in TF32, where its mixed-sign sums over a chunk stay small, and
+    n mu mu^T is added in fp32 on CUDA cores; the chunks are added in fp32.
     On a CPU the TF32 switch does nothing: fp32 throughout."""
     import torch
 
@@ -320,15 +320,15 @@ def quantize_llmcompressor(model, tokenizer, recipe: dict, samples: dict | None,
         if fast and recipe["method"] == "gptq":
             hessians = GptqHessians(seed_tokens_per_call)
             stack.enter_context(fast_gptq_hessians(hessians))
-        modifiers = llmcompressor_modifiers(recipe, awq_mappings)
-        oneshot(model=model, processor=tokenizer, recipe=modifiers, **kwargs)
+        oneshot(model=model, processor=tokenizer, recipe=llmcompressor_modifiers(recipe, awq_mappings), **kwargs)
     if losses:
         out.update({"gptq_layers": len(losses), "gptq_loss_mean": sum(losses) / len(losses),
                     "gptq_loss_max": max(losses), "_gptq_losses": losses})
     if recipe["method"] == "gptq":
         # layers whose Hessian did not invert: llm-compressor rounded them to nearest
         out["gptq_rtn_fallback_layers"] = len(fallbacks)
-        out.update(hessians.describe() if hessians else {"hessian_products": HESSIAN_PATHS["fp32"], "hessians_shared": 0})
+        out.update(hessians.describe() if hessians
+                   else {"hessian_products": HESSIAN_PATHS["fp32"], "hessians_shared": 0})
     return out
 
 
