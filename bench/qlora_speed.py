@@ -9,11 +9,11 @@ seed and data order, and the Trainer's loss (a token-level mean over the optimiz
     python bench/qlora_speed.py --variants seed_again fast lean linear:one_micro_batch   # one_micro_batch: linear only
 
 Variants (recipe overrides; `seed` twice, so that the loss tolerance is the seed configuration's own run-to-run
-spread): the recipe's speed modes seed, fast (packed + the step's rows in one micro-batch + checkpointing off)
-and lean (packed, checkpointing on, the written micro-batch), fast_liger (fast + liger-kernel, where it patches
-the model: not ChatGLM's `glm` type, a one-line error row), fast_upcast (fast with PEFT's fp32 copies of the
-unquantized weights, kbit_upcast: true), fast_compile (fast with torch_compile: each decoder block compiled),
-lean_double (lean at twice the written micro-batch, half the accumulation: the same rows per optimizer step),
+spread): the recipe's speed modes seed, fast (packed + the step's rows in one micro-batch + checkpointing off
++ each decoder block compiled, torch_compile: auto's choice on a GPU) and lean (packed, checkpointing on, the
+written micro-batch), fast_liger (fast + liger-kernel, where it patches the model: not ChatGLM's `glm` type, a
+one-line error row), fast_upcast (fast with PEFT's fp32 copies of the unquantized weights, kbit_upcast: true),
+fast_eager (fast without compilation), lean_double (lean at twice the written micro-batch, half the accumulation: the same rows per optimizer step),
 then single switches on the seed configuration: upcast_off (kbit_upcast: false), packed (padding-free rows),
 no_gc (gradient checkpointing off), one_micro_batch (batch x accumulation, accumulation 1, checkpointing off),
 max_length (every row padded to the length limits). A variant that fails
@@ -54,7 +54,7 @@ def variants(r: dict) -> dict[str, dict]:
         "fast": {"speed": "fast"}, "lean": {"speed": "lean"},  # the recipe's modes (lora_sft.speed_settings)
         "fast_liger": {"speed": "fast", "liger_kernel": True},  # fast + liger-kernel (where it patches the model)
         "fast_upcast": {"speed": "fast", "kbit_upcast": True},  # fast with PEFT's fp32 unquantized weights
-        "fast_compile": {"speed": "fast", "torch_compile": True},  # fast with each decoder block compiled
+        "fast_eager": {"speed": "fast", "torch_compile": False},  # fast without compiling the decoder blocks
         "upcast_off": {**seed, "kbit_upcast": False},  # the seed configuration with them in compute_dtype
         # one switch at a time, on the seed configuration: what each part of fast is worth
         "packed": {**seed, "padding": "packed"},

@@ -7,10 +7,11 @@ schedule, data order and loss.
     python bench/sft_speed.py --out bench/results                    # scale shape, on the GPU machine
     python bench/sft_speed.py --scale tiny --out /tmp/ss             # the same code on the tiny Qwen3, CPU
 
-Variants: seed, seed_again, fast (packed rows, the step's rows in one micro-batch, checkpointing off, and
-liger-kernel's fused kernels, which liger_kernel: auto turns on where they run), fast_no_liger (fast without them),
-fast_compile (fast with torch_compile: each decoder block compiled, dynamic shapes; the first step, which pays the
-compilation, is outside the rates as every run's first step is), seed_zero0 and fast_zero0 (under
+Variants: seed, seed_again, fast (packed rows, the step's rows in one micro-batch, checkpointing off,
+liger-kernel's fused linear cross-entropy and each decoder block compiled, dynamic shapes: what liger_kernel: auto
+and torch_compile: auto turn on for it on a GPU; the first step, which pays the compilation, is outside the rates
+as every run's first step is), fast_eager (fast without compilation, liger's in-block kernels then on too),
+fast_no_liger (fast without liger), seed_zero0 and fast_zero0 (under
 recipes/deepspeed/zero0.json, ZeRO-0's bf16 wrapper, which `deepspeed_config: auto` picked for one GPU until its
 initial zero-gradient AdamW step was found; auto now picks ZeRO-1),
 then single switches on the seed configuration: packed, no_gc, one_micro_batch (the step's rows in one padded
@@ -47,7 +48,7 @@ def variants(r: dict) -> dict[str, dict]:
            "gradient_accumulation_steps": 1}
     return {"seed": seed, "seed_again": seed, "fast": {"speed": "fast"},
             "fast_no_liger": {"speed": "fast", "liger_kernel": False},
-            "fast_compile": {"speed": "fast", "torch_compile": True},
+            "fast_eager": {"speed": "fast", "torch_compile": False},
             "seed_zero0": {**seed, "deepspeed_config": "recipes/deepspeed/zero0.json"},
             "fast_zero0": {"speed": "fast", "deepspeed_config": "recipes/deepspeed/zero0.json"},
             "packed": {**seed, "padding": "packed"}, "no_gc": {**seed, "gradient_checkpointing": False},

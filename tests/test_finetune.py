@@ -222,6 +222,121 @@ def test_liger_kernel_auto_turns_on_in_the_fast_modes_where_it_can_run(monkeypat
     assert why == "" or why.startswith("liger-kernel stays off: ")
 
 
+@pytest.mark.parametrize("want,speed,device,compiled", [
+    ("auto", "fast", "cuda", True),  # where it was measured to pay
+    ("auto", "lean", "cuda", False), ("auto", "seed", "cuda", False),  # lean unmeasured; seed as written
+    ("auto", "fast", "cpu", False),
+    (True, "seed", "cpu", True), (False, "fast", "cuda", False),  # a written value stands
+])
+def test_torch_compile_auto_compiles_the_fast_mode_on_a_gpu_only(monkeypatch, tmp_path, want, speed, device, compiled):
+    """torch_compile: auto compiles the decoder blocks in the fast mode on a CUDA GPU and nowhere else, records what
+    it turned on in the mode's changes, and then keeps liger-kernel to its fused linear cross-entropy (the stand-in
+    liger package of the test above patches 'glm')."""
+    import types
+
+    from quantune.lib.trainer import LIGER_WITH_COMPILE, liger_kernel_config, with_liger
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "glm"}))
+    m = {"source": str(tmp_path), "local": True, "hub_config": None}
+    for name in ("liger_kernel", "liger_kernel.transformers", "liger_kernel.transformers.monkey_patch"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules["liger_kernel.transformers.monkey_patch"].MODEL_TYPE_TO_APPLY_LIGER_FN = {"glm": None}
+    r, changes, note = with_liger({"torch_compile": want, "liger_kernel": "auto", "speed": speed}, m, device,
+                                  "r.yaml", {"padding": "packed"}, "")
+    assert r["torch_compile"] is compiled
+    assert changes.get("torch_compile") is (True if compiled and want == "auto" else None), changes
+    assert changes["padding"] == "packed"  # the mode's own changes stay
+    liger = r["liger_kernel"]
+    assert liger_kernel_config(r) == (LIGER_WITH_COMPILE if compiled and liger else None)
+    assert ("fused linear cross-entropy only" in note) is (compiled and liger), note
+
+
+def test_fast_step_plan_keeps_one_micro_batch_only_where_its_largest_fits():
+    """The fast mode's split of a step's rows: a micro-batch's positions are its rows end to end (packed) or each
+    padded to its longest, the largest over seeded shuffled epochs times the measured bytes per position and the
+    margin must fit, and the fewest micro-batches that fit win; none fits where not even one row does."""
+    from quantune.lib.trainer import FAST_MEMORY_MARGIN, largest_micro_batch, plan_fast_step
+
+    lengths = [100] * 60 + [300] * 4
+    assert largest_micro_batch(lengths, 64, True, 10) == 4 * 300 + 60 * 100  # one micro-batch: every row
+    assert largest_micro_batch(lengths, 64, False, 10) == 64 * 300
+    assert largest_micro_batch(lengths, 1, True, 10) == 300
+    many = [100] * 600 + [300] * 40  # 10 micro-batches of 64 an epoch: the largest lies between mean and extreme
+    top = largest_micro_batch(many, 64, True, 1000)
+    assert 64 * 112.5 < top < 24 * 100 + 40 * 300 and top == largest_micro_batch(many, 64, True, 1000)
+    assert top <= largest_micro_batch(many, 64, True, 100_000)  # more draws, a tail at least as far out
+    whole = 7200 * 1e6 * FAST_MEMORY_MARGIN
+    assert plan_fast_step(lengths, 64, True, 10, 0.0, 1e6, whole) == (64, 1)
+    assert 32 * 100 < largest_micro_batch(lengths, 32, True, 20) <= 4 * 300 + 28 * 100
+    assert plan_fast_step(lengths, 64, True, 10, 0.0, 1e6, whole - 1) == (32, 2)
+    assert plan_fast_step(lengths, 64, True, 10, 1e9, 1e6, whole) == (32, 2)  # the fixed part counts too
+    assert plan_fast_step(lengths, 64, False, 10, 0.0, 1e6, whole) == (16, 4)  # padded: 16 x 300 fit, 32 x 300 not
+    assert plan_fast_step(lengths, 64, True, 10, 0.0, 1e6, 299 * 1e6) is None
+
+
+@pytest.mark.parametrize("case", ["fits", "split", "trial_out_of_memory"])
+def test_fast_mode_fits_its_step_to_the_gpu_it_runs_on(monkeypatch, case):
+    """lora_sft.fit_fast_step with the GPU's free memory and the trials' measurements stood in: the fast mode's one
+    micro-batch stays where it fits; else the same rows per step in the fewest micro-batches that fit; else (here:
+    the trial itself out of memory) the recipe's own micro-batch with checkpointing on, and speed_changes then holds
+    only what still differs from the recipe as written."""
+    import datasets
+    import torch
+
+    from quantune import lora_sft
+
+    class Model:
+        checkpointing = False
+
+        def parameters(self):
+            return [torch.zeros(1000, requires_grad=True), torch.zeros(5)]
+
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            self.checkpointing = True
+
+    seen = []
+
+    def trial(model, batch, dtype):  # 0.25 GiB fixed + 1 MB a position
+        seen.append(batch["input_ids"].numel())
+        if case == "trial_out_of_memory":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return 2**28 + 1e6 * batch["input_ids"].numel()
+
+    gib = 2**30
+    free = {"fits": 80 * gib, "split": 9 * gib, "trial_out_of_memory": 80 * gib}[case]  # less 5% of 80 GiB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (free, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 3 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 3 * gib)
+    monkeypatch.setattr(lora_sft, "activation_bytes", trial)
+    fast = {"padding": "packed", "per_device_train_batch_size": 64, "gradient_accumulation_steps": 1,
+            "gradient_checkpointing": False}
+    job = lora_sft.Job(r={"name": "t", **fast}, m={}, where="r.yaml", fmt="advertisegen", template=None,
+                       seq2seq=False, device="cuda", train_rows=[], eval_rows=[], speed_changes=dict(fast),
+                       written={"padding": "longest", "per_device_train_batch_size": 16,
+                                "gradient_accumulation_steps": 4, "gradient_checkpointing": True})
+    ds = datasets.Dataset.from_list([{"input_ids": [1] * n} for n in [100] * 60 + [300] * 4])
+    model = Model()
+    plan = lora_sft.fit_fast_step(job, model, ds, lambda rows: {"input_ids": torch.ones(1, sum(len(x["input_ids"])
+                                                                                            for x in rows))},
+                                  torch.bfloat16, steps=10)
+    split = {"fits": (64, 1, False), "split": (32, 2, False), "trial_out_of_memory": (16, 4, True)}[case]
+    r = job.r
+    assert (r["per_device_train_batch_size"], r["gradient_accumulation_steps"], r["gradient_checkpointing"]) == split
+    assert model.checkpointing is split[2]
+    assert plan["chosen"] == f"{split[0]} x {split[1]}, " + ("checkpointing on" if split[2] else "no checkpointing")
+    want = {"fits": fast, "split": {**fast, "per_device_train_batch_size": 32, "gradient_accumulation_steps": 2},
+            "trial_out_of_memory": {"padding": "packed"}}[case]
+    assert job.speed_changes == want, job.speed_changes
+    assert (plan["activation_mib_per_position"] is None) is (case == "trial_out_of_memory")
+    assert seen == ([300] if case == "trial_out_of_memory" else [300, 4 * 300])  # the longest row, then the 4 longest
+    if case != "trial_out_of_memory":  # the two trials' line: 1 MB a position
+        assert plan["activation_mib_per_position"] == round(1e6 / 2**20, 4)
+    import jsonschema  # what metrics.json will hold, as its schema declares it
+    schema = yaml.safe_load((ROOT / "config" / "schemas" / "metrics" / "lora_sft.schema.yaml").read_text())
+    jsonschema.validate(plan, schema["properties"]["fast_memory_plan"])
+
+
 @pytest.mark.parametrize("upcast", [True, False])
 def test_kbit_upcast_false_keeps_the_unquantized_weights_in_their_loaded_dtype(upcast):
     """PEFT's prepare_model_for_kbit_training copies every unquantized weight to fp32 (so the residual stream runs

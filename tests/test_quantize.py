@@ -52,14 +52,14 @@ def tiny_opt_meta():
 @pytest.mark.parametrize("name,changes,line", [
     ("gptq_opt67b", {"bits": 16}, "key bits: 16 bits is outside what backend llmcompressor supports for gptq; "
                                   "fix: use one of: 2, 3, 4, 5, 6, 7, 8"),
-    ("gptq_opt67b", {"backend": "gptqmodel", "bits": 5},
+    ("gptq_opt67b", {"backend": "gptqmodel", "bits": 5, "speed": None},
      "key bits: 5 bits is outside what backend gptqmodel supports for gptq; fix: use one of: 2, 3, 4, 8"),
     ("bnb_nf4_opt27b", {"bits": 8}, "key bits: 8 bits is outside what backend bitsandbytes supports for bnb_nf4; "
                                     "fix: use one of: 4"),
     ("awq_opt67b", {"backend": "gptqmodel"}, "key backend: method awq has no backend 'gptqmodel'"),
     ("bnb_int8_opt27b", {"group_size": 128}, "key group_size: method bnb_int8 does not use it; fix: remove the key"),
     ("bnb_nf4_opt27b", {"sign_split": True}, "key sign_split: method bnb_nf4 does not use it; fix: remove the key"),
-    ("gptq_opt67b", {"backend": "gptqmodel", "act_order": "group", "sign_split": False},
+    ("gptq_opt67b", {"backend": "gptqmodel", "act_order": "group", "sign_split": False, "speed": None},
      "key sign_split: it is measured on llm-compressor's in-memory model only; fix: remove the key or set "
      "backend: llmcompressor"),
     ("gptq_opt67b", {"calibration_dataset": None}, "key calibration_dataset: method gptq calibrates on data"),

@@ -43,9 +43,10 @@ from .lib.lora import peft_trainable_line
 from .lib.models import pick_device, set_cpu_threads
 from .lib.plots import plot_losses
 from .lib.prompts import ANSWER_FIELD, SFTCollator, build_split, template_of
-from .lib.trainer import (TokenCount, check_packing, compiled_modules, complete_checkpoints, counting_trainer,
-                          fingerprint, keep_checkpoints_of, liger_kernel_config, packing_refusal, profiler, run_record,
-                          speed_changes, step_timer, tokens_counting, total_optimizer_steps, with_liger)
+from .lib.trainer import (FAST_MEMORY_MARGIN, TRIAL_ROWS, TokenCount, activation_bytes, check_packing,
+                          compiled_modules, complete_checkpoints, counting_trainer, fingerprint, keep_checkpoints_of,
+                          largest_micro_batch, liger_kernel_config, packing_refusal, plan_fast_step, profiler,
+                          run_record, speed_changes, step_timer, tokens_counting, total_optimizer_steps, with_liger)
 
 
 def _fmt_of(cfg: dict, recipe: dict) -> str:
@@ -133,6 +134,7 @@ class Job:
     eval_rows: list
     speed_changes: dict = field(default_factory=dict)  # what the recipe's speed mode changed (key -> value run)
     speed_note: str = ""  # a switch the mode could not turn on here, and why
+    written: dict = field(default_factory=dict)  # the recipe's own values of the keys the mode changed
 
 
 def prepare(recipe_path: str, cfg: dict, run_recipe: dict | None = None) -> Job:
@@ -147,6 +149,7 @@ def prepare(recipe_path: str, cfg: dict, run_recipe: dict | None = None) -> Job:
                    f"run it with python -m quantune.{recipe['stage']}")
     # load_recipe has checked a recipe file; a sweep's run recipe is checked here
     r = recipe if run_recipe is None else check_sft_recipe(recipe, cfg, where)
+    written = dict(r)
     r, changes, note = speed_settings(cfg, r, where)
     if r["env"] == "chatglm3" and cfg["scale"] == "full":
         _check_pinned_transformers(where)
@@ -167,7 +170,7 @@ def prepare(recipe_path: str, cfg: dict, run_recipe: dict | None = None) -> Job:
         raise fail(f"{where}: key dataset", f"split {r['train_split']} is empty", "point the recipe at data")
     return Job(r=r, m=m, where=where, fmt=ds["format"], template=template_of(r, ds["format"], where),
                seq2seq=r["task_type"] == "SEQ_2_SEQ_LM", device=device, train_rows=train_rows, eval_rows=eval_rows,
-               speed_changes=changes, speed_note=note)
+               speed_changes=changes, speed_note=note, written={k: written[k] for k in changes if k in written})
 
 
 # keys that change nothing a checkpoint holds: a checkpoint written under other values of them is resumed
@@ -212,6 +215,60 @@ def training_arguments(job: Job, ckpt_root: Path, steps: int, warmup: int, cdt):
     return TrainingArguments(**kw)
 
 
+def fit_fast_step(job: Job, model, train_ds, collator, cdt, steps: int) -> dict:
+    """The fast mode on a GPU: its one micro-batch per optimizer step without checkpointing stays where two measured
+    trials (lib.trainer.activation_bytes of the run's longest row and of its TRIAL_ROWS longest: a fixed part and
+    bytes per position) say its largest micro-batch (lib.trainer.largest_micro_batch) fits this GPU; else the
+    fewest micro-batches that fit, the same rows per optimizer step; else the recipe's own micro-batch with
+    checkpointing on (the lean mode's shape). Eager trials: a compiled run needs less. Updates job.r and
+    job.speed_changes; returns metrics' fast_memory_plan."""
+    import torch
+
+    r = job.r
+    rows = r["per_device_train_batch_size"] * r["gradient_accumulation_steps"]
+    lengths = [len(x) for x in train_ds["input_ids"]]
+    packed = r["padding"] == "packed"
+    longest = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)[:min(TRIAL_ROWS, rows)]
+    fixed = per_position = None
+    try:
+        trials = [(sum(lengths[i] for i in rows_) if packed else len(rows_) * lengths[rows_[0]],  # positions
+                   activation_bytes(model, collator([train_ds[i] for i in rows_]), cdt))
+                  for rows_ in (longest[:1], longest)]
+        (p1, b1), (p2, b2) = trials
+        per_position = (b2 - b1) / (p2 - p1) if p2 > p1 and b2 > b1 else b2 / p2
+        fixed = max(b2 - per_position * p2, 0.0)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    free, total = torch.cuda.mem_get_info()
+    # free to the driver plus what this process's allocator holds unused; less what the step needs beside
+    # activations (AdamW's fp32 moments and gradients of the trainable weights) and room for fragmentation
+    available = free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated() - 12 * trainable - 0.05 * total
+    split = (plan_fast_step(lengths, rows, packed, steps, fixed, per_position, available)
+             if per_position is not None else None)
+    plan = {"activation_mib_per_position": round(per_position / 2**20, 4) if per_position is not None else None,
+            "available_gib": round(available / 2**30, 2),
+            "one_micro_batch_gib": round((fixed + largest_micro_batch(lengths, rows, packed, steps) * per_position)
+                                         * FAST_MEMORY_MARGIN / 2**30, 2) if per_position is not None else None}
+    if split is None:  # the recipe's micro-batch, checkpointed: what the seed configuration fits in and more
+        change = {"per_device_train_batch_size": job.written.get("per_device_train_batch_size", rows),
+                  "gradient_accumulation_steps": job.written.get("gradient_accumulation_steps", 1),
+                  "gradient_checkpointing": True}
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        change = {"per_device_train_batch_size": split[0], "gradient_accumulation_steps": split[1]}
+    job.r = {**r, **change}
+    for k, v in change.items():  # speed_changes: only what now differs from the recipe as written
+        if k in job.written and job.written[k] == v:
+            job.speed_changes.pop(k, None)
+        else:
+            job.speed_changes[k] = v
+    plan["chosen"] = (f"{job.r['per_device_train_batch_size']} x {job.r['gradient_accumulation_steps']}, "
+                      + ("checkpointing on" if job.r["gradient_checkpointing"] else "no checkpointing"))
+    print(f"{r['name']}: fast mode's step on this GPU: {plan['chosen']} ({plan})")
+    return plan
+
+
 def collator_for(job: Job, tok):
     r = job.r
     if r["padding"] == "packed":  # one row of the batch's rows end to end, each attending to itself only
@@ -253,10 +310,16 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
     steps = total_optimizer_steps(r, len(train_ds))
     warmup = math.ceil(steps * float(r["warmup_ratio"]))
     cdt = compute_dtype(r, device)
+    collator = collator_for(job, tok)
+    fast_plan = (fit_fast_step(job, model, train_ds, collator, cdt, steps)
+                 if device == "cuda" and r["speed"] == "fast" and r["gradient_accumulation_steps"] == 1
+                 and not r["gradient_checkpointing"] else None)
+    r = job.r
     tb_dir = ckpt_root / "tb"
     writer = TBWriter(tb_dir, r["name"])
     writer.text("config/speed", f"speed: {r['speed']}; changed: {job.speed_changes or 'nothing'}"
-                + (f"; {job.speed_note}" if job.speed_note else ""))
+                + (f"; {job.speed_note}" if job.speed_note else "")
+                + (f"; this GPU's step: {fast_plan['chosen']}" if fast_plan else ""))
     count = TokenCount()
     timer = step_timer(count)
     rec = run_record()
@@ -265,7 +328,7 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
     prof = profiler(os.environ.get("QUANTUNE_PROFILE"))
     trainer = counting_trainer(count)(
         model=model, args=training_arguments(job, ckpt_root, steps, warmup, cdt), train_dataset=train_ds,
-        eval_dataset=eval_ds, data_collator=collator_for(job, tok),
+        eval_dataset=eval_ds, data_collator=collator,
         callbacks=[trainer_callback(writer), rec, timer] + ([prof] if prof else []))
     if resume:
         print(f"resuming {r['name']} from {resume}")
@@ -278,6 +341,8 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
     peak = peak_memory_mb()
     ev = trainer.evaluate() if eval_ds is not None else {}
     metrics = run_metrics(job, trainer, rec, dict(result.metrics), ev, ev0)
+    if fast_plan:
+        metrics["fast_memory_plan"] = fast_plan
     if count.computed:  # this run's input positions: all computed, and those holding a real token
         metrics.update(input_tokens_computed=count.computed, input_tokens_real=count.real,
                        pad_fraction=1.0 - count.real / count.computed)

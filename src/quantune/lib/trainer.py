@@ -219,9 +219,23 @@ def liger_setting(r: dict, m: dict, device: str, where: str) -> tuple[bool, str]
     return refusal is None, f"liger-kernel stays off: {refusal[0]}" if refusal else ""
 
 
+def compile_setting(r: dict, device: str) -> bool:
+    """Whether the decoder blocks are compiled (dynamo_plugin): `torch_compile: true` / false as written; auto (the
+    default) compiles them in the fast mode on a CUDA GPU, where it paid on an H100 (bench/results/sft_speed.md,
+    qlora_speed.md: 1.35x and 1.31x fast's eager rate, losses within the runs' noise), and nowhere else:
+    the seed configuration runs as written, lean was not measured with it, and on a CPU the first step's
+    compilation costs more than a tiny run's steps save."""
+    want = r["torch_compile"]
+    return want is True or (want == "auto" and r["speed"] == "fast" and device == "cuda")
+
+
 def with_liger(r: dict, m: dict, device: str, where: str, changes: dict, note: str) -> tuple[dict, dict, str]:
-    """The recipe with liger_kernel decided for this device (liger_setting), its mode's changes with what auto
-    turned on, and its note with why liger stayed off."""
+    """The recipe with torch_compile (compile_setting) and liger_kernel (liger_setting) decided for this device,
+    its mode's changes with what auto turned on, and its note with why liger stayed off."""
+    compiled = compile_setting(r, device)
+    if compiled and r["torch_compile"] == "auto":
+        changes = {**changes, "torch_compile": True}
+    r = {**r, "torch_compile": compiled}
     on, why = liger_setting(r, m, device, where)
     if on and r["liger_kernel"] == "auto":
         changes = {**changes, "liger_kernel": True}
@@ -242,6 +256,68 @@ def liger_kernel_config(r: dict) -> dict | None:
     """TrainingArguments.liger_kernel_config for the recipe: liger's defaults, or LIGER_WITH_COMPILE when its
     decoder blocks are compiled."""
     return dict(LIGER_WITH_COMPILE) if r["liger_kernel"] and r.get("torch_compile") else None
+
+
+# The fast mode computes an optimizer step's rows as one micro-batch without checkpointing where measured trials
+# say its largest micro-batch fits the GPU; predicted activation bytes are multiplied by this before the comparison
+FAST_MEMORY_MARGIN = 1.10
+TRIAL_ROWS = 4  # rows of the larger trial micro-batch: the longest of the run's rows (the smaller: the longest one)
+
+
+def largest_micro_batch(lengths: list[int], rows: int, packed: bool, micro_batches: int, seed: int = 0) -> int:
+    """The most input positions among micro-batches of `rows` rows as shuffled epochs draw them: seeded random
+    orders of all rows, cut into micro-batches, at least four orders and twice the run's `micro_batches`; packed
+    rows end to end, padded ones each to the longest of its micro-batch. The Trainer draws its own order, so this
+    is the tail of what the run will meet, not its exact maximum (the `rows` longest rows together would be, and
+    would be met once in astronomically many epochs)."""
+    import numpy as np
+
+    lens = np.asarray(lengths, dtype=np.int64)
+    rows = min(rows, len(lens))
+    per_order = len(lens) // rows
+    rng = np.random.default_rng(seed)
+    worst = 0
+    for _ in range(max(4, math.ceil(2 * micro_batches / per_order))):
+        mb = lens[rng.permutation(len(lens))][: per_order * rows].reshape(per_order, rows)
+        worst = max(worst, int(mb.sum(1).max() if packed else mb.max(1).max() * rows))
+    return worst
+
+
+def plan_fast_step(lengths: list[int], rows: int, packed: bool, steps: int, fixed: float, per_position: float,
+                   available: float) -> tuple[int, int] | None:
+    """How the fast mode splits an optimizer step's `rows` rows over the run's `steps` steps: (micro-batch,
+    accumulation) with the fewest micro-batches whose largest needs (`fixed` + largest_micro_batch x `per_position`
+    bytes, x FAST_MEMORY_MARGIN) no more than `available` bytes; None where not even one row a micro-batch fits."""
+    for acc in range(1, rows + 1):
+        if rows % acc == 0 and ((fixed + largest_micro_batch(lengths, rows // acc, packed, steps * acc) * per_position)
+                                * FAST_MEMORY_MARGIN <= available):
+            return rows // acc, acc
+    return None
+
+
+def activation_bytes(model, batch: dict, dtype) -> float:
+    """A measured trial on the GPU: one forward and backward of `batch` (from the run's own collator) under autocast
+    to `dtype`, the CUDA allocator's peak above what was allocated before. The gradients it leaves are dropped and
+    the random states restored: the run computes what it would have without it."""
+    import torch
+
+    cpu_rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state_all()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    try:
+        model.train()
+        with torch.autocast("cuda", dtype=dtype):
+            loss = model(**{k: v.to("cuda") if hasattr(v, "to") else v for k, v in batch.items()}).loss
+        loss.backward()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - before)
+    finally:
+        loss = None
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        torch.set_rng_state(cpu_rng)
+        torch.cuda.set_rng_state_all(cuda_rng)
 
 
 def step_timer(count: TokenCount | None = None, warmup: int = 1):
