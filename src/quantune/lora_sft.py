@@ -222,11 +222,12 @@ def fit_fast_step(job: Job, model, train_ds, collator, cdt, steps: int) -> dict:
     fewest micro-batches that fit, the same rows per optimizer step; else the recipe's own micro-batch with
     checkpointing on (the lean mode's shape). Eager trials: a compiled run needs less. Updates job.r and
     job.speed_changes; returns metrics' fast_memory_plan."""
+    import pyarrow.compute as pc
     import torch
 
     r = job.r
     rows = r["per_device_train_batch_size"] * r["gradient_accumulation_steps"]
-    lengths = [len(x) for x in train_ds["input_ids"]]
+    lengths = pc.list_value_length(train_ds.with_format("arrow")["input_ids"]).to_pylist()  # no rows copied out
     packed = r["padding"] == "packed"
     longest = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)[:min(TRIAL_ROWS, rows)]
     fixed = per_position = None
