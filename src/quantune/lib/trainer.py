@@ -305,10 +305,11 @@ def activation_bytes(model, batch: dict, dtype) -> float:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
+    device = next(model.parameters()).device
     try:
         model.train()
-        with torch.autocast("cuda", dtype=dtype):
-            loss = model(**{k: v.to("cuda") if hasattr(v, "to") else v for k, v in batch.items()}).loss
+        with torch.autocast(device.type, dtype=dtype):
+            loss = model(**{k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}).loss
         loss.backward()
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated() - before)
