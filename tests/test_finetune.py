@@ -234,14 +234,14 @@ def test_torch_compile_auto_compiles_the_fast_mode_on_a_gpu_only(monkeypatch, tm
     liger package of the test above patches 'glm')."""
     import types
 
-    from quantune.lib.trainer import LIGER_WITH_COMPILE, liger_kernel_config, with_liger
+    from quantune.lib.trainer import LIGER_WITH_COMPILE, liger_kernel_config, with_kernels
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "glm"}))
     m = {"source": str(tmp_path), "local": True, "hub_config": None}
     for name in ("liger_kernel", "liger_kernel.transformers", "liger_kernel.transformers.monkey_patch"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     sys.modules["liger_kernel.transformers.monkey_patch"].MODEL_TYPE_TO_APPLY_LIGER_FN = {"glm": None}
-    r, changes, note = with_liger({"torch_compile": want, "liger_kernel": "auto", "speed": speed}, m, device,
+    r, changes, note = with_kernels({"torch_compile": want, "liger_kernel": "auto", "speed": speed}, m, device,
                                   "r.yaml", {"padding": "packed"}, "")
     assert r["torch_compile"] is compiled
     assert changes.get("torch_compile") is (True if compiled and want == "auto" else None), changes

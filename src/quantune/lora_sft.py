@@ -46,7 +46,7 @@ from .lib.prompts import ANSWER_FIELD, SFTCollator, build_split, template_of
 from .lib.trainer import (FAST_MEMORY_MARGIN, TRIAL_ROWS, TokenCount, activation_bytes, check_packing,
                           compiled_modules, complete_checkpoints, counting_trainer, fingerprint, keep_checkpoints_of,
                           largest_micro_batch, liger_kernel_config, packing_refusal, plan_fast_step, profiler,
-                          run_record, speed_changes, step_timer, tokens_counting, total_optimizer_steps, with_liger)
+                          run_record, speed_changes, step_timer, tokens_counting, total_optimizer_steps, with_kernels)
 
 
 def _fmt_of(cfg: dict, recipe: dict) -> str:
@@ -163,7 +163,7 @@ def prepare(recipe_path: str, cfg: dict, run_recipe: dict | None = None) -> Job:
             raise fail(f"{where}: key quantization", "nf4 needs bitsandbytes, which is not installed",
                        "pip install bitsandbytes (envs/finetune.yaml pins it) or set quantization: none") from None
     check_target_modules(m, r, where)
-    r, changes, note = with_liger(r, m, device, where, changes, note)
+    r, changes, note = with_kernels(r, m, device, where, changes, note)
     train_rows = load_split(ds, r["train_split"], r.get("max_train_samples"))
     eval_rows = load_split(ds, r["eval_split"], r.get("max_eval_samples"))
     if not train_rows:

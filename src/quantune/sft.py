@@ -43,7 +43,7 @@ from .lib.sft_data import collator, dataset_loss, dedupe_pairs, prepare_data
 from .lib.measure import matmul_tflops, train_flops_per_token
 from .lib.trainer import (TokenCount, check_packing, complete_checkpoints, counting_trainer, drop_incomplete_checkpoints,
                           compiled_modules, fingerprint, keep_checkpoints_of, liger_kernel_config, packing_refusal,
-                          profiler, speed_changes, step_timer, with_liger)
+                          profiler, speed_changes, step_timer, with_kernels)
 
 # keys that change nothing a checkpoint holds: a checkpoint written under other values of them is resumed
 RESUME_IGNORES = ("logging_steps", "save_total_limit", "keep_checkpoints", "description", "early_stopping_patience",
@@ -78,10 +78,10 @@ def speed_settings(cfg: dict, recipe: dict, where: str) -> dict:
     return {**recipe, **changes, "speed_changes": changes, "speed_note": note}
 
 
-def liger_settings(recipe: dict, m: dict, device: str, where: str) -> dict:
-    """The recipe with liger_kernel decided for this device (lib.trainer.with_liger): what auto turned on joins
-    `speed_changes`, why it stayed off joins `speed_note`."""
-    r, changes, note = with_liger(recipe, m, device, where, recipe["speed_changes"], recipe["speed_note"])
+def kernel_settings(recipe: dict, m: dict, device: str, where: str) -> dict:
+    """The recipe with torch_compile and liger_kernel decided for this device (lib.trainer.with_kernels): what auto
+    turned on joins `speed_changes`, why liger stayed off joins `speed_note`."""
+    r, changes, note = with_kernels(recipe, m, device, where, recipe["speed_changes"], recipe["speed_note"])
     return {**r, "speed_changes": changes, "speed_note": note}
 
 
@@ -320,7 +320,7 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
 
     recipe = check_inputs(recipe_path, cfg)
     m = resolve_model(cfg, recipe["model"], must_exist=True)
-    recipe = liger_settings(recipe, m, "cuda" if num_gpus else "cpu", str(recipe_path))
+    recipe = kernel_settings(recipe, m, "cuda" if num_gpus else "cpu", str(recipe_path))
     outp = Path(out)
     ckpt_dir = checkpoint_dir(outp)
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -404,7 +404,7 @@ def _cmd(a) -> None:
         num_gpus = 0 if cfg["scale"] == "tiny" else int(recipe["gpus"])  # a CPU rank at tiny scale
     check_gpus(num_gpus, f"{a.recipe}: key gpus (--num-gpus {num_gpus})")
     m = resolve_model(cfg, recipe["model"], where=str(a.recipe), must_exist=True)
-    recipe = liger_settings(recipe, m, "cuda" if num_gpus else "cpu", str(a.recipe))
+    recipe = kernel_settings(recipe, m, "cuda" if num_gpus else "cpu", str(a.recipe))
     auto_ranks = recipe["zero_auto_ranks"]
     if auto_ranks and max(num_gpus, 1) != auto_ranks:
         raise fail(f"{a.recipe}: key deepspeed_config", f"auto chose {recipe['deepspeed_config']} for {auto_ranks} "

@@ -229,7 +229,7 @@ def compile_setting(r: dict, device: str) -> bool:
     return want is True or (want == "auto" and r["speed"] == "fast" and device == "cuda")
 
 
-def with_liger(r: dict, m: dict, device: str, where: str, changes: dict, note: str) -> tuple[dict, dict, str]:
+def with_kernels(r: dict, m: dict, device: str, where: str, changes: dict, note: str) -> tuple[dict, dict, str]:
     """The recipe with torch_compile (compile_setting) and liger_kernel (liger_setting) decided for this device,
     its mode's changes with what auto turned on, and its note with why liger stayed off."""
     compiled = compile_setting(r, device)
