@@ -13,7 +13,8 @@ spread): the recipe's speed modes seed, fast (packed + the step's rows in one mi
 + each decoder block compiled, torch_compile: auto's choice on a GPU) and lean (packed, checkpointing on, the
 written micro-batch), fast_liger (fast + liger-kernel, where it patches the model: not ChatGLM's `glm` type, a
 one-line error row), fast_upcast (fast with PEFT's fp32 copies of the unquantized weights, kbit_upcast: true),
-fast_eager (fast without compilation), lean_double (lean at twice the written micro-batch, half the accumulation: the same rows per optimizer step),
+fast_eager (fast without compilation), lean_double (lean at twice the written micro-batch, half the accumulation:
+the same rows per optimizer step),
 then single switches on the seed configuration: upcast_off (kbit_upcast: false), packed (padding-free rows),
 no_gc (gradient checkpointing off), one_micro_batch (batch x accumulation, accumulation 1, checkpointing off),
 max_length (every row padded to the length limits). A variant that fails

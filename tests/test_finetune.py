@@ -192,6 +192,19 @@ def test_bad_recipe_stops_with_one_line_before_training(tmp_path, tiny_world, re
     assert time.time() - t0 < 120
 
 
+def stub_liger(monkeypatch, tmp_path, patched: set | None) -> dict:
+    """A stand-in liger-kernel package whose MODEL_TYPE_TO_APPLY_LIGER_FN (read as liger's own) patches the model
+    types `patched` (None: the package is not installed), and a resolved model of type 'glm' in tmp_path."""
+    import types
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "glm"}))
+    for name in ("liger_kernel", "liger_kernel.transformers", "liger_kernel.transformers.monkey_patch"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name) if patched is not None else None)
+    if patched is not None:
+        sys.modules["liger_kernel.transformers.monkey_patch"].MODEL_TYPE_TO_APPLY_LIGER_FN = dict.fromkeys(patched)
+    return {"source": str(tmp_path), "local": True, "hub_config": None}
+
+
 @pytest.mark.parametrize("want,speed,device,patched,on,note", [
     ("auto", "seed", "cuda", {"glm"}, False, ""),  # the seed configuration as written
     ("auto", "fast", "cuda", {"glm"}, True, ""),
@@ -207,16 +220,9 @@ def test_liger_kernel_auto_turns_on_in_the_fast_modes_where_it_can_run(monkeypat
     """liger_kernel: auto is on in fast and lean wherever liger can run (a CUDA GPU, the package, a model type it
     patches: a stand-in package here, its MODEL_TYPE_TO_APPLY_LIGER_FN read as liger's own), off in the seed mode,
     and where it cannot run it says why in speed_note instead of failing; true demands it."""
-    import types
-
     from quantune.lib.trainer import liger_setting
 
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "glm"}))
-    m = {"source": str(tmp_path), "local": True, "hub_config": None}
-    for name in ("liger_kernel", "liger_kernel.transformers", "liger_kernel.transformers.monkey_patch"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name) if patched is not None else None)
-    if patched is not None:
-        sys.modules["liger_kernel.transformers.monkey_patch"].MODEL_TYPE_TO_APPLY_LIGER_FN = dict.fromkeys(patched)
+    m = stub_liger(monkeypatch, tmp_path, patched)
     got, why = liger_setting({"liger_kernel": want, "speed": speed}, m, device, "r.yaml")
     assert got is on and (note in why if note else why == ""), (got, why)
     assert why == "" or why.startswith("liger-kernel stays off: ")
@@ -230,17 +236,11 @@ def test_liger_kernel_auto_turns_on_in_the_fast_modes_where_it_can_run(monkeypat
 ])
 def test_torch_compile_auto_compiles_the_fast_mode_on_a_gpu_only(monkeypatch, tmp_path, want, speed, device, compiled):
     """torch_compile: auto compiles the decoder blocks in the fast mode on a CUDA GPU and nowhere else, records what
-    it turned on in the mode's changes, and then keeps liger-kernel to its fused linear cross-entropy (the stand-in
-    liger package of the test above patches 'glm')."""
-    import types
-
+    it turned on in the mode's changes, and then keeps liger-kernel to its fused linear cross-entropy (a stand-in
+    liger package that patches 'glm')."""
     from quantune.lib.trainer import LIGER_WITH_COMPILE, liger_kernel_config, with_kernels
 
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "glm"}))
-    m = {"source": str(tmp_path), "local": True, "hub_config": None}
-    for name in ("liger_kernel", "liger_kernel.transformers", "liger_kernel.transformers.monkey_patch"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    sys.modules["liger_kernel.transformers.monkey_patch"].MODEL_TYPE_TO_APPLY_LIGER_FN = {"glm": None}
+    m = stub_liger(monkeypatch, tmp_path, {"glm"})
     r, changes, note = with_kernels({"torch_compile": want, "liger_kernel": "auto", "speed": speed}, m, device,
                                   "r.yaml", {"padding": "packed"}, "")
     assert r["torch_compile"] is compiled

@@ -45,8 +45,9 @@ from .lib.plots import plot_losses
 from .lib.prompts import ANSWER_FIELD, SFTCollator, build_split, template_of
 from .lib.trainer import (FAST_MEMORY_MARGIN, TRIAL_ROWS, TokenCount, activation_bytes, check_packing,
                           compiled_modules, complete_checkpoints, counting_trainer, fingerprint, keep_checkpoints_of,
-                          largest_micro_batch, liger_kernel_config, packing_refusal, plan_fast_step, profiler,
-                          run_record, speed_changes, step_timer, tokens_counting, total_optimizer_steps, with_kernels)
+                          largest_micro_batch, liger_kernel_config, micro_batch_positions, packing_refusal,
+                          plan_fast_step, profiler, run_record, speed_changes, step_timer, tokens_counting,
+                          total_optimizer_steps, with_kernels)
 
 
 def _fmt_of(cfg: dict, recipe: dict) -> str:
@@ -232,7 +233,7 @@ def fit_fast_step(job: Job, model, train_ds, collator, cdt, steps: int) -> dict:
     longest = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)[:min(TRIAL_ROWS, rows)]
     fixed = per_position = None
     try:
-        trials = [(sum(lengths[i] for i in rows_) if packed else len(rows_) * lengths[rows_[0]],  # positions
+        trials = [(int(micro_batch_positions([lengths[i] for i in rows_], packed)),
                    activation_bytes(model, collator([train_ds[i] for i in rows_]), cdt))
                   for rows_ in (longest[:1], longest)]
         (p1, b1), (p2, b2) = trials

@@ -264,6 +264,15 @@ FAST_MEMORY_MARGIN = 1.10
 TRIAL_ROWS = 4  # rows of the larger trial micro-batch: the longest of the run's rows (the smaller: the longest one)
 
 
+def micro_batch_positions(lengths, packed: bool):
+    """Input positions a micro-batch of rows of these lengths computes (along the last axis of an array of them):
+    packed rows end to end, padded ones each to the longest of the micro-batch."""
+    import numpy as np
+
+    lens = np.asarray(lengths, dtype=np.int64)
+    return lens.sum(-1) if packed else lens.max(-1) * lens.shape[-1]
+
+
 def largest_micro_batch(lengths: list[int], rows: int, packed: bool, micro_batches: int, seed: int = 0) -> int:
     """The most input positions among micro-batches of `rows` rows as shuffled epochs draw them: seeded random
     orders of all rows, cut into micro-batches, at least four orders and twice the run's `micro_batches`; packed
@@ -279,7 +288,7 @@ def largest_micro_batch(lengths: list[int], rows: int, packed: bool, micro_batch
     worst = 0
     for _ in range(max(4, math.ceil(2 * micro_batches / per_order))):
         mb = lens[rng.permutation(len(lens))][: per_order * rows].reshape(per_order, rows)
-        worst = max(worst, int(mb.sum(1).max() if packed else mb.max(1).max() * rows))
+        worst = max(worst, int(micro_batch_positions(mb, packed).max()))
     return worst
 
 
