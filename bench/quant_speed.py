@@ -10,6 +10,7 @@ and the measurements. A nested phase is also inside its parent: the table says w
 
     python bench/quant_speed.py --out bench/results                         # scale shape, on the GPU machine
     python bench/quant_speed.py --methods gptq --models opt-6.7b --out /tmp/qs
+    python bench/quant_speed.py --methods awq gptq --series gptq --out /tmp/qs  # AWQ at the 6.7b shape only
     python bench/quant_speed.py --scale tiny --models opt-6.7b --out /tmp/qs  # the same code on the tiny OPT, CPU
 
 Writes quant_speed.json (a list of rows: method, path, model, params, seconds (the stage's quant_seconds),
@@ -274,6 +275,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="*", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--models", nargs="*", default=MODELS)
+    p.add_argument("--series", nargs="*", default=list(RECIPES), choices=list(RECIPES),
+                   help="methods run at every --models size; the others at the largest only")
     p.add_argument("--paths", nargs="*", default=list(PATHS), choices=list(PATHS))
     p.add_argument("--scale", default="shape", choices=["tiny", "shape"])
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -287,7 +290,7 @@ def main(argv=None) -> int:
     check = hessian_check()
     with tempfile.TemporaryDirectory() as tmp:
         for method in a.methods:
-            for model in a.models:
+            for model in a.models if method in a.series else a.models[-1:]:
                 for path_name in a.paths:
                     print(f"quant_speed: {method} {model} {path_name}", flush=True)
                     js = Path(tmp) / f"{method}-{model}-{path_name}.json"
