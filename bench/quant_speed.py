@@ -56,6 +56,16 @@ PHASES = {
                               "quantize (oneshot)"),
     "AWQ smoothing (scale search)": ("llmcompressor.modifiers.transform.awq.base", "AWQModifier._apply_smoothing",
                                      "quantize (oneshot)"),
+    # inside the scale search: the parent module's forwards (once unquantized, once per grid point), their loss, and
+    # each grid point's weight statistics, qparams and fake quantization
+    "AWQ parent forwards": ("llmcompressor.modifiers.transform.awq.base", "AWQModifier._run_samples",
+                            "AWQ smoothing (scale search)"),
+    "AWQ loss": ("llmcompressor.modifiers.transform.awq.base", "AWQModifier._compute_loss",
+                 "AWQ smoothing (scale search)"),
+    "AWQ observe weights": ("llmcompressor.modifiers.transform.awq.base", "observe", "AWQ smoothing (scale search)"),
+    "AWQ qparams": ("llmcompressor.modifiers.transform.awq.base", "update_qparams", "AWQ smoothing (scale search)"),
+    "AWQ fake quantize": ("llmcompressor.modifiers.transform.awq.base", "forward_quantize",
+                          "AWQ smoothing (scale search)"),
     "save_pretrained": ("transformers.modeling_utils", "PreTrainedModel.save_pretrained", None),
     "quantized measure": ("quantune.quantize", "measure_saved", None),
 }

@@ -406,6 +406,43 @@ def test_fast_mode_batches_calibration_without_rescaling_hessians(tiny_world, tm
 
 
 @pytest.mark.slow
+def test_awq_fast_mode_batches_calibration_to_the_same_quantized_weights(tiny_world, tmp_path):
+    """AWQ's fast mode on a CPU changes only the calibration batching (here 64 rows a forward against the recipe's
+    8): the activation means and the grid search's losses are the same sums in another order (llm-compressor
+    divides the summed squared error by the element count), so the chosen scales agree to fp32 rounding and every
+    packed integer weight and zero point is llm-compressor's own path's. Measured: 44 of 140 saved tensors differ,
+    all floating (scales, the smoothed norms and biases), by <= 2.5e-7 of their largest entry; perplexity 2e-8 and
+    KL 4e-7 relative."""
+    import torch
+    from safetensors.torch import load_file
+
+    from quantune.quantize import run
+
+    cfg = load_config(overrides={"results": {"tiny": str(tiny_world.parent), "full": str(tmp_path / "full")}})
+    got = {}
+    for speed in ("seed", "fast"):
+        (tmp_path / speed).mkdir()
+        raw = recipe("awq_opt67b", speed=speed)
+        raw["tiny"]["calibration_batch_size"] = 8
+        m = run(str(write_recipe(tmp_path / speed, "awq_opt67b", raw)), str(tmp_path / speed / "out"), cfg)
+        tensors = {}
+        for f in sorted((tmp_path / speed / "out" / "model").glob("*.safetensors")):
+            tensors.update(load_file(f))
+        got[speed] = (m, tensors)
+    (seed, ts), (fast, tf) = got["seed"], got["fast"]
+    assert (seed["calibration_batch_size"], fast["calibration_batch_size"]) == (8, 64)
+    assert ts.keys() == tf.keys() and any(k.endswith("weight_packed") for k in ts)
+    for k in ts:
+        if ts[k].is_floating_point():
+            scale = ts[k].abs().max().clamp_min(1e-12)
+            assert (ts[k] - tf[k]).abs().max() / scale < 1e-5, k
+        else:  # packed weights, zero points
+            assert torch.equal(ts[k], tf[k]), k
+    assert abs(fast["ppl_quant"] / seed["ppl_quant"] - 1) < 1e-6
+    assert abs(fast["kl_vs_base"] / seed["kl_vs_base"] - 1) < 1e-4
+
+
+@pytest.mark.slow
 def test_gptq_counts_the_layers_llmcompressor_rounded_to_nearest(tiny_world, tmp_path, monkeypatch):
     """A Hessian that does not invert makes llm-compressor quantize that layer by rounding to nearest, which it only
     logs (and forgets at finalize): metrics.json's gptq_rtn_fallback_layers must count them. Every fc2 Hessian (the
