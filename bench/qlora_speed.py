@@ -13,8 +13,9 @@ spread): the recipe's speed modes seed, fast (packed + the step's rows in one mi
 + each decoder block compiled, torch_compile: auto's choice on a GPU) and lean (packed, checkpointing on, the
 written micro-batch), fast_liger (fast + liger-kernel, where it patches the model: not ChatGLM's `glm` type, a
 one-line error row), fast_upcast (fast with PEFT's fp32 copies of the unquantized weights, kbit_upcast: true),
-fast_eager (fast without compilation), lean_double (lean at twice the written micro-batch, half the accumulation:
-the same rows per optimizer step),
+fast_eager (fast without compilation), lean_compile (lean with each checkpointed decoder block compiled),
+lean_double (lean at twice the written micro-batch, half the accumulation: the same rows per optimizer step) and
+lean_double_compile,
 then single switches on the seed configuration: upcast_off (kbit_upcast: false), packed (padding-free rows),
 no_gc (gradient checkpointing off), one_micro_batch (batch x accumulation, accumulation 1, checkpointing off),
 max_length (every row padded to the length limits). A variant that fails
@@ -48,14 +49,16 @@ def variants(r: dict) -> dict[str, dict]:
     acc = r["gradient_accumulation_steps"]
     # lean with twice the written micro-batch and half the accumulation (the same rows per optimizer step): its
     # checkpointed activations are small beside the NF4 weights, so the seed's peak may still hold them
-    double = {"lean_double": {"speed": "lean", "per_device_train_batch_size": 2 * r["per_device_train_batch_size"],
-                              "gradient_accumulation_steps": acc // 2}} if acc % 2 == 0 else {}
+    lean2 = {"speed": "lean", "per_device_train_batch_size": 2 * r["per_device_train_batch_size"],
+             "gradient_accumulation_steps": acc // 2}
+    double = {"lean_double": lean2, "lean_double_compile": {**lean2, "torch_compile": True}} if acc % 2 == 0 else {}
     return {
         "seed": seed, "seed_again": seed,
         "fast": {"speed": "fast"}, "lean": {"speed": "lean"},  # the recipe's modes (lora_sft.speed_settings)
         "fast_liger": {"speed": "fast", "liger_kernel": True},  # fast + liger-kernel (where it patches the model)
         "fast_upcast": {"speed": "fast", "kbit_upcast": True},  # fast with PEFT's fp32 unquantized weights
         "fast_eager": {"speed": "fast", "torch_compile": False},  # fast without compiling the decoder blocks
+        "lean_compile": {"speed": "lean", "torch_compile": True},  # lean with compiled (checkpointed) decoder blocks
         "upcast_off": {**seed, "kbit_upcast": False},  # the seed configuration with them in compute_dtype
         # one switch at a time, on the seed configuration: what each part of fast is worth
         "packed": {**seed, "padding": "packed"},
