@@ -3,9 +3,8 @@ they came from. Perplexity on held-out text (the same windows and token ids for 
 quantune.evaluate.perplexity), prompt-processing and generation tokens/s, file sizes, and greedy generations
 for the same prompt ids side by side.
 
-llama.cpp runs in a process of its own that never imports torch (LlamaProcess): torch's CUDA libraries and a CUDA
-build of llama.cpp in one process aborted on the GPU machine ("free(): invalid pointer"). This process holds the
-transformers model; the other the GGUFs, scored on the same ids and windows (lib.measure.windowed_nll).
+llama.cpp runs in a process of its own that never imports torch (LlamaProcess; why: lib.gguf.import_llama_cpp).
+This process holds the transformers model; the other the GGUFs, scored on the same ids and windows (lib.measure.windowed_nll).
 
     python -m quantune.gguf_evaluate --recipe recipes/gguf_eval.yaml --out results/gguf_eval
 """

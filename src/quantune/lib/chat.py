@@ -137,8 +137,8 @@ def load(cm: ChatModel, cfg: dict) -> Loaded:
 
 
 class GGUFProcess:
-    """A GGUF model in a process of its own (multiprocessing's spawn; lib.gguf.serve_llama, no torch there: torch's
-    CUDA libraries beside a CUDA build of llama.cpp aborted a process on the GPU machine), with llama-cpp-python's
+    """A GGUF model in a process of its own (multiprocessing's spawn; lib.gguf.serve_llama, no torch there: see
+    lib.gguf.import_llama_cpp), with llama-cpp-python's
     streaming create_completion as its interface."""
 
     def __init__(self, path: str, want_gpu: bool):

@@ -46,6 +46,10 @@ def sha256_file(path: str | Path) -> str:
 
 
 def import_llama_cpp():
+    """llama_cpp, for a process that will never import torch after it. On the GPU machine (H100, 2026-12-05; a CUDA
+    build of llama-cpp-python 0.3.36, which links the system's libstdc++) `import torch` after llama_cpp aborted
+    inside torch's own import ("free(): invalid pointer"); torch first and then llama_cpp ran, and so did a process
+    with llama_cpp alone (gguf_quantize included). The GGUF steps keep llama.cpp and torch in separate processes."""
     try:
         import llama_cpp
     except ImportError:
@@ -135,8 +139,8 @@ def write_tb(out: Path, scalars: dict, metrics: dict) -> None:
 
 
 def serve_llama(conn, path: str, want_gpu: bool) -> None:
-    """A GGUF model served over a multiprocessing connection, in a process that imports no torch (torch's CUDA
-    libraries beside a CUDA build of llama.cpp aborted a process on the GPU machine): ("ready", on_gpu) once
+    """A GGUF model served over a multiprocessing connection, in a process that imports no torch (import_llama_cpp says why):
+    ("ready", on_gpu) once
     loaded, then for each (prompt, kwargs) create_completion's chunks as ("chunk", c) and ("end", None);
     ("error", line) for a failure; "close" ends it."""
     def line(e: BaseException) -> str:

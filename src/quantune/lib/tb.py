@@ -15,8 +15,7 @@ from typing import Any
 
 def peak_memory_mb() -> float:
     """Peak memory of this process: CUDA allocator peak on a GPU run, else the peak RSS. torch is read only where
-    this process imported it (a llama.cpp stage never does: torch's CUDA libraries beside llama.cpp's CUDA build
-    aborted a process on the GPU machine)."""
+    this process imported it (a llama.cpp stage never does: lib.gguf.import_llama_cpp says why)."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20
