@@ -346,6 +346,28 @@ def test_fast_mode_keeps_activations_on_the_gpu_only_where_they_fit():
     assert activations_placement(fp32, 128 * 2048, "cuda:0") == {}
 
 
+def seed_and_fast(tiny_world, tmp_path, name: str, batch_size: int | None = None) -> dict:
+    """The quantize stage's runs of recipe `name` at speed seed and at speed fast from the tiny world (the tiny
+    block's calibration batch set to batch_size where given): {speed: (metrics, the saved model's tensors)}."""
+    from safetensors.torch import load_file
+
+    from quantune.quantize import run
+
+    cfg = load_config(overrides={"results": {"tiny": str(tiny_world.parent), "full": str(tmp_path / "full")}})
+    got = {}
+    for speed in ("seed", "fast"):
+        (tmp_path / speed).mkdir()
+        raw = recipe(name, speed=speed)
+        if batch_size:
+            raw["tiny"]["calibration_batch_size"] = batch_size
+        m = run(str(write_recipe(tmp_path / speed, name, raw)), str(tmp_path / speed / "out"), cfg)
+        tensors = {}
+        for f in sorted((tmp_path / speed / "out" / "model").glob("*.safetensors")):
+            tensors.update(load_file(f))
+        got[speed] = (m, tensors)
+    return got
+
+
 @pytest.mark.slow
 def test_fast_mode_quantizes_to_llmcompressors_weights_with_one_hessian_per_input(tiny_world, tmp_path):
     """speed: fast against llm-compressor's own path (speed: seed) on the tiny OPT: on a CPU the fast mode's
@@ -353,21 +375,10 @@ def test_fast_mode_quantizes_to_llmcompressors_weights_with_one_hessian_per_inpu
     only if each shared Hessian is the one its layers' common input gives (q/k/v read one LayerNorm output:
     2 of every block's 3 share; out_proj and fc1, of the same width, must not)."""
     import torch
-    from safetensors.torch import load_file
 
     from quantune.lib.metrics import check_metrics
-    from quantune.quantize import run
 
-    cfg = load_config(overrides={"results": {"tiny": str(tiny_world.parent), "full": str(tmp_path / "full")}})
-    got = {}
-    for speed in ("seed", "fast"):
-        (tmp_path / speed).mkdir()
-        path = write_recipe(tmp_path / speed, "gptq_opt67b", recipe("gptq_opt67b", speed=speed))
-        m = run(str(path), str(tmp_path / speed / "out"), cfg)
-        tensors = {}
-        for f in sorted((tmp_path / speed / "out" / "model").glob("*.safetensors")):
-            tensors.update(load_file(f))
-        got[speed] = (m, tensors)
+    got = seed_and_fast(tiny_world, tmp_path, "gptq_opt67b")
     (seed, ts), (fast, tf) = got["seed"], got["fast"]
     layers = seed["quantized_layers"] // 6  # q, k, v, out_proj, fc1, fc2 per block
     assert seed["speed"] == "seed" and seed["speed_changes"] == {} and seed["hessians_shared"] == 0
@@ -388,16 +399,8 @@ def test_fast_mode_batches_calibration_without_rescaling_hessians(tiny_world, tm
     counts a Hessian's samples by its input's leading dimension, 1 for the 2-D inputs of OPT's fc1 and fc2 (16x
     fewer calls here), which would scale those Hessians and their GPTQ losses by 16: the fast mode must count the
     recipe's way, so GPTQ's layer losses and perplexity stay the seed path's (up to the batches' fp32 rounding)."""
-    from quantune.quantize import run
-
-    cfg = load_config(overrides={"results": {"tiny": str(tiny_world.parent), "full": str(tmp_path / "full")}})
-    got = {}
-    for speed in ("seed", "fast"):
-        (tmp_path / speed).mkdir()
-        raw = recipe("gptq_opt67b", speed=speed)
-        raw["tiny"]["calibration_batch_size"] = 4
-        got[speed] = run(str(write_recipe(tmp_path / speed, "gptq_opt67b", raw)), str(tmp_path / speed / "out"), cfg)
-    seed, fast = got["seed"], got["fast"]
+    got = seed_and_fast(tiny_world, tmp_path, "gptq_opt67b", batch_size=4)
+    (seed, _), (fast, _) = got["seed"], got["fast"]
     assert (seed["calibration_batch_size"], fast["calibration_batch_size"]) == (4, 64)
     # measured: layer losses' mean 1.0023x and max 1.011x (other batch shapes round fp32 sums otherwise, and GPTQ's
     # rounding decisions follow), perplexity 1.00006x; without the recipe's count, 15.0x and 16.2x
@@ -414,21 +417,8 @@ def test_awq_fast_mode_batches_calibration_to_the_same_quantized_weights(tiny_wo
     all floating (scales, the smoothed norms and biases), by <= 2.5e-7 of their largest entry; perplexity 2e-8 and
     KL 4e-7 relative."""
     import torch
-    from safetensors.torch import load_file
 
-    from quantune.quantize import run
-
-    cfg = load_config(overrides={"results": {"tiny": str(tiny_world.parent), "full": str(tmp_path / "full")}})
-    got = {}
-    for speed in ("seed", "fast"):
-        (tmp_path / speed).mkdir()
-        raw = recipe("awq_opt67b", speed=speed)
-        raw["tiny"]["calibration_batch_size"] = 8
-        m = run(str(write_recipe(tmp_path / speed, "awq_opt67b", raw)), str(tmp_path / speed / "out"), cfg)
-        tensors = {}
-        for f in sorted((tmp_path / speed / "out" / "model").glob("*.safetensors")):
-            tensors.update(load_file(f))
-        got[speed] = (m, tensors)
+    got = seed_and_fast(tiny_world, tmp_path, "awq_opt67b", batch_size=8)
     (seed, ts), (fast, tf) = got["seed"], got["fast"]
     assert (seed["calibration_batch_size"], fast["calibration_batch_size"]) == (8, 64)
     assert ts.keys() == tf.keys() and any(k.endswith("weight_packed") for k in ts)
