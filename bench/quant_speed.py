@@ -286,7 +286,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="*", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--models", nargs="*", default=MODELS)
     p.add_argument("--series", nargs="*", default=list(RECIPES), choices=list(RECIPES),
-                   help="methods run at every --models size; the others at the largest only")
+                   help="methods run at every --models size; the others at the last one only (the largest by default)")
     p.add_argument("--paths", nargs="*", default=list(PATHS), choices=list(PATHS))
     p.add_argument("--scale", default="shape", choices=["tiny", "shape"])
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")

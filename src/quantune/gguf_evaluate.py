@@ -4,7 +4,8 @@ quantune.evaluate.perplexity), prompt-processing and generation tokens/s, file s
 for the same prompt ids side by side.
 
 llama.cpp runs in a process of its own that never imports torch (LlamaProcess; why: lib.gguf.import_llama_cpp).
-This process holds the transformers model; the other the GGUFs, scored on the same ids and windows (lib.measure.windowed_nll).
+This process holds the transformers model; the other the GGUFs, scored on the same ids and windows
+(lib.measure.windowed_nll).
 
     python -m quantune.gguf_evaluate --recipe recipes/gguf_eval.yaml --out results/gguf_eval
 """

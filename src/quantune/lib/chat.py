@@ -138,8 +138,7 @@ def load(cm: ChatModel, cfg: dict) -> Loaded:
 
 class GGUFProcess:
     """A GGUF model in a process of its own (multiprocessing's spawn; lib.gguf.serve_llama, no torch there: see
-    lib.gguf.import_llama_cpp), with llama-cpp-python's
-    streaming create_completion as its interface."""
+    lib.gguf.import_llama_cpp), with llama-cpp-python's streaming create_completion as its interface."""
 
     def __init__(self, path: str, want_gpu: bool):
         import multiprocessing

@@ -139,10 +139,9 @@ def write_tb(out: Path, scalars: dict, metrics: dict) -> None:
 
 
 def serve_llama(conn, path: str, want_gpu: bool) -> None:
-    """A GGUF model served over a multiprocessing connection, in a process that imports no torch (import_llama_cpp says why):
-    ("ready", on_gpu) once
-    loaded, then for each (prompt, kwargs) create_completion's chunks as ("chunk", c) and ("end", None);
-    ("error", line) for a failure; "close" ends it."""
+    """A GGUF model served over a multiprocessing connection, in a process that imports no torch (import_llama_cpp
+    says why): ("ready", on_gpu) once loaded, then for each (prompt, kwargs) create_completion's chunks as
+    ("chunk", c) and ("end", None); ("error", line) for a failure; "close" ends it."""
     def line(e: BaseException) -> str:
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
