@@ -17,9 +17,9 @@ Writes quant_speed.json (a list of rows: method, path, model, params, seconds (t
 peak_gib, split (phase -> seconds), the result figures (GPTQ's mean layer loss, perplexity, KL to the unquantized
 model), gpu) and quant_speed.md: per method and model the project path's time and peak against llm-compressor's
 and how far its result is from it; one plot each of time and peak memory against parameters for both paths. On a
-GPU it also checks the fast path's Hessian update against llm-compressor's on one half-precision batch. Run it
-where scripts/gpu_check.sh installed the quantize group's wheels (PYTHONPATH set); the shape world is built by
-the workflow's rules.
+GPU it also checks the fast path's Hessian update (GPTQ) and grid-search loss (AWQ) against llm-compressor's on one
+half-precision batch. Run it where scripts/gpu_check.sh installed the quantize group's wheels (PYTHONPATH set); the
+shape world is built by the workflow's rules.
 """
 from __future__ import annotations
 
@@ -66,6 +66,10 @@ PHASES = {
     "AWQ qparams": ("llmcompressor.modifiers.transform.awq.base", "update_qparams", "AWQ smoothing (scale search)"),
     "AWQ fake quantize": ("llmcompressor.modifiers.transform.awq.base", "forward_quantize",
                           "AWQ smoothing (scale search)"),
+    # the fast path's grid-search loss for a Linear parent: its inputs' Gram matrix once, a quadratic form a grid point
+    "AWQ Gram matrices (fast)": ("quantune.lib.quant_backends", "centred_gram", "AWQ smoothing (scale search)"),
+    "AWQ Gram-matrix loss (fast)": ("quantune.lib.quant_backends", "AwqLinearLoss.loss",
+                                    "AWQ smoothing (scale search)"),
     "save_pretrained": ("transformers.modeling_utils", "PreTrainedModel.save_pretrained", None),
     "quantized measure": ("quantune.quantize", "measure_saved", None),
 }
@@ -219,14 +223,75 @@ def hessian_check(device: str = "cuda", d: int = 16384, batch: int = 8, seq: int
     return out
 
 
+def awq_loss_check(device: str = "cuda", d_in: int = 16384, d_out: int = 4096, tokens: int = 16384) -> dict | None:
+    """On a GPU: AWQ's grid-search loss for one grid point of a layer shaped like OPT-6.7B's fc2 (post-ReLU fp16
+    inputs, every entry >= 0; the weight against its 4-bit group-128 min-max rounding), as llm-compressor computes it
+    (fp16 forwards of both weights, the squared error summed in fp32: what the stage's fp32_awq_loss runs) and as the
+    fast path does (lib.quant_backends.AwqLinearLoss: the inputs' centred Gram matrix once, then one TF32 quadratic
+    form), each against the float64 loss of the same fp16 weights and inputs, with the seconds a grid point costs
+    each way and the Gram matrix's one-off seconds."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        return None
+    from quantune.lib.quant_backends import AwqLinearLoss, centred_gram
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(d_in, d_out, device=device, dtype=torch.float16)
+    w0 = layer.weight.detach().clone()
+    g = w0.float().reshape(d_out, -1, 128)  # 4-bit asymmetric min-max rounding per group of 128
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    step = ((hi - lo) / 15).clamp_min(1e-8)
+    w1 = (((g - lo) / step).round().clamp(0, 15) * step + lo).reshape(d_out, d_in).half()
+    x = torch.randn(tokens // 2048, 2048, d_in, device=device, dtype=torch.float16).relu_()
+    dw = w1.double() - w0.double()
+    exact = sum((b.reshape(-1, d_in).double() @ dw.t()).pow(2).sum().item() for b in x) / (tokens * d_out)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def llmcompressor():
+        ref = [torch.nn.functional.linear(b, w0, layer.bias) for b in x]
+        out = [torch.nn.functional.linear(b, w1, layer.bias) for b in x]
+        err = sum(torch.nn.functional.mse_loss(a.float(), c.float(), reduction="sum") for a, c in zip(ref, out))
+        return err.item() / (tokens * d_out)
+
+    state = AwqLinearLoss()
+    t0 = time.perf_counter()
+    state.active = (layer, *centred_gram(lambda: iter(x), d_in, x.device), w0)
+    sync()
+    gram_seconds = time.perf_counter() - t0
+    out = {"input": f"{tokens:,} tokens x {d_in:,} fp16 (relu of standard normal), weight {d_out:,} x {d_in:,}",
+           "gram_seconds": round(gram_seconds, 4)}
+    for name, fn in (("llmcompressor", llmcompressor), ("project", lambda: state.loss(None, None, None, [w1]))):
+        fn()  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        got = fn()
+        sync()
+        out[name] = {"seconds_per_grid_point": round(time.perf_counter() - t0, 4), "loss": got,
+                     "rel_error": got / exact - 1}
+    out["exact"] = exact
+    return out
+
+
 def check_lines(check: dict) -> list[str]:
     from quantune.lib.tables import markdown_table
 
-    rows = [[name, v["seconds"], f"{v['max_rel_error']:.2e}", f"{v['spectral_error_over_damping']:.3g}"]
-            for name, v in check.items() if isinstance(v, dict)]
-    return [f"Hessian update on one batch ({check['input']}), each path against the float64 product:", "",
-            *markdown_table(["path", "seconds", "largest error / largest entry", "error's spectral norm / damping"],
-                            rows), ""]
+    lines = []
+    if check.get("hessian"):
+        h = check["hessian"]
+        rows = [[name, v["seconds"], f"{v['max_rel_error']:.2e}", f"{v['spectral_error_over_damping']:.3g}"]
+                for name, v in h.items() if isinstance(v, dict)]
+        lines += [f"Hessian update on one batch ({h['input']}), each path against the float64 product:", "",
+                  *markdown_table(["path", "seconds", "largest error / largest entry",
+                                   "error's spectral norm / damping"], rows), ""]
+    if check.get("awq_loss"):
+        a = check["awq_loss"]
+        rows = [[name, v["seconds_per_grid_point"], f"{v['rel_error']:.2e}"]
+                for name, v in a.items() if isinstance(v, dict)]
+        lines += [f"AWQ grid-search loss of one grid point ({a['input']}; the fast path's Gram matrix once: "
+                  f"{a['gram_seconds']} s), each path against the float64 loss:", "",
+                  *markdown_table(["path", "seconds a grid point", "relative error"], rows), ""]
+    return lines
 
 
 def write(rows: list[dict], check: dict | None, out: Path) -> None:
@@ -297,7 +362,8 @@ def main(argv=None) -> int:
         one_run(*a.one[:3], a.scale, a.set, Path(a.one[3]))
         return 0
     rows: list[dict] = []
-    check = hessian_check()
+    check = {"hessian": hessian_check() if "gptq" in a.methods else None,
+             "awq_loss": awq_loss_check() if "awq" in a.methods else None}
     with tempfile.TemporaryDirectory() as tmp:
         for method in a.methods:
             for model in a.models if method in a.series else a.models[-1:]:

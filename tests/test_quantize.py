@@ -409,18 +409,39 @@ def test_fast_mode_batches_calibration_without_rescaling_hessians(tiny_world, tm
 
 
 @pytest.mark.slow
-def test_awq_fast_mode_batches_calibration_to_the_same_quantized_weights(tiny_world, tmp_path):
-    """AWQ's fast mode on a CPU changes only the calibration batching (here 64 rows a forward against the recipe's
-    8): the activation means and the grid search's losses are the same sums in another order (llm-compressor
-    divides the summed squared error by the element count), so the chosen scales agree to fp32 rounding and every
-    packed integer weight and zero point is llm-compressor's own path's. Measured: 44 of 140 saved tensors differ,
-    all floating (scales, the smoothed norms and biases), by <= 2.5e-7 of their largest entry; perplexity 2e-8 and
-    KL 4e-7 relative."""
+def test_awq_fast_mode_gives_the_same_quantized_weights(tiny_world, tmp_path, monkeypatch):
+    """AWQ's fast mode on a CPU against llm-compressor's own path (speed: seed): it batches the calibration (here 64
+    rows a forward against the recipe's 8) and, for the mappings whose parent is their one balance Linear (out_proj,
+    fc1, fc2), takes each grid point's loss from the inputs' Gram matrix (lib.quant_backends.AwqLinearLoss) instead
+    of the parent's forwards. Both are the same sums in another order, so:
+    - at every such grid point the fast loss is llm-compressor's own (its _run_samples + _compute_loss, run beside it
+      here on the same weights) to fp32 rounding (measured: <= 1.8e-7 relative);
+    - the chosen scales agree to fp32 rounding and every packed integer weight and zero point is the seed path's.
+      Measured: 44 of 140 saved tensors differ, all floating (scales, the smoothed norms and biases), by <= 2.5e-7 of
+      their largest entry; perplexity 2e-8 and KL 4e-7 relative. Dropping the Gram loss's mean term (n |D mu|^2)
+      moves a saved scale by 0.21 of its largest entry."""
     import torch
+    from llmcompressor.modifiers.transform.awq import AWQModifier
 
+    from quantune.lib import quant_backends
+
+    run_samples, compute_loss = AWQModifier._run_samples, AWQModifier._compute_loss  # llm-compressor's own
+    gram_loss, pairs = quant_backends.AwqLinearLoss.loss, []
+
+    def beside_llmcompressors(self, orig, modifier, fp16_outputs, int_w_outputs):
+        got = gram_loss(self, orig, modifier, fp16_outputs, int_w_outputs)
+        if self.active is not None:
+            pairs.append((got, compute_loss(modifier, fp16_outputs, run_samples(modifier, self.active[0]))))
+        return got
+
+    monkeypatch.setattr(quant_backends.AwqLinearLoss, "loss", beside_llmcompressors)
     got = seed_and_fast(tiny_world, tmp_path, "awq_opt67b", batch_size=8)
     (seed, ts), (fast, tf) = got["seed"], got["fast"]
     assert (seed["calibration_batch_size"], fast["calibration_batch_size"]) == (8, 64)
+    layers = seed["quantized_layers"] // 6
+    assert fast["awq_gram_mappings"] == 3 * layers and "awq_gram_mappings" not in seed
+    assert len(pairs) == 3 * layers * recipe("awq_opt67b")["n_grid"]  # duo_scaling true: n_grid points in all
+    assert max(abs(a / b - 1) for a, b in pairs) < 1e-6, pairs
     assert ts.keys() == tf.keys() and any(k.endswith("weight_packed") for k in ts)
     for k in ts:
         if ts[k].is_floating_point():

@@ -24,7 +24,7 @@ from typing import Any
 from .lib.common import atomic_dir, fail, run_cli, write_metrics
 from .lib.measure import (PeakMemory, first_window_logits, generation_speed, kl_divergence, kl_reference, perplexity,
                           release_memory, safetensors_bytes, sign_split, split_metrics, weights_bytes)
-from .lib.models import count_parameters, load_model, pick_device, set_cpu_threads
+from .lib.models import count_parameters, load_model, pick_device, set_cpu_threads, to_host
 from .lib.quant_arch import check_against_model, quantized_linears
 from .lib.quant_backends import bnb_config, quantize_gptqmodel, quantize_llmcompressor
 from .lib.quant_data import calibration_samples, eval_ids
@@ -212,9 +212,10 @@ def quantize_in_memory(model, job: Job, save_dir: Path) -> dict:
         original = {n: mod.weight.detach().to("cpu", copy=True) for n, mod in quantized_linears(model, list(r["ignore"]))}
     offload = offloads_model(r, job.device)
     moved = 0.0
+    pinned = None
     if offload:  # llm-compressor's sequential pipeline then onloads one decoder layer at a time
         t0 = time.perf_counter()
-        model.to("cpu")
+        pinned = to_host(model)
         release_memory()
         moved += time.perf_counter() - t0
     with PeakMemory() as pk:
@@ -226,7 +227,7 @@ def quantize_in_memory(model, job: Job, save_dir: Path) -> dict:
         remove_dispatch(model)  # (onload_tensors=True would onload lm_head and its tied embeddings apart)
         model.to(job.device)
         moved += time.perf_counter() - t0
-    extra.update(quant_move_seconds=moved, **speed_changes(r, extra, offload))
+    extra.update(quant_move_seconds=moved, **speed_changes(r, extra, offload, pinned))
     pk.seconds += moved
     ref_logits = first_window_logits(model, job.ids, r["context"])
     split = {}
@@ -246,15 +247,18 @@ def offloads_model(recipe: dict, device: str) -> bool:
     return recipe.get("speed") == "fast" and device == "cuda" and recipe["method"] in CALIBRATED
 
 
-def speed_changes(recipe: dict, extra: dict, offload: bool) -> dict:
+def speed_changes(recipe: dict, extra: dict, offload: bool, pinned: bool | None) -> dict:
     """What the recipe's speed mode changed against llm-compressor's own call (metrics' speed_changes)."""
     if recipe.get("speed") != "fast" or recipe["method"] not in CALIBRATED:
         return {"speed": recipe.get("speed", "seed"), "speed_changes": {}}
     changes = {"calibration_batch_size": extra.get("calibration_batch_size")}
     if recipe["method"] == "gptq":
         changes["hessians"] = f"{extra['hessian_products']}; {extra['hessians_shared']} layers share another's"
+    if recipe["method"] == "awq":
+        changes["grid_search_loss"] = extra.get("awq_grid_loss")
     if offload:
-        changes.update(model_during_oneshot="cpu, one decoder layer onloaded at a time",
+        changes.update(model_during_oneshot=f"cpu ({'page-locked' if pinned else 'pageable'} memory), one decoder "
+                                            "layer onloaded at a time",
                        activations_between_layers=extra.get("_activations_on"))
     return {"speed": "fast", "speed_changes": changes}
 

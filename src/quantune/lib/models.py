@@ -141,6 +141,28 @@ def load_model(source: str, *, trust_remote_code: bool = False, dtype=None, devi
     return model, tok
 
 
+def to_host(model, pin: bool = True) -> bool:
+    """Move every parameter and buffer of `model` to CPU memory, page-locked where `pin` and CUDA allow it (copies
+    between it and the GPU then run at DMA speed, not through pageable memory), as model.to("cpu") does otherwise:
+    each tensor's .data is replaced, so tied parameters stay one. Falls back to pageable memory where pinning
+    fails. Returns whether the memory is pinned."""
+    import torch
+
+    pin = pin and torch.cuda.is_available()
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for t in tensors.values():
+                if t is None or t.device.type == "cpu":
+                    continue
+                try:
+                    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+                except RuntimeError:  # no page-locked memory left: the rest pageable
+                    pin = False
+                    host = torch.empty(t.shape, dtype=t.dtype)
+                t.data = host.copy_(t.data)
+    return pin
+
+
 def pick_device(recipe: dict, where: str) -> str:
     """The recipe's `device` (auto | cpu | cuda) on this machine; cuda without a GPU is one clear error."""
     import torch

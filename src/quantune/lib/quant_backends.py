@@ -263,6 +263,106 @@ def fast_gptq_hessians(state: GptqHessians):
         GPTQModifier.calibrate_module = orig
 
 
+def centred_gram(inputs, width: int, device) -> tuple:
+    """The centred Gram matrix Xc^T Xc (fp32; TF32 tensor-core products of HESSIAN_CHUNK_TOKENS-row chunks on a
+    GPU), the mean row mu and the row count n of the rows of the tensors `inputs()` yields (called twice: the mean
+    first), so that X^T X = Xc^T Xc + n mu mu^T."""
+    import torch
+
+    total, n = torch.zeros(width, dtype=torch.float32, device=device), 0
+    for x in inputs():
+        x = x.to(device).reshape(-1, width)
+        total += x.sum(dim=0, dtype=torch.float32)
+        n += x.shape[0]
+    mean = total / n
+    g = torch.zeros(width, width, dtype=torch.float32, device=device)
+    for x in inputs():
+        for chunk in x.to(device).reshape(-1, width).split(HESSIAN_CHUNK_TOKENS):
+            c = chunk.to(torch.float32, copy=True)
+            c -= mean
+            with tf32_matmul():
+                g.addmm_(c.t(), c)
+    return g, mean, n
+
+
+class AwqLinearLoss:
+    """AWQModifier's grid-search loss in the fast mode for a mapping whose parent is its one balance Linear (OPT's
+    v_proj -> out_proj, final_layer_norm -> fc1 and fc1 -> fc2: 3 of its 4 mappings; Llama's o_proj and down_proj).
+    llm-compressor runs the parent over every calibration batch at each of n_grid scales and takes the mean squared
+    difference from the unquantized outputs. For Y = X W^T + b and Y' = X W'^T + b that is
+    ||X D^T||^2 / (tokens x out_features) with D = W' - W: the bias cancels and the sum is the quadratic form
+    tr(D X^T X D^T) of the inputs' Gram matrix. So the matrix is taken once per mapping from the inputs AWQ cached,
+    centred (X^T X = Xc^T Xc + n mu mu^T, as add_input_products does: Xc^T Xc and D Xc^T Xc on TF32 tensor cores on a
+    GPU, the mean's term in fp32), and a grid point costs one out x in x in product in place of a forward over every
+    token (OPT-6.7B's fc1: 4,096 x 4,096 x 16,384 against 65,536 x 4,096 x 16,384). The grid, observers, qparams and
+    the smoothing stay llm-compressor's, and the parent's unquantized forward still runs once (the finiteness check
+    before the search). On a CPU in fp32 the loss is llm-compressor's to within 2e-7 relative (tiny OPT, every grid
+    point: tests/test_quantize.py). With loss masks (state.loss_masks) or any other parent the forwards run."""
+
+    def __init__(self):
+        self.active = None  # (parent, centred Gram matrix, mean input, tokens, unquantized weight) while it searches
+        self.gram_mappings = self.forward_mappings = 0
+
+    def applies(self, mapping) -> bool:
+        import torch
+        from llmcompressor.core import active_session
+
+        state = active_session().state
+        parent = mapping.parent
+        return (isinstance(parent, torch.nn.Linear) and list(mapping.balance_layers) == [parent]
+                and not (state is not None and state.loss_masks))
+
+    def best_scale(self, orig, modifier, mapping, fp16_outputs, orig_layer_weights):
+        if not self.applies(mapping):
+            self.forward_mappings += 1
+            return orig(modifier, mapping, fp16_outputs, orig_layer_weights)
+        parent, cache = mapping.parent, modifier._parent_args_cache[mapping.parent]
+        gram = centred_gram(lambda: (batch["input"] for batch in cache), parent.in_features, parent.weight.device)
+        self.active = (parent, *gram, orig_layer_weights[parent])
+        self.gram_mappings += 1
+        try:
+            return orig(modifier, mapping, fp16_outputs, orig_layer_weights)
+        finally:
+            self.active = None
+
+    def run_samples(self, orig, modifier, module):
+        if self.active is not None and module is self.active[0]:
+            return [module.weight]  # this grid point's weight W'; the loss needs nothing else of the outputs
+        return orig(modifier, module)
+
+    def loss(self, orig, modifier, fp16_outputs, int_w_outputs):
+        if self.active is None:
+            return orig(modifier, fp16_outputs, int_w_outputs)
+        import torch
+
+        _, g, mean, n, w0 = self.active
+        d = int_w_outputs[0].to(torch.float32) - w0.to(torch.float32)
+        with tf32_matmul():
+            quad = (d @ g).mul_(d).sum()
+        dm = d @ mean
+        return ((quad + n * dm.dot(dm)) / (n * d.shape[0])).item()
+
+    def describe(self) -> str:
+        return (f"AWQ grid-search loss from the inputs' Gram matrix for {self.gram_mappings} mappings whose parent is "
+                f"their one balance Linear, the parent's forwards for {self.forward_mappings}")
+
+
+@contextlib.contextmanager
+def fast_awq_linear_loss(state: AwqLinearLoss):
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    names = ("_compute_best_scale", "_run_samples", "_compute_loss")
+    origs = {k: getattr(AWQModifier, k) for k in names}
+    AWQModifier._compute_best_scale = lambda self, *a: state.best_scale(origs["_compute_best_scale"], self, *a)
+    AWQModifier._run_samples = lambda self, module: state.run_samples(origs["_run_samples"], self, module)
+    AWQModifier._compute_loss = lambda self, a, b: state.loss(origs["_compute_loss"], self, a, b)
+    try:
+        yield state
+    finally:
+        for k, f in origs.items():
+            setattr(AWQModifier, k, f)
+
+
 # the fast mode keeps the activations between decoder layers on the GPU up to this size (inputs and outputs of a
 # layer: 2 x 128 x 2,048 x 4,096 fp16 = 4 GiB for OPT-6.7B's GPTQ calibration; an attention implementation that
 # caches a 4-D causal mask adds ~1 GiB there), else on the CPU, llm-compressor's default
@@ -311,7 +411,7 @@ def quantize_llmcompressor(model, tokenizer, recipe: dict, samples: dict | None,
             out["_activations_on"] = kwargs.get("sequential_offload_device", "cpu")  # for speed_changes
     losses: list[float] = []
     fallbacks: list[str] = []
-    hessians = None
+    hessians = awq_loss = None
     with contextlib.ExitStack() as stack:
         stack.enter_context(_cpu_safe_calibration())
         stack.enter_context(fp32_awq_loss())
@@ -320,10 +420,14 @@ def quantize_llmcompressor(model, tokenizer, recipe: dict, samples: dict | None,
         if fast and recipe["method"] == "gptq":
             hessians = GptqHessians(seed_tokens_per_call)
             stack.enter_context(fast_gptq_hessians(hessians))
+        if fast and recipe["method"] == "awq":  # after fp32_awq_loss: its loss is the one wrapped
+            awq_loss = stack.enter_context(fast_awq_linear_loss(AwqLinearLoss()))
         oneshot(model=model, processor=tokenizer, recipe=llmcompressor_modifiers(recipe, awq_mappings), **kwargs)
     if losses:
         out.update({"gptq_layers": len(losses), "gptq_loss_mean": sum(losses) / len(losses),
                     "gptq_loss_max": max(losses), "_gptq_losses": losses})
+    if awq_loss is not None:
+        out.update(awq_grid_loss=awq_loss.describe(), awq_gram_mappings=awq_loss.gram_mappings)
     if recipe["method"] == "gptq":
         # layers whose Hessian did not invert: llm-compressor rounded them to nearest
         out["gptq_rtn_fallback_layers"] = len(fallbacks)
