@@ -303,20 +303,25 @@ class AwqLinearLoss:
         self.active = None  # (parent, centred Gram matrix, mean input, tokens, unquantized weight) while it searches
         self.gram_mappings = self.forward_mappings = 0
 
-    def applies(self, mapping) -> bool:
+    @staticmethod
+    def applies(mapping, cache) -> bool:
+        """A Linear parent that is the mapping's one balance layer, called with its input alone, and no loss masks."""
         import torch
         from llmcompressor.core import active_session
 
         state = active_session().state
         parent = mapping.parent
-        return (isinstance(parent, torch.nn.Linear) and list(mapping.balance_layers) == [parent]
-                and not (state is not None and state.loss_masks))
+        if not (isinstance(parent, torch.nn.Linear) and list(mapping.balance_layers) == [parent]
+                and not (state is not None and state.loss_masks)):
+            return False
+        first = next(iter(cache), None)  # the arguments AWQ cached for the parent's forwards
+        return first is not None and set(first) == {"input"}
 
     def best_scale(self, orig, modifier, mapping, fp16_outputs, orig_layer_weights):
-        if not self.applies(mapping):
+        parent, cache = mapping.parent, modifier._parent_args_cache[mapping.parent]
+        if not self.applies(mapping, cache):
             self.forward_mappings += 1
             return orig(modifier, mapping, fp16_outputs, orig_layer_weights)
-        parent, cache = mapping.parent, modifier._parent_args_cache[mapping.parent]
         gram = centred_gram(lambda: (batch["input"] for batch in cache), parent.in_features, parent.weight.device)
         self.active = (parent, *gram, orig_layer_weights[parent])
         self.gram_mappings += 1
