@@ -284,6 +284,7 @@ def test_fast_mode_fits_its_step_to_the_gpu_it_runs_on(monkeypatch, case):
     import torch
 
     from quantune import lora_sft
+    from quantune.lib import trainer
 
     class Model:
         checkpointing = False
@@ -308,7 +309,7 @@ def test_fast_mode_fits_its_step_to_the_gpu_it_runs_on(monkeypatch, case):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 3 * gib)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 3 * gib)
-    monkeypatch.setattr(lora_sft, "activation_bytes", trial)
+    monkeypatch.setattr(trainer, "activation_bytes", trial)
     fast = {"padding": "packed", "per_device_train_batch_size": 64, "gradient_accumulation_steps": 1,
             "gradient_checkpointing": False}
     job = lora_sft.Job(r={"name": "t", **fast}, m={}, where="r.yaml", fmt="advertisegen", template=None,
@@ -333,8 +334,10 @@ def test_fast_mode_fits_its_step_to_the_gpu_it_runs_on(monkeypatch, case):
     if case != "trial_out_of_memory":  # the two trials' line: 1 MB a position
         assert plan["activation_mib_per_position"] == round(1e6 / 2**20, 4)
     import jsonschema  # what metrics.json will hold, as its schema declares it
-    schema = yaml.safe_load((ROOT / "config" / "schemas" / "metrics" / "lora_sft.schema.yaml").read_text())
-    jsonschema.validate(plan, schema["properties"]["fast_memory_plan"])
+    schemas = ROOT / "config" / "schemas" / "metrics"
+    assert yaml.safe_load((schemas / "lora_sft.schema.yaml").read_text())["properties"]["fast_memory_plan"] == \
+        {"$ref": "common.schema.yaml#/$defs/fast_memory_plan"}
+    jsonschema.validate(plan, yaml.safe_load((schemas / "common.schema.yaml").read_text())["$defs"]["fast_memory_plan"])
 
 
 def test_fast_mode_trials_run_the_real_model_and_leave_no_trace(monkeypatch):

@@ -330,6 +330,77 @@ def test_one_rank_bf16_training_steps_as_plain_adamw(ds_file, tmp_path):
 
 # ---------------------------------------------------------------- bad input: one line, before any launch
 
+@pytest.mark.parametrize("case", ["fits", "split", "none_fits"])
+def test_fast_mode_fits_its_step_to_the_gpu_beside_deepspeeds_optimizer_states(monkeypatch, case):
+    """sft.fit_fast_step with the GPU's memory and the trials' measurements stood in (0.25 GiB fixed + 1 MB a
+    position; 28 rows of 100 tokens and 4 of 300): what the plan may use is what the GPU has less DeepSpeed's
+    optimizer states (16 bytes a trainable parameter: 1e9 here, 14.9 GiB) and 5% of the card. The step's 32 rows
+    stay one micro-batch where they fit, else the fewest micro-batches that fit, else seed 003's 8 x 4 with
+    checkpointing on; speed_changes keeps only what then differs from the recipe as written, and the model went to
+    the rank's device and to bf16 first, as DeepSpeed's engine puts it."""
+    import datasets
+    import torch
+
+    from quantune import sft
+    from quantune.lib import trainer
+
+    class Param:
+        requires_grad = True
+
+        def numel(self):
+            return 10**9
+
+    class Model:
+        moves: list = []
+
+        def parameters(self):
+            return [Param()]
+
+        def to(self, where):
+            self.moves.append(where)
+            return self
+
+    def trial(model, batch, dtype):
+        assert dtype == torch.bfloat16
+        return 2**28 + 1e6 * batch["input_ids"].numel()
+
+    gib = 2**30
+    # what the plan may use, against a whole step (4,000 positions: (0.27e9 + 4e9) x 1.1 = 4.69e9 bytes) and half a
+    # step (the 4 long rows among 16: 2,400 positions, 2.94e9): room for both, for the half only, for neither
+    room = {"fits": 5e9, "split": 3.5e9, "none_fits": 0.3e9}[case]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (room + 16e9 + 0.05 * 80 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 3 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 3 * gib)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
+    monkeypatch.setattr(trainer, "activation_bytes", trial)
+    fast = {"padding": "packed", "per_device_train_batch_size": 32, "gradient_accumulation_steps": 1,
+            "gradient_checkpointing": False}
+    written = {"padding": "max_length", "per_device_train_batch_size": 8, "gradient_accumulation_steps": 4,
+               "gradient_checkpointing": True}
+    recipe = {"name": "t", "speed": "fast", "bf16": True, "num_train_epochs": 2, **fast,
+              "speed_changes": dict(fast), "speed_written": written}
+    assert sft.fits_fast_step(recipe, 1, 1) and not sft.fits_fast_step(recipe, 1, 3)
+    assert not sft.fits_fast_step(recipe, 0, 1) and not sft.fits_fast_step({**recipe, "speed": "seed"}, 1, 1)
+    ds = datasets.Dataset.from_list([{"input_ids": [1] * n} for n in [100] * 28 + [300] * 4])
+    model = Model()
+    run, plan = sft.fit_fast_step(recipe, model, ds, lambda rows: {"input_ids": torch.ones(1, sum(
+        len(x["input_ids"]) for x in rows))}, "cuda:0")
+    assert model.moves == ["cuda:0", torch.bfloat16]
+    step = {"fits": (32, 1, False), "split": (16, 2, False), "none_fits": (8, 4, True)}[case]
+    assert (run["per_device_train_batch_size"], run["gradient_accumulation_steps"],
+            run["gradient_checkpointing"]) == step
+    assert plan["chosen"] == f"{step[0]} x {step[1]}, " + ("checkpointing on" if step[2] else "no checkpointing")
+    assert plan["available_gib"] == round(room / gib, 2)
+    want = {"fits": fast, "split": {**fast, "per_device_train_batch_size": 16, "gradient_accumulation_steps": 2},
+            "none_fits": {"padding": "packed"}}[case]
+    assert run["speed_changes"] == want and recipe["speed_changes"] == fast  # the caller's recipe is left as it was
+    import jsonschema
+
+    common = yaml.safe_load((ROOT / "config" / "schemas" / "metrics" / "common.schema.yaml").read_text())
+    jsonschema.validate(plan, common["$defs"]["fast_memory_plan"])
+
+
 @pytest.mark.parametrize("case", ["missing_zero_file", "zero_disagrees", "unknown_key", "wrong_format",
                                   "lora_zero3_not_gathered", "liger_without_gpu"])
 def test_bad_input_is_one_line_before_any_launch(case, tmp_path, tiny_world, results_root):

@@ -43,11 +43,10 @@ from .lib.lora import peft_trainable_line
 from .lib.models import pick_device, set_cpu_threads
 from .lib.plots import plot_losses
 from .lib.prompts import ANSWER_FIELD, SFTCollator, build_split, template_of
-from .lib.trainer import (FAST_MEMORY_MARGIN, TRIAL_ROWS, TokenCount, activation_bytes, check_packing,
-                          compiled_modules, complete_checkpoints, counting_trainer, fingerprint, keep_checkpoints_of,
-                          largest_micro_batch, liger_kernel_config, micro_batch_positions, packing_refusal,
-                          plan_fast_step, profiler, run_record, speed_changes, step_timer, tokens_counting,
-                          total_optimizer_steps, with_kernels)
+from .lib.trainer import (TokenCount, check_packing, compiled_modules, complete_checkpoints, counting_trainer,
+                          fingerprint, fit_micro_batch, fitted_step, keep_checkpoints_of, liger_kernel_config,
+                          packing_refusal, profiler, run_record, speed_changes, step_shape, step_timer,
+                          tokens_counting, total_optimizer_steps, with_kernels)
 
 
 def _fmt_of(cfg: dict, recipe: dict) -> str:
@@ -217,56 +216,20 @@ def training_arguments(job: Job, ckpt_root: Path, steps: int, warmup: int, cdt):
 
 
 def fit_fast_step(job: Job, model, train_ds, collator, cdt, steps: int) -> dict:
-    """The fast mode on a GPU: its one micro-batch per optimizer step without checkpointing stays where two measured
-    trials (lib.trainer.activation_bytes of the run's longest row and of its TRIAL_ROWS longest: a fixed part and
-    bytes per position) say its largest micro-batch (lib.trainer.largest_micro_batch) fits this GPU; else the
-    fewest micro-batches that fit, the same rows per optimizer step; else the recipe's own micro-batch with
-    checkpointing on (the lean mode's shape). Eager trials: a compiled run needs less. Updates job.r and
-    job.speed_changes; returns metrics' fast_memory_plan."""
-    import pyarrow.compute as pc
-    import torch
-
+    """The fast mode on a GPU: its one micro-batch per optimizer step without checkpointing stays where measured
+    trials say its largest micro-batch fits this GPU (lib.trainer.fit_micro_batch; AdamW's fp32 moments and the
+    gradients of the trainable weights set apart); else the fewest micro-batches that fit, the same rows per
+    optimizer step; else the recipe's own micro-batch with checkpointing on (the lean mode's shape). Eager trials: a
+    compiled run needs less. Updates job.r and job.speed_changes; returns metrics' fast_memory_plan."""
     r = job.r
     rows = r["per_device_train_batch_size"] * r["gradient_accumulation_steps"]
-    lengths = pc.list_value_length(train_ds.with_format("arrow")["input_ids"]).to_pylist()  # no rows copied out
-    packed = r["padding"] == "packed"
-    longest = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)[:min(TRIAL_ROWS, rows)]
-    fixed = per_position = None
-    try:
-        trials = [(int(micro_batch_positions([lengths[i] for i in rows_], packed)),
-                   activation_bytes(model, collator([train_ds[i] for i in rows_]), cdt))
-                  for rows_ in (longest[:1], longest)]
-        (p1, b1), (p2, b2) = trials
-        per_position = (b2 - b1) / (p2 - p1) if p2 > p1 and b2 > b1 else b2 / p2
-        fixed = max(b2 - per_position * p2, 0.0)
-    except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    free, total = torch.cuda.mem_get_info()
-    # free to the driver plus what this process's allocator holds unused; less what the step needs beside
-    # activations (AdamW's fp32 moments and gradients of the trainable weights) and room for fragmentation
-    available = free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated() - 12 * trainable - 0.05 * total
-    split = (plan_fast_step(lengths, rows, packed, steps, fixed, per_position, available)
-             if per_position is not None else None)
-    plan = {"activation_mib_per_position": round(per_position / 2**20, 4) if per_position is not None else None,
-            "available_gib": round(available / 2**30, 2),
-            "one_micro_batch_gib": round((fixed + largest_micro_batch(lengths, rows, packed, steps) * per_position)
-                                         * FAST_MEMORY_MARGIN / 2**30, 2) if per_position is not None else None}
-    if split is None:  # the recipe's micro-batch, checkpointed: what the seed configuration fits in and more
-        change = {"per_device_train_batch_size": job.written.get("per_device_train_batch_size", rows),
-                  "gradient_accumulation_steps": job.written.get("gradient_accumulation_steps", 1),
-                  "gradient_checkpointing": True}
+    split, plan = fit_micro_batch(model, train_ds, collator, cdt, rows, r["padding"] == "packed", steps,
+                                  12 * trainable)
+    job.r = fitted_step(r, job.written, job.speed_changes, split)
+    if job.r["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        change = {"per_device_train_batch_size": split[0], "gradient_accumulation_steps": split[1]}
-    job.r = {**r, **change}
-    for k, v in change.items():  # speed_changes: only what now differs from the recipe as written
-        if k in job.written and job.written[k] == v:
-            job.speed_changes.pop(k, None)
-        else:
-            job.speed_changes[k] = v
-    plan["chosen"] = (f"{job.r['per_device_train_batch_size']} x {job.r['gradient_accumulation_steps']}, "
-                      + ("checkpointing on" if job.r["gradient_checkpointing"] else "no checkpointing"))
+    plan["chosen"] = step_shape(job.r)
     print(f"{r['name']}: fast mode's step on this GPU: {plan['chosen']} ({plan})")
     return plan
 

@@ -20,7 +20,8 @@ metrics.json, the best epoch's model kept (`load_best_model_at_end`), early stop
 checkpoint in `results/.checkpoints/<target>/`. The output `<out>/model/` is a Hugging Face model directory (ZeRO-3 shards
 gathered on save, or consolidated with DeepSpeed's zero_to_fp32; LoRA adapters merged), re-evaluated after
 loading with `AutoModelForCausalLM.from_pretrained`. `speed: fast` (speed_settings) computes the same rows
-faster: packed padding-free, one micro-batch per optimizer step, no gradient checkpointing; every run records
+faster: packed padding-free, one micro-batch per optimizer step (on a GPU, as many as fit: fit_fast_step), no
+gradient checkpointing; every run records
 its real tokens/s over the optimizer steps' own seconds and its model-FLOPs utilisation (speed_metrics).
 """
 from __future__ import annotations
@@ -42,8 +43,9 @@ from .lib.models import count_parameters
 from .lib.sft_data import collator, dataset_loss, dedupe_pairs, prepare_data
 from .lib.measure import matmul_tflops, train_flops_per_token
 from .lib.trainer import (TokenCount, check_packing, complete_checkpoints, counting_trainer, drop_incomplete_checkpoints,
-                          compiled_modules, fingerprint, keep_checkpoints_of, liger_kernel_config, packing_refusal,
-                          profiler, speed_changes, step_timer, with_kernels)
+                          compiled_modules, fingerprint, fit_micro_batch, fitted_step, keep_checkpoints_of,
+                          liger_kernel_config, packing_refusal, profiler, speed_changes, step_shape, step_timer,
+                          with_kernels)
 
 # keys that change nothing a checkpoint holds: a checkpoint written under other values of them is resumed
 RESUME_IGNORES = ("logging_steps", "save_total_limit", "keep_checkpoints", "description", "early_stopping_patience",
@@ -75,7 +77,8 @@ def speed_settings(cfg: dict, recipe: dict, where: str) -> dict:
     own keys; the loss is each micro-batch's token-level mean, one micro-batch per step in fast), with
     `speed_changes` (what the mode changed) and `speed_note` (a switch it could not turn on here)."""
     changes, note = speed_changes(recipe, lambda: packing_refusal(cfg, recipe["model"], False, where))
-    return {**recipe, **changes, "speed_changes": changes, "speed_note": note}
+    return {**recipe, **changes, "speed_changes": changes, "speed_note": note,
+            "speed_written": {k: recipe[k] for k in changes}}
 
 
 def kernel_settings(recipe: dict, m: dict, device: str, where: str) -> dict:
@@ -159,6 +162,45 @@ def _build_model(source: str, recipe: dict, trust_remote_code: bool):
                 "lora_dropout": recipe["lora_dropout"], "target_modules": recipe["lora_target_modules"]}
         model = get_peft_model(model, lora_config(keys, "CAUSAL_LM"))
     return model, tok
+
+
+# bytes a trainable parameter needs beside the activations under DeepSpeed's bf16 training (ZeRO-1's BF16_Optimizer on
+# one rank): its fp32 master copy (4), fp32 gradient accumulator (4) and AdamW's two fp32 moments (8); ZeRO-1/2
+# partition part of it over several ranks, counted whole here
+DS_STATE_BYTES = 16
+
+
+def fits_fast_step(recipe: dict, num_gpus: int, zero_stage: int) -> bool:
+    """Whether the run fits its fast mode's step to the GPU: the fast mode's one micro-batch without checkpointing,
+    on GPUs, with whole parameters on each rank (ZeRO below 3)."""
+    return (num_gpus > 0 and recipe["speed"] == "fast" and recipe["gradient_accumulation_steps"] == 1
+            and not recipe["gradient_checkpointing"] and zero_stage < 3)
+
+
+def fit_fast_step(recipe: dict, model, train_ds, coll, device) -> tuple[dict, dict]:
+    """The fast mode's step fitted to this GPU (lib.trainer.fit_micro_batch, DS_STATE_BYTES a trainable parameter
+    set apart): its one micro-batch where it fits, else the fewest micro-batches that fit, the same rows per
+    optimizer step, else the recipe's own micro-batch with checkpointing on. For the trials the model is moved and
+    cast as DeepSpeed's engine would (to the rank's GPU, bf16 where the recipe trains in it). Eager trials without
+    liger-kernel's fused cross-entropy, which a run with it does not materialise: a run needs less. Returns the
+    recipe as it will run (speed_changes updated) and metrics' fast_memory_plan."""
+    import torch
+
+    model.to(device)
+    dtype = torch.bfloat16 if recipe["bf16"] else torch.float32
+    if recipe["bf16"]:
+        model.to(dtype)
+    rows = recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
+    steps = math.ceil(len(train_ds) / rows) * math.ceil(recipe["num_train_epochs"])
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    split, plan = fit_micro_batch(model, train_ds, coll, dtype, rows, recipe["padding"] == "packed", steps,
+                                  DS_STATE_BYTES * trainable)
+    changes = dict(recipe["speed_changes"])
+    fitted = fitted_step(recipe, recipe["speed_written"], changes, split)
+    plan["chosen"] = step_shape(fitted)
+    print(f"{recipe['name']}: fast mode's step on this GPU: {plan['chosen']} ({plan})", flush=True)
+    torch.cuda.reset_peak_memory_stats()  # metrics' peak_mem_mb: the run's from here, not the trials'
+    return {**fitted, "speed_changes": changes}, plan
 
 
 def training_args(recipe: dict, output_dir: str, use_cpu: bool, **overrides):
@@ -341,6 +383,11 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
     train_ds, eval_ds, data_stats = prepare_data(cfg, recipe, tok)
     coll = collator(tok, packed=recipe["padding"] == "packed",
                     max_length=recipe["max_seq_len"] if recipe["padding"] == "max_length" else None)
+    zero = json.loads(ds_config_path(recipe).read_text()).get("zero_optimization", {})
+    fast_plan = None
+    if fits_fast_step(recipe, num_gpus, int(zero.get("stage", 0))):  # then the Trainer's arguments as it runs
+        recipe, fast_plan = fit_fast_step(recipe, model, train_ds, coll, args.device)
+        args = training_args(recipe, str(ckpt_dir), use_cpu, learning_rate=lr)
 
     resume_from, start_step, tokens_before = resume_state(ckpt_dir)
     args.eval_on_start = resume_from is None  # the seed's "epoch 0" eval; a resumed run already has it
@@ -362,7 +409,6 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
     result = trainer.train(resume_from_checkpoint=resume_from)
     train_s = time.time() - t0
     state = trainer.state
-    zero = json.loads(ds_config_path(recipe).read_text()).get("zero_optimization", {})
     final = save_model_dir(trainer, tok, outp, lora, m["source"], m["trust_remote_code"], is_main)
     if not is_main:
         return None
@@ -378,7 +424,7 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
                **outcome_metrics(state, evals, result.training_loss, train_s, start_step, tokens_before, peak,
                                  final, saved_loss),
                **speed_metrics(count, timer, flops_token, device),
-               "torch_compile_regions": regions}
+               "torch_compile_regions": regions, **({"fast_memory_plan": fast_plan} if fast_plan else {})}
     writer.final({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, state.global_step)
     writer.close()
     if not recipe["keep_checkpoints"]:

@@ -304,6 +304,80 @@ def plan_fast_step(lengths: list[int], rows: int, packed: bool, steps: int, fixe
     return None
 
 
+def fit_micro_batch(model, train_ds, collator, dtype, rows: int, packed: bool, steps: int,
+                    state_bytes: float) -> tuple[tuple[int, int] | None, dict]:
+    """The fast mode's step on this GPU: (micro-batch, accumulation) for an optimizer step's `rows` rows from two
+    measured trials (activation_bytes of the run's longest row and of its TRIAL_ROWS longest: a fixed part and bytes
+    per input position) and the memory this GPU has for activations (free to the driver plus what this process's
+    allocator holds unused, less `state_bytes`, what training adds beside them (the optimizer's states, fp32
+    copies), and 5% for fragmentation), planned by plan_fast_step; None where not even one row a micro-batch fits
+    or the trial itself did not. Ranks of a distributed run plan from the largest trials and the least memory
+    among them, so they agree. Returns it with metrics' fast_memory_plan (less its `chosen`)."""
+    import pyarrow.compute as pc
+    import torch
+
+    lengths = pc.list_value_length(train_ds.with_format("arrow")["input_ids"]).to_pylist()  # no rows copied out
+    longest = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)[:min(TRIAL_ROWS, rows)]
+    fixed = per_position = None
+    try:
+        trials = [(int(micro_batch_positions([lengths[i] for i in rows_], packed)),
+                   activation_bytes(model, collator([train_ds[i] for i in rows_]), dtype))
+                  for rows_ in (longest[:1], longest)]
+        (p1, b1), (p2, b2) = trials
+        per_position = (b2 - b1) / (p2 - p1) if p2 > p1 and b2 > b1 else b2 / p2
+        fixed = max(b2 - per_position * p2, 0.0)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    available = free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated() - state_bytes - 0.05 * total
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        fixed, per_position, available = agreed_trials(fixed, per_position, available)
+    split = (plan_fast_step(lengths, rows, packed, steps, fixed, per_position, available)
+             if per_position is not None else None)
+    plan = {"activation_mib_per_position": round(per_position / 2**20, 4) if per_position is not None else None,
+            "available_gib": round(available / 2**30, 2),
+            "one_micro_batch_gib": round((fixed + largest_micro_batch(lengths, rows, packed, steps) * per_position)
+                                         * FAST_MEMORY_MARGIN / 2**30, 2) if per_position is not None else None}
+    return split, plan
+
+
+def fitted_step(r: dict, written: dict, changes: dict, split: tuple[int, int] | None) -> dict:
+    """The recipe `r` (a fast mode's) with the step fit_micro_batch chose (`split`) or, where none fits, with the
+    recipe's own micro-batch as `written` and gradient checkpointing on (the lean mode's shape, what the seed
+    configuration fits in and more); `changes` (speed_changes) keeps only what then differs from `written`."""
+    rows = r["per_device_train_batch_size"] * r["gradient_accumulation_steps"]
+    if split is None:
+        change = {"per_device_train_batch_size": written.get("per_device_train_batch_size", rows),
+                  "gradient_accumulation_steps": written.get("gradient_accumulation_steps", 1),
+                  "gradient_checkpointing": True}
+    else:
+        change = {"per_device_train_batch_size": split[0], "gradient_accumulation_steps": split[1]}
+    for k, v in change.items():
+        if k in written and written[k] == v:
+            changes.pop(k, None)
+        else:
+            changes[k] = v
+    return {**r, **change}
+
+
+def step_shape(r: dict) -> str:
+    """micro-batch x accumulation, and whether checkpointing is on (metrics' fast_memory_plan.chosen)."""
+    return (f"{r['per_device_train_batch_size']} x {r['gradient_accumulation_steps']}, "
+            + ("checkpointing on" if r["gradient_checkpointing"] else "no checkpointing"))
+
+
+def agreed_trials(fixed: float | None, per_position: float | None, available: float) -> tuple:
+    """The largest trial figures and the least memory over the ranks (a rank whose trial did not fit: none)."""
+    import torch
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    failed = per_position is None
+    most = torch.tensor([float(failed), fixed or 0.0, per_position or 0.0, -available], dtype=torch.float64, device=dev)
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    failed, fixed, per_position, available = most.tolist()
+    return (None, None, -available) if failed else (fixed, per_position, -available)
+
+
 def activation_bytes(model, batch: dict, dtype) -> float:
     """A measured trial on the GPU: one forward and backward of `batch` (from the run's own collator) under autocast
     to `dtype`, the CUDA allocator's peak above what was allocated before. The gradients it leaves are dropped and
