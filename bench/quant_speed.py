@@ -2,8 +2,9 @@
 bench), with where the time goes: each run is the stage's own run (`quantune.quantize.run`) of recipes/gptq_opt67b.yaml
 or awq_opt67b.yaml with only `model:` and `speed:` changed. Path `llmcompressor` is `speed: seed` (oneshot as
 its defaults have it, the recipe's calibration batch); path `project` is `speed: fast` (the same method, settings,
-calibration rows and order; see the quantize schema's `speed`). Each run is a process of its own (the same CUDA
-start-up for both paths), with wall-clock timers, the GPU synchronised around them, on the stage's phases and
+calibration rows and order; see the quantize schema's `speed`); path `project_sdpa` (a diagnostic, `--paths`) is
+`project` with AWQ's scale search out of eager attention (sdpa_grid_search). Each run is a process of its own (the
+same CUDA start-up for every path), with wall-clock timers, the GPU synchronised around them, on the stage's phases and
 llm-compressor 0.14's: tracing the model into subgraphs, the calibration cache and its onload/offload traffic,
 the calibration forwards (GPTQ's Hessian hooks timed apart), GPTQ's per-layer solve, AWQ's scale search, saving
 and the measurements. A nested phase is also inside its parent: the table says which.
@@ -11,6 +12,7 @@ and the measurements. A nested phase is also inside its parent: the table says w
     python bench/quant_speed.py --out bench/results                         # scale shape, on the GPU machine
     python bench/quant_speed.py --methods gptq --models opt-6.7b --out /tmp/qs
     python bench/quant_speed.py --methods awq gptq --series gptq --out /tmp/qs  # AWQ at the 6.7b shape only
+    python bench/quant_speed.py --methods awq --models opt-6.7b --paths llmcompressor project project_sdpa --out /tmp/qs
     python bench/quant_speed.py --scale tiny --models opt-6.7b --out /tmp/qs  # the same code on the tiny OPT, CPU
 
 Writes quant_speed.json (a list of rows: method, path, model, params, seconds (the stage's quant_seconds),
@@ -40,7 +42,8 @@ from benchlib import build_shape_inputs, gpu_name
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {"gptq": "gptq_opt67b", "awq": "awq_opt67b"}
 MODELS = ["opt-125m", "opt-1.3b", "opt-2.7b", "opt-6.7b"]
-PATHS = {"llmcompressor": "seed", "project": "fast"}
+PATHS = {"llmcompressor": "seed", "project": "fast", "project_sdpa": "fast"}
+DEFAULT_PATHS = ["llmcompressor", "project"]
 # phase: (module, attribute path, the phase it runs inside)
 PHASES = {
     "load model (and the reload)": ("quantune.quantize", "load_model", None),
@@ -131,6 +134,29 @@ def recipe_copy(method: str, model: str, path_name: str, tmp: Path) -> Path:
     return d / f"{name}.yaml"
 
 
+def sdpa_grid_search() -> None:
+    """Path project_sdpa (a diagnostic, not a recipe setting): the fast path with AWQ's scale search running the
+    parent modules under the model's own attention implementation (SDPA) instead of the eager attention that
+    llm-compressor's calibration_forward_context forces (its traced subgraphs bake in an eager mask; the search
+    calls the parent modules directly). The calibration forwards stay eager. What eager attention costs inside
+    the search: the difference from path project."""
+    import contextlib
+
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+    from llmcompressor.utils import helpers
+
+    search, eager = AWQModifier._apply_smoothing, helpers.use_eager_attention
+
+    def without_eager(self, model):
+        helpers.use_eager_attention = lambda m: contextlib.nullcontext()
+        try:
+            return search(self, model)
+        finally:
+            helpers.use_eager_attention = eager
+
+    AWQModifier._apply_smoothing = without_eager
+
+
 def one_run(method: str, model: str, path_name: str, scale: str, sets: list[str], out_json: Path) -> None:
     """One stage run with the timers installed (in a process of its own), its row written to out_json."""
     from quantune.lib.config import _parse_set, load_config, load_recipe
@@ -138,6 +164,8 @@ def one_run(method: str, model: str, path_name: str, scale: str, sets: list[str]
     cfg = load_config(overrides={"scale": scale, **_parse_set(sets)})
     timers = Timers()
     missing = install(timers)
+    if path_name == "project_sdpa":
+        sdpa_grid_search()
     from quantune.quantize import run  # after install: the stage's module-level names are the wrapped ones
 
     (ROOT / "results").mkdir(exist_ok=True)
@@ -352,7 +380,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="*", default=MODELS)
     p.add_argument("--series", nargs="*", default=list(RECIPES), choices=list(RECIPES),
                    help="methods run at every --models size; the others at the last one only (the largest by default)")
-    p.add_argument("--paths", nargs="*", default=list(PATHS), choices=list(PATHS))
+    p.add_argument("--paths", nargs="*", default=DEFAULT_PATHS, choices=list(PATHS),
+                   help="project_sdpa: the fast path with AWQ's scale search out of eager attention (a diagnostic)")
     p.add_argument("--scale", default="shape", choices=["tiny", "shape"])
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override (dotted keys)")
