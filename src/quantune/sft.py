@@ -21,8 +21,8 @@ checkpoint in `results/.checkpoints/<target>/`. The output `<out>/model/` is a H
 gathered on save, or consolidated with DeepSpeed's zero_to_fp32; LoRA adapters merged), re-evaluated after
 loading with `AutoModelForCausalLM.from_pretrained`. `speed: fast` (speed_settings) computes the same rows
 faster: packed padding-free, one micro-batch per optimizer step (on a GPU, as many as fit: fit_fast_step), no
-gradient checkpointing; every run records
-its real tokens/s over the optimizer steps' own seconds and its model-FLOPs utilisation (speed_metrics).
+gradient checkpointing; every run records its real tokens/s over the optimizer steps' own seconds and its
+model-FLOPs utilisation (speed_metrics).
 """
 from __future__ import annotations
 
