@@ -187,6 +187,84 @@ def test_fast_mode_follows_the_seed_configuration_epoch_by_epoch(tiny_world, res
         assert abs(compiled[f"eval_loss_epoch{e}"] - fast[f"eval_loss_epoch{e}"]) <= 1e-5, (compiled, fast)
 
 
+FIT_DRIVER = """
+import json
+import sys
+
+from quantune import sft
+from quantune.lib.config import load_config
+from quantune.lib.trainer import fitted_step, step_shape
+
+
+def chose_2_by_4(recipe, model, train_ds, coll, device):  # what the GPU's trials would choose, stood in
+    changes = dict(recipe["speed_changes"])
+    run = fitted_step(recipe, recipe["speed_written"], changes, (2, 4))
+    return {**run, "speed_changes": changes}, {"activation_mib_per_position": 1.0, "available_gib": 1.0,
+                                                "one_micro_batch_gib": 2.0, "chosen": step_shape(run)}
+
+
+def recording(count):  # each micro-batch the Trainer trains on, with the DeepSpeed engine's accumulation then
+    class Recording(counting_trainer(count)):
+        def training_step(self, model, inputs, *a, **k):
+            seen.append([int(inputs["input_ids"].numel()), self.model_wrapped.gradient_accumulation_steps()])
+            return super().training_step(model, inputs, *a, **k)
+
+    return Recording
+
+
+recipe, out, results, fit = sys.argv[1:5]
+seen, counting_trainer = [], sft.counting_trainer
+sft.counting_trainer = recording
+if fit == "fit":
+    sft.fits_fast_step = lambda *a: True
+    sft.fit_fast_step = chose_2_by_4
+sft.train(recipe, out, load_config(overrides={"results": {"tiny": results, "full": results + "/full"}}), 0)
+json.dump(seen, open(out + "/micro_batches.json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_fitted_fast_step_is_the_step_the_trainer_and_deepspeed_run(tiny_world, results_root, tmp_path):
+    """The sft fast mode's fit (stood in: it chose 2 x 4 for the step's 8 rows) changes the recipe after the Trainer's
+    first arguments exist; the stage rebuilds them, so the run (one CPU rank under DeepSpeed) trains 4 micro-batches
+    a step with DeepSpeed's engine accumulating 4, as a recipe written as that step does (packed, 2 x 4, no
+    checkpointing, speed seed), to the same eval loss at every epoch (asserted 1e-6), with fast_memory_plan and
+    speed_changes saying what the fit changed. Without the rebuild the Trainer ran fast's 8 x 1 (checked: one
+    micro-batch a step; the losses alone cannot tell, the loss being each step's token-level mean either way)."""
+    from quantune.lib.common import free_port
+
+    tiny = {"num_train_epochs": 2, "max_rows": 120, "max_seq_len": 64, "logging_steps": 1}
+    recipes = {"fit": recipe_copy(tmp_path / "fit", tiny={**tiny, "per_device_train_batch_size": 4,
+                                                          "gradient_accumulation_steps": 2,
+                                                          "gradient_checkpointing": True},
+                                  top={"speed": "fast"}),
+               "written": recipe_copy(tmp_path / "written", tiny={**tiny, "per_device_train_batch_size": 2,
+                                                                  "gradient_accumulation_steps": 4,
+                                                                  "gradient_checkpointing": False},
+                                      top={"speed": "seed", "padding": "packed"})}
+    runs = {}
+    for name, recipe in recipes.items():
+        env = {**sft_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu",
+               "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+        out = tmp_path / name / "out"
+        r = subprocess.run([sys.executable, "-c", FIT_DRIVER, str(recipe), str(out), str(results_root), name],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        runs[name] = json.loads((out / "metrics.json").read_text())
+    fit, written = runs["fit"], runs["written"]
+    assert (fit["per_device_train_batch_size"], fit["gradient_accumulation_steps"]) == (2, 4)
+    assert fit["speed_changes"] == {"padding": "packed", "gradient_checkpointing": 0,
+                                    "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4}
+    assert fit["fast_memory_plan"]["chosen"] == "2 x 4, no checkpointing" and "fast_memory_plan" not in written
+    assert fit["global_step"] == written["global_step"] > 0
+    for name in runs:
+        seen = json.loads((tmp_path / name / "out" / "micro_batches.json").read_text())
+        assert len(seen) == 4 * runs[name]["global_step"] and {acc for _, acc in seen} == {4}, (name, seen)
+    for e in range(3):
+        assert abs(fit[f"eval_loss_epoch{e}"] - written[f"eval_loss_epoch{e}"]) <= 1e-6, (e, fit, written)
+
+
 def test_prompt_mask_switch_truncation_and_eos(tiny_qwen3):
     from quantune.lib.sft_data import IGNORE, collator, encode_pair
 
