@@ -44,9 +44,9 @@ from .lib.models import pick_device, set_cpu_threads
 from .lib.plots import plot_losses
 from .lib.prompts import ANSWER_FIELD, SFTCollator, build_split, template_of
 from .lib.trainer import (TokenCount, check_packing, compiled_modules, complete_checkpoints, counting_trainer,
-                          fingerprint, fit_micro_batch, fitted_step, keep_checkpoints_of, liger_kernel_config,
-                          packing_refusal, profiler, run_record, speed_changes, step_shape, step_timer,
-                          tokens_counting, total_optimizer_steps, with_kernels)
+                          fingerprint, fit_micro_batch, fits_step, fitted_step, keep_checkpoints_of,
+                          liger_kernel_config, packing_refusal, profiler, run_record, speed_changes, step_shape,
+                          step_timer, tokens_counting, total_optimizer_steps, with_kernels)
 
 
 def _fmt_of(cfg: dict, recipe: dict) -> str:
@@ -276,9 +276,7 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
     warmup = math.ceil(steps * float(r["warmup_ratio"]))
     cdt = compute_dtype(r, device)
     collator = collator_for(job, tok)
-    fast_plan = (fit_fast_step(job, model, train_ds, collator, cdt, steps)
-                 if device == "cuda" and r["speed"] == "fast" and r["gradient_accumulation_steps"] == 1
-                 and not r["gradient_checkpointing"] else None)
+    fast_plan = fit_fast_step(job, model, train_ds, collator, cdt, steps) if device == "cuda" and fits_step(r) else None
     r = job.r
     tb_dir = ckpt_root / "tb"
     writer = TBWriter(tb_dir, r["name"])

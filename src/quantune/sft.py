@@ -42,10 +42,10 @@ from .lib.deepspeed import (check_deepspeed_config, check_gpus, ds_config_path, 
 from .lib.models import count_parameters
 from .lib.sft_data import collator, dataset_loss, dedupe_pairs, prepare_data
 from .lib.measure import matmul_tflops, train_flops_per_token
-from .lib.trainer import (TokenCount, check_packing, complete_checkpoints, counting_trainer, drop_incomplete_checkpoints,
-                          compiled_modules, fingerprint, fit_micro_batch, fitted_step, keep_checkpoints_of,
-                          liger_kernel_config, packing_refusal, profiler, speed_changes, step_shape, step_timer,
-                          with_kernels)
+from .lib.trainer import (TokenCount, check_packing, compiled_modules, complete_checkpoints, counting_trainer,
+                          drop_incomplete_checkpoints, fingerprint, fit_micro_batch, fits_step, fitted_step,
+                          keep_checkpoints_of, liger_kernel_config, packing_refusal, profiler, speed_changes,
+                          step_shape, step_timer, total_optimizer_steps, with_kernels)
 
 # keys that change nothing a checkpoint holds: a checkpoint written under other values of them is resumed
 RESUME_IGNORES = ("logging_steps", "save_total_limit", "keep_checkpoints", "description", "early_stopping_patience",
@@ -173,8 +173,7 @@ DS_STATE_BYTES = 16
 def fits_fast_step(recipe: dict, num_gpus: int, zero_stage: int) -> bool:
     """Whether the run fits its fast mode's step to the GPU: the fast mode's one micro-batch without checkpointing,
     on GPUs, with whole parameters on each rank (ZeRO below 3)."""
-    return (num_gpus > 0 and recipe["speed"] == "fast" and recipe["gradient_accumulation_steps"] == 1
-            and not recipe["gradient_checkpointing"] and zero_stage < 3)
+    return num_gpus > 0 and zero_stage < 3 and fits_step(recipe)
 
 
 def fit_fast_step(recipe: dict, model, train_ds, coll, device) -> tuple[dict, dict]:
@@ -191,7 +190,7 @@ def fit_fast_step(recipe: dict, model, train_ds, coll, device) -> tuple[dict, di
     if recipe["bf16"]:
         model.to(dtype)
     rows = recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
-    steps = math.ceil(len(train_ds) / rows) * math.ceil(recipe["num_train_epochs"])
+    steps = total_optimizer_steps(recipe, len(train_ds))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     split, plan = fit_micro_batch(model, train_ds, coll, dtype, rows, recipe["padding"] == "packed", steps,
                                   DS_STATE_BYTES * trainable)

@@ -141,14 +141,14 @@ def load_model(source: str, *, trust_remote_code: bool = False, dtype=None, devi
     return model, tok
 
 
-def to_host(model, pin: bool = True) -> bool:
-    """Move every parameter and buffer of `model` to CPU memory, page-locked where `pin` and CUDA allow it (copies
-    between it and the GPU then run at DMA speed, not through pageable memory), as model.to("cpu") does otherwise:
-    each tensor's .data is replaced, so tied parameters stay one. Falls back to pageable memory where pinning
-    fails. Returns whether the memory is pinned."""
+def to_host(model) -> bool:
+    """Move every parameter and buffer of `model` to CPU memory, page-locked where CUDA allows it (copies between it
+    and the GPU then run at DMA speed, not through pageable memory), as model.to("cpu") does otherwise: each
+    tensor's .data is replaced, so tied parameters stay one. Falls back to pageable memory where pinning fails.
+    Returns whether the memory is pinned."""
     import torch
 
-    pin = pin and torch.cuda.is_available()
+    pin = torch.cuda.is_available()
     for module in model.modules():
         for tensors in (module._parameters, module._buffers):
             for t in tensors.values():

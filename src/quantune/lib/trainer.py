@@ -304,6 +304,12 @@ def plan_fast_step(lengths: list[int], rows: int, packed: bool, steps: int, fixe
     return None
 
 
+def fits_step(r: dict) -> bool:
+    """A recipe whose step fit_micro_batch may fit to the GPU: the fast mode's, still one micro-batch without
+    gradient checkpointing (speed_changes' shape; the stages add where they run it)."""
+    return r["speed"] == "fast" and r["gradient_accumulation_steps"] == 1 and not r["gradient_checkpointing"]
+
+
 def fit_micro_batch(model, train_ds, collator, dtype, rows: int, packed: bool, steps: int,
                     state_bytes: float) -> tuple[tuple[int, int] | None, dict]:
     """The fast mode's step on this GPU: (micro-batch, accumulation) for an optimizer step's `rows` rows from two
