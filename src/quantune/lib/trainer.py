@@ -92,13 +92,18 @@ class TokenCount:
     ahead and never trains on."""
 
     def __init__(self):
-        self.computed, self.real = 0, 0
+        self.computed, self._real = 0, 0
 
     def add(self, inputs) -> None:
         ids = inputs["input_ids"]
         self.computed += int(ids.numel())
         mask = inputs.get("attention_mask")
-        self.real += int(mask.sum()) if mask is not None else int(ids.numel())
+        # summed where the mask lives: no wait for the GPU per micro-batch; read at step boundaries (step_timer)
+        self._real = self._real + (mask.sum() if mask is not None else ids.numel())
+
+    @property
+    def real(self) -> int:
+        return int(self._real)
 
 
 def counting_trainer(count: TokenCount):
