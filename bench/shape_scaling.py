@@ -4,6 +4,7 @@ the parameter count, one table and one plot per recipe.
 
     python bench/shape_scaling.py --out bench/results                    # every series (on the GPU machine)
     python bench/shape_scaling.py --series rtn_opt67b --out bench/results
+    python bench/shape_scaling.py --series qlora_chatglm_linear --models chatglm3-6b --out bench/results  # one row
 
 Series: rtn_opt67b (W4 g128) on OPT 125m / 1.3b / 2.7b / 6.7b (GPTQ's and AWQ's series are bench/quant_speed.py's:
 llm-compressor's own call and the fast path side by side); the QLoRA recipe qlora_chatglm_linear (NF4, r 4 on the
@@ -12,7 +13,8 @@ ChatGLM3-6B shapes (ChatGLM3's fused query_key_value is q/k/v there). Each run i
 recipe with `model:` (and for a decoder without ChatGLM's module names, `target_modules`) replaced; the shape
 world's models and data are built by the workflow's own rules.
 Writes shape_scaling.json (rows: series, model, params, seconds, peak_gib, the stage's figures, gpu) and .md, and
-shape_scaling_<series>.png. Run it where scripts/gpu_check.sh has installed the stack (PYTHONPATH set).
+shape_scaling_<series>.png; rows of an earlier run in --out that this run does not redo are kept (the gpu column
+says where each ran). Run it where scripts/gpu_check.sh has installed the stack (PYTHONPATH set).
 """
 from __future__ import annotations
 
@@ -65,12 +67,20 @@ def run_one(name: str, model: str, cfg: dict, tmp: Path) -> dict:
 
         m = train(str(path), str(out), cfg)
         seconds, peak = m["seconds_per_step"], m.get("peak_mem_mb")
-        figures = {k: m.get(k) for k in ("tokens_per_s", "seconds_per_step", "projected_full_seconds")}
+        figures = {k: m.get(k) for k in ("speed", "real_tokens_per_s", "seconds_per_step", "warmup_step_seconds",
+                                         "projected_full_seconds")}
     shape = json.loads((Path(cfg["results"]["shape"]) / "shape_world" / "models" / model / "shape_model.json").read_text())
     return {"series": name, "model": model, "params": shape["params"], "dtype": shape["dtype"],
             "seconds": round(seconds, 3), "seconds_kind": "quantization" if recipe["stage"] == "quantize" else "per step",
             "peak_gib": round(peak / 1024, 2) if peak else None, "wall_s": round(time.perf_counter() - t0, 1),
             "figures": figures, "gpu": gpu_name()}
+
+
+def merged(kept: list[dict], new: list[dict]) -> list[dict]:
+    """`kept` with `new`'s rows in place of those of the same series and model, in SERIES order."""
+    by = {(r["series"], r["model"]): r for r in kept + new}
+    order = [(name, model) for name, models in SERIES.items() for model in models]
+    return [by[k] for k in order if k in by] + [r for k, r in by.items() if k not in order]
 
 
 def write(rows: list[dict], out: Path) -> None:
@@ -86,10 +96,12 @@ def write(rows: list[dict], out: Path) -> None:
     for name in dict.fromkeys(r["series"] for r in rows):
         rs = [r for r in rows if r["series"] == name]
         md += [f"## {name}", ""]
-        md += markdown_table(["model", "parameters", "dtype", f"seconds ({rs[0]['seconds_kind']})", "peak GiB",
-                              "wall s", "gpu"],
-                             [[r["model"], f"{r['params']:,}", r["dtype"], r["seconds"], r["peak_gib"], r["wall_s"],
-                               r["gpu"]] for r in rs]) + [""]
+        rate = [f"{r['figures']['real_tokens_per_s']:,.0f}" if r["figures"].get("real_tokens_per_s") else "-"
+                for r in rs]  # lora_sft's timed steps (the first, warm-up step left out)
+        md += markdown_table(["model", "parameters", "dtype", f"seconds ({rs[0]['seconds_kind']})", "real tokens/s",
+                              "peak GiB", "wall s", "gpu"],
+                             [[r["model"], f"{r['params']:,}", r["dtype"], r["seconds"], t, r["peak_gib"], r["wall_s"],
+                               r["gpu"]] for r, t in zip(rs, rate)]) + [""]
         for key, label in (("seconds", f"seconds ({rs[0]['seconds_kind']})"), ("peak_gib", "peak GPU GiB")):
             png = plot(out / f"shape_scaling_{name}_{key}.png",
                        {name: [(r["params"] / 1e9, r[key]) for r in rs if r[key] is not None]},
@@ -108,6 +120,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     a = p.parse_args(argv)
     cfg = load_config(overrides={"scale": "shape"})
+    # a run of some series or models replaces their rows in an earlier shape_scaling.json and keeps the others
+    done = a.out / "shape_scaling.json"
+    kept = json.loads(done.read_text(encoding="utf-8")) if done.exists() else []
     rows = []
     (ROOT / "results").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="shape-scaling-", dir=ROOT / "results") as tmp:
@@ -117,7 +132,7 @@ def main(argv=None) -> int:
                     continue
                 print(f"shape_scaling: {name} on {model}", flush=True)
                 rows.append(run_one(name, model, cfg, Path(tmp)))
-                write(rows, a.out)  # after each run: a later failure keeps what finished
+                write(merged(kept, rows), a.out)  # after each run: a later failure keeps what finished
     return 0
 
 
