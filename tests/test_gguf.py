@@ -321,6 +321,25 @@ def test_perplexity_of_the_ggufs_within_the_stated_bounds(chain):
     assert m["gguf_q4_0_ppl_ratio_vs_gguf_f16_qwen"] == pytest.approx(q4 / f16)
 
 
+def test_token_nll_is_the_float64_log_softmax():
+    """gguf_evaluate scores llama.cpp's float32 logits in blocks: the same per-token NLL as a float64
+    log-softmax (1e-7 a token), whatever the block size against the row count (a partial last block)."""
+    import numpy as np
+
+    from quantune.gguf_evaluate import token_nll
+
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((300, 5000)) * 8 + 40).astype(np.float32)  # large offsets: max-subtraction matters
+    targets = rng.integers(0, 5000, 300)
+    x = logits.astype(np.float64)
+    ref = np.log(np.exp(x - x.max(1, keepdims=True)).sum(1)) + x.max(1) - x[np.arange(300), targets]
+    for block in (1, 64, 256, 1000):
+        assert np.abs(token_nll(logits, targets, block=block) - ref).max() < 1e-7, block
+    wrong = targets.copy()
+    wrong[7] = (wrong[7] + 1) % 5000
+    assert np.abs(token_nll(logits, wrong) - ref).max() > 1e-3  # it reads each row's own target
+
+
 def test_greedy_generations_agree_with_the_transformers_model(chain):
     """The f16 GGUF continues every prompt as the merged transformers model does for GREEDY_AGREE_TOKENS tokens,
     except where the transformers model itself sees a tie: at a divergence, its logits for its own pick and for
