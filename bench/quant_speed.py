@@ -368,7 +368,7 @@ def write(rows: list[dict], check: dict | None, out: Path) -> None:
             series = {p: [(r["params"] / 1e9, r[key]) for r in ok if r["method"] == method and r["path"] == p
                           and r[key] is not None] for p in PATHS}
             png = plot(out / f"quant_speed_{method}_{key}.png", series, "parameters (billions)", label,
-                       f"{method}: {label} against model size", marker="o")
+                       f"{method}: {label} against model size", marker="o", zero_y=True)
             if png:
                 md += ["", f"![{method} {key}]({png.name})"]
     (out / "quant_speed.md").write_text("\n".join(md) + "\n", encoding="utf-8")

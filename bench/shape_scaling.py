@@ -105,7 +105,7 @@ def write(rows: list[dict], out: Path) -> None:
         for key, label in (("seconds", f"seconds ({rs[0]['seconds_kind']})"), ("peak_gib", "peak GPU GiB")):
             png = plot(out / f"shape_scaling_{name}_{key}.png",
                        {name: [(r["params"] / 1e9, r[key]) for r in rs if r[key] is not None]},
-                       "parameters (billions)", label, f"{name}: {label} against model size", marker="o")
+                       "parameters (billions)", label, f"{name}: {label} against model size", marker="o", zero_y=True)
             if png:
                 md += [f"![{name} {key}]({png.name})", ""]
     (out / "shape_scaling.md").write_text("\n".join(md), encoding="utf-8")

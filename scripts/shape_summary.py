@@ -1,6 +1,8 @@
 """One group of shape-scale targets as rows (bench/results/shape_<group>.json and .md): for each target its status,
 wall time (Snakemake's benchmark file), the speed and memory figures its metrics.json records, the GPU, the library
-versions, and for a failed target the one-line error its log ends with.
+versions, and for a failed target the one-line error its log ends with. A target this run did not start (no log, no
+metrics: a run of part of a group, QUANTUNE_TARGETS) keeps its row from the summary already in --out, if there is one;
+each row names its GPU.
 
     python scripts/shape_summary.py quantize --results results/shape --out bench/results
 """
@@ -53,7 +55,8 @@ def row(target: str, res: Path, gpu: str) -> dict:
     m_path = res / target / "metrics.json"
     out = {"target": target, "gpu": gpu, "wall_s": wall_s(res / "benchmarks" / f"{target}.tsv")}
     if not m_path.is_file():
-        return {**out, "status": "failed", "error": error_line(res / "logs" / f"{target}.log")}
+        log = res / "logs" / f"{target}.log"
+        return {**out, "status": "failed", "error": error_line(log), "started": log.is_file()}
     m = json.loads(m_path.read_text())
     peak = next((m[k] for k in PEAK_KEYS if isinstance(m.get(k), (int, float))), None)
     return {**out, "status": "ok", "stage": m.get("stage"), "device": m.get("device"),
@@ -61,6 +64,15 @@ def row(target: str, res: Path, gpu: str) -> dict:
             "speed": {k: v for k, v in sorted(m.items()) if COST.search(k) and isinstance(v, (int, float))
                       and not isinstance(v, bool)},
             "versions": {k[len("version_"):]: v for k, v in sorted(m.items()) if k.startswith("version_")}}
+
+
+def kept(rows: list[dict], earlier_json: Path) -> list[dict]:
+    """rows, where a target that did not start in this run takes its row from earlier_json (an earlier run's)."""
+    try:
+        earlier = {r["target"]: r for r in json.loads(earlier_json.read_text())}
+    except (OSError, ValueError, KeyError, TypeError):
+        return rows
+    return [earlier.get(r["target"], r) if r.get("started") is False else r for r in rows]
 
 
 def shape_world_rows(res: Path, gpu: str) -> list[dict]:
@@ -89,12 +101,13 @@ def to_md(group: str, rows: list[dict], world: list[dict]) -> str:
              f"`scripts/gpu_check.sh {group}`: the full recipes on random-weight models of the real architectures "
              "(config/hub_configs/), data at the real lengths, through the targets' own rules (`snakemake --config "
              "scale=shape`). Quality numbers at this scale mean nothing; time and memory are the real ones. "
-             f"GPU: {rows[0]['gpu'] if rows else '?'}.", "",
-             "| target | status | wall s | peak GiB | figures (metrics.json) |", "| --- | --- | --- | --- | --- |"]
+             f"GPU: {', '.join(sorted({r['gpu'] for r in rows})) or '?'}.", "",
+             "| target | status | wall s | peak GiB | figures (metrics.json) | gpu |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         figs = "; ".join(f"{k} {v:.4g}" for k, v in r.get("speed", {}).items()) if r["status"] == "ok" else r["error"]
         lines.append(f"| {r['target']} | {r['status']} | {r['wall_s'] or '-'} | {r.get('peak_gib') or '-'} | "
-                     f"{figs.replace('|', '/')} |")
+                     f"{figs.replace('|', '/')} | {r['gpu']} |")
     if world:
         lines += ["", "Shape world built in this run (models from their hub config, data sets):", "",
                   "| job | status | wall s |", "| --- | --- | --- |"]
@@ -116,9 +129,9 @@ def main() -> int:
         print(" ".join(GROUPS[a.group]))
         return 0
     res, gpu = Path(a.results), gpu_name()
-    rows = [row(t, res, gpu) for t in GROUPS[a.group]]
-    world = shape_world_rows(res, gpu)
     out = Path(a.out)
+    rows = kept([row(t, res, gpu) for t in GROUPS[a.group]], out / f"shape_{a.group}.json")
+    world = shape_world_rows(res, gpu)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"shape_{a.group}.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / f"shape_{a.group}.md").write_text(to_md(a.group, rows, world))

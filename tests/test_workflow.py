@@ -178,6 +178,38 @@ def test_every_built_metrics_json_matches_its_stage_declaration(tiny_world, resu
         check_metrics(bad)
 
 
+def test_shape_summary_rows_and_a_partial_run_keeps_earlier_rows(tmp_path):
+    """scripts/shape_summary.py over a results/shape layout: a finished target's row has its metrics' cost figures
+    and Snakemake's wall time, a failed one its log's error line, and a target this run did not start keeps the
+    row an earlier summary in --out has for it (a run of part of a group), else it is reported as not started."""
+    res, out = tmp_path / "shape", tmp_path / "out"
+    (res / "benchmarks").mkdir(parents=True)
+    (res / "logs").mkdir()
+    (res / "rtn_opt67b").mkdir()
+    (res / "rtn_opt67b" / "metrics.json").write_text(json.dumps(
+        {"stage": "quantize", "quant_seconds": 4.5, "quant_peak_gpu_mb": 2048.0, "ppl_quant": 9.0,
+         "version_torch": "2.11.0"}))
+    (res / "benchmarks" / "rtn_opt67b.tsv").write_text("s\th:m:s\n12.34\t0:00:12\n")
+    (res / "logs" / "gptq_opt67b.log").write_text("loading\nRuntimeError: CUDA error: out of memory\nexiting\n")
+    out.mkdir()
+    earlier = {"target": "awq_opt67b", "gpu": "NVIDIA H200", "wall_s": 99.0, "status": "ok", "peak_gib": 20.8,
+               "speed": {"quant_seconds": 80.5}}
+    (out / "shape_quantize.json").write_text(json.dumps([earlier]))
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "shape_summary.py"), "quantize", "--results", str(res),
+                        "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr  # not every row is ok
+    rows = {x["target"]: x for x in json.loads((out / "shape_quantize.json").read_text())}
+    assert rows["rtn_opt67b"]["status"] == "ok" and rows["rtn_opt67b"]["wall_s"] == 12.3
+    assert rows["rtn_opt67b"]["peak_gib"] == 2.0 and rows["rtn_opt67b"]["speed"] == {
+        "quant_peak_gpu_mb": 2048.0, "quant_seconds": 4.5}  # cost figures only, no quality numbers
+    assert rows["gptq_opt67b"]["status"] == "failed"
+    assert rows["gptq_opt67b"]["error"] == "RuntimeError: CUDA error: out of memory"
+    assert rows["awq_opt67b"] == earlier
+    assert rows["eval_opt67b"]["status"] == "failed" and "did not start" in rows["eval_opt67b"]["error"]
+    md = (out / "shape_quantize.md").read_text()
+    assert "| awq_opt67b | ok | 99.0 | 20.8 | quant_seconds 80.5 | NVIDIA H200 |" in md
+
+
 @pytest.mark.slow
 def test_a_shape_scale_target_runs_for_real_at_the_models_real_size(tmp_path):
     """lora_distilgpt2_quick at scale shape on the CPU: DistilGPT2 built from its hub config.json with random

@@ -199,8 +199,9 @@ def render_html(blocks: list[Block], title: str, subtitle: str, base: Path) -> s
 
 
 def plot(path: Path, series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, title: str,
-         logy: bool = False, marker: str | None = None, integer_x: bool = False) -> Path | None:
-    """One line per series (None when no series has a point), written to `path`."""
+         logy: bool = False, marker: str | None = None, integer_x: bool = False, zero_y: bool = False) -> Path | None:
+    """One line per series (None when no series has a point), written to `path`; zero_y: the y axis starts at 0
+    (costs, so that a ratio reads off the plot)."""
     series = {k: sorted(v) for k, v in series.items() if v}
     if not series:
         return None
@@ -220,6 +221,8 @@ def plot(path: Path, series: dict[str, list[tuple[float, float]]], xlabel: str, 
     ax.set_title(title)
     if logy:
         ax.set_yscale("log")
+    elif zero_y:
+        ax.set_ylim(bottom=0)
     if integer_x:
         from matplotlib.ticker import MaxNLocator
 
