@@ -14,14 +14,16 @@ and the measurements. A nested phase is also inside its parent: the table says w
     python bench/quant_speed.py --methods awq gptq --series gptq --out /tmp/qs  # AWQ at the 6.7b shape only
     python bench/quant_speed.py --methods awq --models opt-6.7b --paths llmcompressor project project_sdpa --out /tmp/qs
     python bench/quant_speed.py --scale tiny --models opt-6.7b --out /tmp/qs  # the same code on the tiny OPT, CPU
+    python bench/quant_speed.py --methods awq --models opt-6.7b --paths project --cprofile --out /tmp/qs  # + cProfile
 
 Writes quant_speed.json (a list of rows: method, path, model, params, seconds (the stage's quant_seconds),
 peak_gib, split (phase -> seconds), the result figures (GPTQ's mean layer loss, perplexity, KL to the unquantized
 model), gpu) and quant_speed.md: per method and model the project path's time and peak against llm-compressor's
 and how far its result is from it; one plot each of time and peak memory against parameters for both paths. On a
 GPU it also checks the fast path's Hessian update (GPTQ) and grid-search loss (AWQ) against llm-compressor's on one
-half-precision batch. Run it where scripts/gpu_check.sh installed the quantize group's wheels (PYTHONPATH set); the
-shape world is built by the workflow's rules.
+half-precision batch (quant_speed_checks.json). A run of some methods, models or paths replaces those rows and checks
+in what --out already holds and keeps the others. Run it where scripts/gpu_check.sh installed the quantize group's
+wheels (PYTHONPATH set); the shape world is built by the workflow's rules.
 """
 from __future__ import annotations
 
@@ -69,6 +71,12 @@ PHASES = {
     "AWQ qparams": ("llmcompressor.modifiers.transform.awq.base", "update_qparams", "AWQ smoothing (scale search)"),
     "AWQ fake quantize": ("llmcompressor.modifiers.transform.awq.base", "forward_quantize",
                           "AWQ smoothing (scale search)"),
+    # a mapping's whole grid search (the phases above but the unquantized forward are inside it), and the writes of
+    # the smoothed weights back to an offloaded model's CPU copy
+    "AWQ best-scale search": ("llmcompressor.modifiers.transform.awq.base", "AWQModifier._compute_best_scale",
+                              "AWQ smoothing (scale search)"),
+    "AWQ offloaded-weight updates": ("llmcompressor.modifiers.transform.awq.base", "update_offload_parameter",
+                                     "AWQ smoothing (scale search)"),
     # the fast path's grid-search loss for a Linear parent: its inputs' Gram matrix once, a quadratic form a grid point
     "AWQ Gram matrices (fast)": ("quantune.lib.quant_backends", "centred_gram", "AWQ smoothing (scale search)"),
     "AWQ Gram-matrix loss (fast)": ("quantune.lib.quant_backends", "AwqLinearLoss.loss",
@@ -157,8 +165,29 @@ def sdpa_grid_search() -> None:
     AWQModifier._apply_smoothing = without_eager
 
 
-def one_run(method: str, model: str, path_name: str, scale: str, sets: list[str], out_json: Path) -> None:
-    """One stage run with the timers installed (in a process of its own), its row written to out_json."""
+def profiled(fn, out_txt: Path | None, top: int = 60):
+    """fn() under cProfile when out_txt is given: the `top` functions by own time and by cumulative time written
+    there (the host's view: time waiting for the GPU shows in the call that waits, e.g. a synchronize or .item())."""
+    if out_txt is None:
+        return fn()
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    try:
+        return prof.runcall(fn)
+    finally:
+        buf = io.StringIO()
+        for key in ("tottime", "cumulative"):
+            pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(top)
+        out_txt.write_text(buf.getvalue(), encoding="utf-8")
+
+
+def one_run(method: str, model: str, path_name: str, scale: str, sets: list[str], out_json: Path,
+            profile_txt: Path | None = None) -> None:
+    """One stage run with the timers installed (in a process of its own), its row written to out_json; with
+    profile_txt, the stage's run under cProfile (profiled)."""
     from quantune.lib.config import _parse_set, load_config, load_recipe
 
     cfg = load_config(overrides={"scale": scale, **_parse_set(sets)})
@@ -173,7 +202,7 @@ def one_run(method: str, model: str, path_name: str, scale: str, sets: list[str]
         path = recipe_copy(method, model, path_name, Path(tmp))
         build_shape_inputs(cfg, load_recipe(path, cfg), model)
         t0 = time.perf_counter()
-        m = run(str(path), str(Path(tmp) / "out"), cfg)
+        m = profiled(lambda: run(str(path), str(Path(tmp) / "out"), cfg), profile_txt)
         wall = time.perf_counter() - t0
     q = m["quant_seconds"]
     split = {phase: {"seconds": round(timers.seconds[phase], 3), "calls": timers.calls[phase], "inside": parent,
@@ -328,6 +357,7 @@ def write(rows: list[dict], check: dict | None, out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "quant_speed.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    (out / "quant_speed_checks.json").write_text(json.dumps(check or {}, indent=1) + "\n", encoding="utf-8")
     ok = [r for r in rows if "error" not in r]
     gpu = ok[0]["gpu"] if ok else "-"
     md = ["# GPTQ and AWQ: llm-compressor's own call against the project's fast path (quantize stage)", "",
@@ -374,6 +404,20 @@ def write(rows: list[dict], check: dict | None, out: Path) -> None:
     (out / "quant_speed.md").write_text("\n".join(md) + "\n", encoding="utf-8")
 
 
+def merged(kept: list[dict], new: list[dict]) -> list[dict]:
+    """`kept` (an earlier run's rows) with `new`'s rows in place of those of the same method, model and path."""
+    by = {(r["method"], r["model"], r["path"]): r for r in kept + new}
+    return sorted(by.values(), key=lambda r: (r["method"], MODELS.index(r["model"]) if r["model"] in MODELS else 99,
+                                              list(PATHS).index(r["path"])))
+
+
+def earlier(out: Path) -> tuple[list[dict], dict]:
+    """The rows and checks an earlier run left in `out` (none if it has none)."""
+    rows, check = out / "quant_speed.json", out / "quant_speed_checks.json"
+    return (json.loads(rows.read_text(encoding="utf-8")) if rows.exists() else [],
+            json.loads(check.read_text(encoding="utf-8")) if check.exists() else {})
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="*", default=list(RECIPES), choices=list(RECIPES))
@@ -385,14 +429,20 @@ def main(argv=None) -> int:
     p.add_argument("--scale", default="shape", choices=["tiny", "shape"])
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override (dotted keys)")
+    p.add_argument("--cprofile", action="store_true",
+                   help="each run's stage under cProfile: quant_speed_profile_<method>_<model>_<path>.txt in --out")
     p.add_argument("--one", nargs=4, metavar=("METHOD", "MODEL", "PATH", "JSON"), help=argparse.SUPPRESS)
+    p.add_argument("--profile-txt", type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:
-        one_run(*a.one[:3], a.scale, a.set, Path(a.one[3]))
+        one_run(*a.one[:3], a.scale, a.set, Path(a.one[3]), a.profile_txt)
         return 0
+    # a run of some methods, models or paths replaces their rows (and checks) in an earlier run's and keeps the rest
+    kept, kept_check = earlier(a.out)
     rows: list[dict] = []
     check = {"hessian": hessian_check() if "gptq" in a.methods else None,
              "awq_loss": awq_loss_check() if "awq" in a.methods else None}
+    check = {**kept_check, **{k: v for k, v in check.items() if v}}
     with tempfile.TemporaryDirectory() as tmp:
         for method in a.methods:
             for model in a.models if method in a.series else a.models[-1:]:
@@ -401,6 +451,9 @@ def main(argv=None) -> int:
                     js = Path(tmp) / f"{method}-{model}-{path_name}.json"
                     cmd = [sys.executable, __file__, "--scale", a.scale, *[f"--set={s}" for s in a.set],
                            "--one", method, model, path_name, str(js)]
+                    if a.cprofile:
+                        a.out.mkdir(parents=True, exist_ok=True)
+                        cmd += ["--profile-txt", str(a.out / f"quant_speed_profile_{method}_{model}_{path_name}.txt")]
                     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
                     sys.stdout.write(r.stdout[-4000:])
                     if r.returncode == 0 and js.exists():
@@ -410,7 +463,7 @@ def main(argv=None) -> int:
                         rows.append({"method": method, "model": model, "path": path_name,
                                      "error": err[-1] if err else f"exit {r.returncode}"})
                         sys.stderr.write(r.stderr[-4000:])
-                    write(rows, check, a.out)  # after each run: a later failure keeps what finished
+                    write(merged(kept, rows), check, a.out)  # after each run: a later failure keeps what finished
     return 0
 
 
