@@ -72,7 +72,8 @@ def kept(rows: list[dict], earlier_json: Path) -> list[dict]:
         earlier = {r["target"]: r for r in json.loads(earlier_json.read_text())}
     except (OSError, ValueError, KeyError, TypeError):
         return rows
-    return [earlier.get(r["target"], r) if r.get("started") is False else r for r in rows]
+    return [{**earlier[r["target"]], "kept": True} if r.get("started") is False and r["target"] in earlier else r
+            for r in rows]
 
 
 def shape_world_rows(res: Path, gpu: str) -> list[dict]:
@@ -106,13 +107,14 @@ def to_md(group: str, rows: list[dict], world: list[dict]) -> str:
              "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         figs = "; ".join(f"{k} {v:.4g}" for k, v in r.get("speed", {}).items()) if r["status"] == "ok" else r["error"]
-        lines.append(f"| {r['target']} | {r['status']} | {r['wall_s'] or '-'} | {r.get('peak_gib') or '-'} | "
+        status = f"{r['status']} (an earlier run's)" if r.get("kept") else r["status"]
+        lines.append(f"| {r['target']} | {status} | {r['wall_s'] or '-'} | {r.get('peak_gib') or '-'} | "
                      f"{figs.replace('|', '/')} | {r['gpu']} |")
     if world:
         lines += ["", "Shape world built in this run (models from their hub config, data sets):", "",
                   "| job | status | wall s |", "| --- | --- | --- |"]
         lines += [f"| {r['target']} | {r['status']} | {r['wall_s']} |" for r in world]
-    versions = next((r["versions"] for r in rows if r.get("versions")), {})
+    versions = next((r["versions"] for r in sorted(rows, key=lambda r: bool(r.get("kept"))) if r.get("versions")), {})
     if versions:
         lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items())]
     return "\n".join(lines) + "\n"

@@ -192,8 +192,8 @@ def test_shape_summary_rows_and_a_partial_run_keeps_earlier_rows(tmp_path):
     (res / "benchmarks" / "rtn_opt67b.tsv").write_text("s\th:m:s\n12.34\t0:00:12\n")
     (res / "logs" / "gptq_opt67b.log").write_text("loading\nRuntimeError: CUDA error: out of memory\nexiting\n")
     out.mkdir()
-    earlier = {"target": "awq_opt67b", "gpu": "NVIDIA H200", "wall_s": 99.0, "status": "ok", "peak_gib": 20.8,
-               "speed": {"quant_seconds": 80.5}}
+    earlier = {"target": "eval_opt67b", "gpu": "NVIDIA H200", "wall_s": 19.6, "status": "ok", "peak_gib": 14.03,
+               "speed": {"gen_seconds": 4.5}, "versions": {"torch": "2.10.0"}}
     (out / "shape_quantize.json").write_text(json.dumps([earlier]))
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "shape_summary.py"), "quantize", "--results", str(res),
                         "--out", str(out)], capture_output=True, text=True)
@@ -204,10 +204,11 @@ def test_shape_summary_rows_and_a_partial_run_keeps_earlier_rows(tmp_path):
         "quant_peak_gpu_mb": 2048.0, "quant_seconds": 4.5}  # cost figures only, no quality numbers
     assert rows["gptq_opt67b"]["status"] == "failed"
     assert rows["gptq_opt67b"]["error"] == "RuntimeError: CUDA error: out of memory"
-    assert rows["awq_opt67b"] == earlier
-    assert rows["eval_opt67b"]["status"] == "failed" and "did not start" in rows["eval_opt67b"]["error"]
+    assert rows["eval_opt67b"] == {**earlier, "kept": True}
+    assert rows["awq_opt67b"]["status"] == "failed" and "did not start" in rows["awq_opt67b"]["error"]
     md = (out / "shape_quantize.md").read_text()
-    assert "| awq_opt67b | ok | 99.0 | 20.8 | quant_seconds 80.5 | NVIDIA H200 |" in md
+    assert "| eval_opt67b | ok (an earlier run's) | 19.6 | 14.03 | gen_seconds 4.5 | NVIDIA H200 |" in md
+    assert "Versions: torch 2.11.0" in md  # this run's, not the kept row's
 
 
 @pytest.mark.slow
