@@ -3,7 +3,8 @@ bench), with where the time goes: each run is the stage's own run (`quantune.qua
 or awq_opt67b.yaml with only `model:` and `speed:` changed. Path `llmcompressor` is `speed: seed` (oneshot as
 its defaults have it, the recipe's calibration batch); path `project` is `speed: fast` (the same method, settings,
 calibration rows and order; see the quantize schema's `speed`); path `project_sdpa` (a diagnostic, `--paths`) is
-`project` with AWQ's scale search out of eager attention (sdpa_grid_search). Each run is a process of its own (the
+`project` with AWQ's scale search out of eager attention (sdpa_grid_search), path `project_resident` (a diagnostic)
+`project` with the model left on the GPU during oneshot, as llm-compressor's own call has it (model_resident). Each run is a process of its own (the
 same CUDA start-up for every path), with wall-clock timers, the GPU synchronised around them, on the stage's phases and
 llm-compressor 0.14's: tracing the model into subgraphs, the calibration cache and its onload/offload traffic,
 the calibration forwards (GPTQ's Hessian hooks timed apart), GPTQ's per-layer solve, AWQ's scale search, saving
@@ -44,7 +45,7 @@ from benchlib import build_shape_inputs, gpu_name
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {"gptq": "gptq_opt67b", "awq": "awq_opt67b"}
 MODELS = ["opt-125m", "opt-1.3b", "opt-2.7b", "opt-6.7b"]
-PATHS = {"llmcompressor": "seed", "project": "fast", "project_sdpa": "fast"}
+PATHS = {"llmcompressor": "seed", "project": "fast", "project_sdpa": "fast", "project_resident": "fast"}
 DEFAULT_PATHS = ["llmcompressor", "project"]
 # phase: (module, attribute path, the phase it runs inside)
 PHASES = {
@@ -165,6 +166,16 @@ def sdpa_grid_search() -> None:
     AWQModifier._apply_smoothing = without_eager
 
 
+def model_resident() -> None:
+    """Path project_resident (a diagnostic, not a recipe setting): the fast path with the model left on the GPU during
+    oneshot (quantize.offloads_model false), as llm-compressor's own call has it; the difference from path project
+    is what the fast mode's offloaded model (CPU copy, one decoder layer onloaded at a time) costs in time and saves
+    in peak memory."""
+    import quantune.quantize as stage
+
+    stage.offloads_model = lambda recipe, device: False
+
+
 def profiled(fn, out_txt: Path | None, top: int = 60):
     """fn() under cProfile when out_txt is given: the `top` functions by own time and by cumulative time written
     there (the host's view: time waiting for the GPU shows in the call that waits, e.g. a synchronize or .item())."""
@@ -195,6 +206,8 @@ def one_run(method: str, model: str, path_name: str, scale: str, sets: list[str]
     missing = install(timers)
     if path_name == "project_sdpa":
         sdpa_grid_search()
+    if path_name == "project_resident":
+        model_resident()
     from quantune.quantize import run  # after install: the stage's module-level names are the wrapped ones
 
     (ROOT / "results").mkdir(exist_ok=True)
@@ -425,7 +438,8 @@ def main(argv=None) -> int:
     p.add_argument("--series", nargs="*", default=list(RECIPES), choices=list(RECIPES),
                    help="methods run at every --models size; the others at the last one only (the largest by default)")
     p.add_argument("--paths", nargs="*", default=DEFAULT_PATHS, choices=list(PATHS),
-                   help="project_sdpa: the fast path with AWQ's scale search out of eager attention (a diagnostic)")
+                   help="diagnostics: project_sdpa, the fast path with AWQ's scale search out of eager attention; "
+                   "project_resident, the fast path with the model on the GPU during oneshot")
     p.add_argument("--scale", default="shape", choices=["tiny", "shape"])
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override (dotted keys)")
