@@ -6,6 +6,7 @@ schedule, data order and loss.
 
     python bench/sft_speed.py --out bench/results                    # scale shape, on the GPU machine
     python bench/sft_speed.py --scale tiny --out /tmp/ss             # the same code on the tiny Qwen3, CPU
+    python bench/sft_speed.py --flce-check --out /tmp/ss             # GPU: liger's fused linear CE, chunk sizes
 
 Variants: seed, seed_again, fast (packed rows, the step's rows in one micro-batch, checkpointing off,
 liger-kernel's fused linear cross-entropy and each decoder block compiled, dynamic shapes: what liger_kernel: auto
@@ -129,6 +130,55 @@ def write(rows: list[dict], out: Path) -> None:
     (out / "sft_speed.md").write_text("\n".join(md) + "\n", encoding="utf-8")
 
 
+def flce_check(tokens: int = 12_288, consts: tuple = (1, 2, 4, 8, 16), repeats: int = 5,
+               device: str = "cuda") -> dict | None:
+    """On a GPU: liger-kernel's fused linear cross-entropy (what the fast mode runs at the LM head) at Qwen3-0.6B's
+    hidden size and vocabulary (config/hub_configs/qwen3-0.6b.json) on `tokens` bf16 positions (about one fast-mode
+    optimizer step of the recipe's rows), for several `chunk_mem_const` (liger's default 1 gives chunks of
+    next_pow2(tokens / ceil(vocab / hidden)) rows: 128 here): seconds for forward + backward (liger computes the
+    gradients in the forward), the peak memory it adds, and its loss and gradients against chunk_mem_const 1's."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        return None
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    hub = json.loads((ROOT / "config" / "hub_configs" / "qwen3-0.6b.json").read_text(encoding="utf-8"))
+    h, v = hub["hidden_size"], hub["vocab_size"]
+    g = torch.Generator(device=device).manual_seed(0)
+    x0 = torch.randn(tokens, h, device=device, dtype=torch.bfloat16, generator=g)
+    w0 = (torch.randn(v, h, device=device, dtype=torch.bfloat16, generator=g) * h ** -0.5)
+    target = torch.randint(0, v, (tokens,), device=device, generator=g)
+    target[::7] = -100  # some positions masked, as pads and prompts are
+
+    def step(const):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        loss = liger_fused_linear_cross_entropy(x, w, target, chunk_mem_const=const)
+        loss.backward()
+        return loss.detach(), x.grad, w.grad
+
+    out, ref = {"tokens": tokens, "hidden": h, "vocab": v, "dtype": "bfloat16"}, None
+    for const in consts:
+        step(const)  # warm-up (Triton compiles)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            loss, gx, gw = step(const)
+        torch.cuda.synchronize()
+        row = {"seconds": round((time.perf_counter() - t0) / repeats, 5),
+               "peak_extra_gib": round((torch.cuda.max_memory_allocated() - base) / 2**30, 3)}
+        if ref is None:
+            ref = (loss, gx, gw)
+        else:
+            row.update(loss_diff=abs(loss - ref[0]).item(),
+                       grad_input_rel=((gx - ref[1]).float().norm() / ref[1].float().norm()).item(),
+                       grad_weight_rel=((gw - ref[2]).float().norm() / ref[2].float().norm()).item())
+        out[f"chunk_mem_const {const}"] = row
+    return out
+
+
 def main(argv=None) -> int:
     from quantune.lib.config import _parse_set, load_config, load_recipe
 
@@ -140,7 +190,15 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override (dotted keys), for every run")
     p.add_argument("--profile", action="store_true", help="profile steps 3-4 of every run with torch.profiler "
                    "(OUT/profile_VARIANT/profile.txt); the rates then include the profiler: a separate run")
+    p.add_argument("--flce-check", action="store_true", help="only flce_check (GPU): OUT/sft_flce_check.json")
     a = p.parse_args(argv)
+    if a.flce_check:
+        check = flce_check()
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "sft_flce_check.json").write_text(json.dumps({**(check or {}), "gpu": gpu_name()}, indent=1) + "\n",
+                                                    encoding="utf-8")
+        print(json.dumps(check, indent=1))
+        return 0 if check else 1
     cfg = load_config(overrides={"scale": a.scale, **_parse_set(a.set)})
     recipe = load_recipe(RECIPE, cfg)
     build_shape_inputs(cfg, recipe)
