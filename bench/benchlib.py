@@ -1,6 +1,8 @@
-"""What the benches share: a recipe's shape-world inputs, built by the workflow's own rules, and the GPU's name."""
+"""What the benches share: a recipe's shape-world inputs, built by the workflow's own rules, the GPU's name, and
+an earlier run's results that a run of part of a bench keeps."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -25,3 +27,15 @@ def gpu_name() -> str:
     import torch
 
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def earlier(path: Path, default):
+    """What an earlier run of a bench left in `path` (its JSON), else `default`."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else default
+
+
+def merged(kept: list[dict], new: list[dict], key, rank) -> list[dict]:
+    """`kept` (an earlier run's rows) with `new`'s rows in place of those with the same key(row), sorted by
+    rank(row) (stable: rows of equal rank keep their order)."""
+    by = {key(r): r for r in kept + new}
+    return sorted(by.values(), key=rank)

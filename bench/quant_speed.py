@@ -23,8 +23,8 @@ model), gpu) and quant_speed.md: per method and model the project path's time an
 and how far its result is from it; one plot each of time and peak memory against parameters for both paths. On a
 GPU it also checks the fast path's Hessian update (GPTQ) and grid-search loss (AWQ) against llm-compressor's on one
 half-precision batch (quant_speed_checks.json). A run of some methods, models or paths replaces those rows and checks
-in what --out already holds and keeps the others. Run it where scripts/gpu_check.sh installed the quantize group's
-wheels (PYTHONPATH set); the shape world is built by the workflow's rules.
+in what --out already holds and keeps the others (rows of the run's scale only). Run it where scripts/gpu_check.sh
+installed the quantize group's wheels (PYTHONPATH set); the shape world is built by the workflow's rules.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import yaml
-from benchlib import build_shape_inputs, gpu_name
+from benchlib import build_shape_inputs, earlier, gpu_name, merged
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {"gptq": "gptq_opt67b", "awq": "awq_opt67b"}
@@ -417,18 +417,10 @@ def write(rows: list[dict], check: dict | None, out: Path) -> None:
     (out / "quant_speed.md").write_text("\n".join(md) + "\n", encoding="utf-8")
 
 
-def merged(kept: list[dict], new: list[dict]) -> list[dict]:
-    """`kept` (an earlier run's rows) with `new`'s rows in place of those of the same method, model and path."""
-    by = {(r["method"], r["model"], r["path"]): r for r in kept + new}
-    return sorted(by.values(), key=lambda r: (r["method"], MODELS.index(r["model"]) if r["model"] in MODELS else 99,
-                                              list(PATHS).index(r["path"])))
-
-
-def earlier(out: Path) -> tuple[list[dict], dict]:
-    """The rows and checks an earlier run left in `out` (none if it has none)."""
-    rows, check = out / "quant_speed.json", out / "quant_speed_checks.json"
-    return (json.loads(rows.read_text(encoding="utf-8")) if rows.exists() else [],
-            json.loads(check.read_text(encoding="utf-8")) if check.exists() else {})
+def rank(row: dict) -> tuple:
+    """A row's place: by method, then model size (MODELS order, others last), then path (PATHS order)."""
+    return (row["method"], MODELS.index(row["model"]) if row["model"] in MODELS else len(MODELS),
+            list(PATHS).index(row["path"]))
 
 
 def main(argv=None) -> int:
@@ -451,8 +443,10 @@ def main(argv=None) -> int:
     if a.one:
         one_run(*a.one[:3], a.scale, a.set, Path(a.one[3]), a.profile_txt)
         return 0
-    # a run of some methods, models or paths replaces their rows (and checks) in an earlier run's and keeps the rest
-    kept, kept_check = earlier(a.out)
+    # a run of some methods, models or paths replaces their rows (and checks) in an earlier run's at the same scale
+    # and keeps the rest
+    kept = [r for r in earlier(a.out / "quant_speed.json", []) if r.get("scale") == a.scale]
+    kept_check = earlier(a.out / "quant_speed_checks.json", {})
     rows: list[dict] = []
     check = {"hessian": hessian_check() if "gptq" in a.methods else None,
              "awq_loss": awq_loss_check() if "awq" in a.methods else None}
@@ -474,10 +468,11 @@ def main(argv=None) -> int:
                         rows.append(json.loads(js.read_text()))
                     else:
                         err = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-                        rows.append({"method": method, "model": model, "path": path_name,
+                        rows.append({"method": method, "model": model, "path": path_name, "scale": a.scale,
                                      "error": err[-1] if err else f"exit {r.returncode}"})
                         sys.stderr.write(r.stderr[-4000:])
-                    write(merged(kept, rows), check, a.out)  # after each run: a later failure keeps what finished
+                    # after each run: a later failure keeps what finished
+                    write(merged(kept, rows, lambda r: (r["method"], r["model"], r["path"]), rank), check, a.out)
     return 0
 
 

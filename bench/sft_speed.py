@@ -130,17 +130,18 @@ def write(rows: list[dict], out: Path) -> None:
     (out / "sft_speed.md").write_text("\n".join(md) + "\n", encoding="utf-8")
 
 
-def flce_check(tokens: int = 12_288, consts: tuple = (1, 2, 4, 8, 16), repeats: int = 5,
-               device: str = "cuda") -> dict | None:
+def flce_check(tokens: int = 12_288, consts: tuple = (1, 2, 4, 8, 16), repeats: int = 5) -> dict | None:
     """On a GPU: liger-kernel's fused linear cross-entropy (what the fast mode runs at the LM head) at Qwen3-0.6B's
     hidden size and vocabulary (config/hub_configs/qwen3-0.6b.json) on `tokens` bf16 positions (about one fast-mode
     optimizer step of the recipe's rows), for several `chunk_mem_const` (liger's default 1 gives chunks of
     next_pow2(tokens / ceil(vocab / hidden)) rows: 128 here): seconds for forward + backward (liger computes the
-    gradients in the forward), the peak memory it adds, and its loss and gradients against chunk_mem_const 1's."""
+    gradients in the forward), the peak memory it adds, and its loss and gradients against chunk_mem_const 1's;
+    None without a GPU."""
     import torch
 
-    if device == "cuda" and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         return None
+    device = "cuda"
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     hub = json.loads((ROOT / "config" / "hub_configs" / "qwen3-0.6b.json").read_text(encoding="utf-8"))
@@ -194,11 +195,14 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.flce_check:
         check = flce_check()
+        if check is None:
+            sys.exit("sft_speed: --flce-check needs a CUDA GPU (liger's Triton kernels) and none is visible; "
+                     "fix: run it on the GPU machine")
         a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / "sft_flce_check.json").write_text(json.dumps({**(check or {}), "gpu": gpu_name()}, indent=1) + "\n",
+        (a.out / "sft_flce_check.json").write_text(json.dumps({**check, "gpu": gpu_name()}, indent=1) + "\n",
                                                     encoding="utf-8")
         print(json.dumps(check, indent=1))
-        return 0 if check else 1
+        return 0
     cfg = load_config(overrides={"scale": a.scale, **_parse_set(a.set)})
     recipe = load_recipe(RECIPE, cfg)
     build_shape_inputs(cfg, recipe)

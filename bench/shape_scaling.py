@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import yaml
-from benchlib import build_shape_inputs, gpu_name
+from benchlib import build_shape_inputs, earlier, gpu_name, merged
 
 ROOT = Path(__file__).resolve().parent.parent
 SERIES = {
@@ -76,11 +76,11 @@ def run_one(name: str, model: str, cfg: dict, tmp: Path) -> dict:
             "figures": figures, "gpu": gpu_name()}
 
 
-def merged(kept: list[dict], new: list[dict]) -> list[dict]:
-    """`kept` with `new`'s rows in place of those of the same series and model, in SERIES order."""
-    by = {(r["series"], r["model"]): r for r in kept + new}
+def rank(row: dict) -> int:
+    """A row's place in SERIES order (rows of series or models no longer in SERIES last)."""
     order = [(name, model) for name, models in SERIES.items() for model in models]
-    return [by[k] for k in order if k in by] + [r for k, r in by.items() if k not in order]
+    k = (row["series"], row["model"])
+    return order.index(k) if k in order else len(order)
 
 
 def write(rows: list[dict], out: Path) -> None:
@@ -121,8 +121,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     cfg = load_config(overrides={"scale": "shape"})
     # a run of some series or models replaces their rows in an earlier shape_scaling.json and keeps the others
-    done = a.out / "shape_scaling.json"
-    kept = json.loads(done.read_text(encoding="utf-8")) if done.exists() else []
+    kept = earlier(a.out / "shape_scaling.json", [])
     rows = []
     (ROOT / "results").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="shape-scaling-", dir=ROOT / "results") as tmp:
@@ -132,7 +131,8 @@ def main(argv=None) -> int:
                     continue
                 print(f"shape_scaling: {name} on {model}", flush=True)
                 rows.append(run_one(name, model, cfg, Path(tmp)))
-                write(merged(kept, rows), a.out)  # after each run: a later failure keeps what finished
+                # after each run: a later failure keeps what finished
+                write(merged(kept, rows, lambda r: (r["series"], r["model"]), rank), a.out)
     return 0
 
 
