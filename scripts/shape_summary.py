@@ -68,10 +68,13 @@ def row(target: str, res: Path, gpu: str) -> dict:
 
 def kept(rows: list[dict], earlier_json: Path) -> list[dict]:
     """rows, where a target that did not start in this run takes its row from earlier_json (an earlier run's)."""
+    if not earlier_json.exists():
+        return rows
     try:
         earlier = {r["target"]: r for r in json.loads(earlier_json.read_text())}
-    except (OSError, ValueError, KeyError, TypeError):
-        return rows
+    except (ValueError, KeyError, TypeError) as e:  # not overwritten: it may hold the only copy of earlier rows
+        sys.exit(f"shape_summary: {earlier_json}: not a list of summary rows ({type(e).__name__}: {e}); "
+                 "fix: repair it or move it aside")
     return [{**earlier[r["target"]], "kept": True} if r.get("started") is False and r["target"] in earlier else r
             for r in rows]
 

@@ -209,6 +209,14 @@ def test_shape_summary_rows_and_a_partial_run_keeps_earlier_rows(tmp_path):
     md = (out / "shape_quantize.md").read_text()
     assert "| eval_opt67b | ok (an earlier run's) | 19.6 | 14.03 | gen_seconds 4.5 | NVIDIA H200 |" in md
     assert "Versions: torch 2.11.0" in md  # this run's, not the kept row's
+    (out / "shape_quantize.json").write_text("[{\"target\": ")  # an earlier summary cut short: kept as it is
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "shape_summary.py"), "quantize", "--results", str(res),
+                        "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"shape_summary: {out / 'shape_quantize.json'}: not a list of summary rows (JSONDecodeError: Expecting value: "
+        "line 1 column 13 (char 12)); fix: repair it or move it aside"]
+    assert (out / "shape_quantize.json").read_text() == "[{\"target\": "
+    assert (out / "shape_quantize.md").read_text() == md
 
 
 @pytest.mark.slow
