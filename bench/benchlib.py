@@ -29,6 +29,24 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
+def run_stamp() -> str:
+    """Where a row comes from, for tables that keep earlier runs' rows: the commit (git's short id, `+` when the
+    tree has changes; $QUANTUNE_COMMIT where the checkout has no .git, as on the GPU machine) and the UTC minute."""
+    import os
+    import time
+
+    commit = os.environ.get("QUANTUNE_COMMIT", "")
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        if head.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                   capture_output=True, text=True).stdout.strip()
+            commit = head.stdout.strip() + ("+" if dirty else "")
+    except OSError:
+        pass
+    return f"{commit or '?'} {time.strftime('%Y-%m-%d %H:%M', time.gmtime())}"
+
+
 def earlier(path: Path, default):
     """What an earlier run of a bench left in `path` (its JSON), else `default`."""
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else default

@@ -16,6 +16,7 @@ and the measurements. A nested phase is also inside its parent: the table says w
     python bench/quant_speed.py --methods awq --models opt-6.7b --paths llmcompressor project project_sdpa --out /tmp/qs
     python bench/quant_speed.py --scale tiny --models opt-6.7b --out /tmp/qs  # the same code on the tiny OPT, CPU
     python bench/quant_speed.py --methods awq --models opt-6.7b --paths project --cprofile --out /tmp/qs  # + cProfile
+    python bench/quant_speed.py --offload-check --out /tmp/qs   # GPU: to_host and the offloaded weights' write-back
 
 Writes quant_speed.json (a list of rows: method, path, model, params, seconds (the stage's quant_seconds),
 peak_gib, split (phase -> seconds), the result figures (GPTQ's mean layer loss, perplexity, KL to the unquantized
@@ -29,6 +30,7 @@ installed the quantize group's wheels (PYTHONPATH set); the shape world is built
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import json
@@ -40,7 +42,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import yaml
-from benchlib import build_shape_inputs, earlier, gpu_name, merged
+from benchlib import build_shape_inputs, earlier, gpu_name, merged, run_stamp
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {"gptq": "gptq_opt67b", "awq": "awq_opt67b"}
@@ -229,7 +231,7 @@ def one_run(method: str, model: str, path_name: str, scale: str, sets: list[str]
            "calibration": f"{m['calibration_samples']} x {m['calibration_seq_len']}",
            "calibration_batch_size": m.get("calibration_batch_size"), "speed_changes": m.get("speed_changes"),
            "hessian_products": m.get("hessian_products"), **{k: m.get(k) for k in RESULT_KEYS if k in m},
-           "split": split, "phases_missing": missing, "gpu": gpu_name(),
+           "split": split, "phases_missing": missing, "gpu": gpu_name(), "run": run_stamp(),
            "versions": {k[len("version_"):]: v for k, v in m.items() if k.startswith("version_")}}
     out_json.write_text(json.dumps(row, indent=1) + "\n", encoding="utf-8")
 
@@ -376,7 +378,9 @@ def write(rows: list[dict], check: dict | None, out: Path) -> None:
     md = ["# GPTQ and AWQ: llm-compressor's own call against the project's fast path (quantize stage)", "",
           "`python bench/quant_speed.py`: recipes gptq_opt67b and awq_opt67b with only `model` and `speed` changed "
           "(llmcompressor = `speed: seed`, project = `speed: fast`), each the stage's own run in a process of its "
-          f"own; seconds = the stage's quant_seconds, peak = the CUDA allocator's peak of that block. {gpu}.", ""]
+          f"own; seconds = the stage's quant_seconds, peak = the CUDA allocator's peak of that block. {gpu}. A run of "
+          "some paths keeps the other rows of an earlier run: each row names its run, and a ratio is against the "
+          "llmcompressor row of its method and model, whichever run that was.", ""]
     if check:
         md += check_lines(check)
     table = []
@@ -392,10 +396,10 @@ def write(rows: list[dict], check: dict | None, out: Path) -> None:
             if key != "kl_vs_base" and base.get("kl_vs_base"):
                 same += f"; KL to the unquantized model {r['kl_vs_base'] / base['kl_vs_base']:.3f}x"
         table.append([r["method"], r["model"], r["path"], f"{r['params']:,}", r["seconds"], ratio, r["peak_gib"],
-                      r["calibration_batch_size"], same, r.get("gptq_rtn_fallback_layers", "-")])
+                      r["calibration_batch_size"], same, r.get("gptq_rtn_fallback_layers", "-"), r.get("run", "-")])
     md += markdown_table(["method", "model", "path", "parameters", "seconds", "time vs llmcompressor", "peak GiB",
-                          "calibration batch", "result vs llmcompressor", "GPTQ layers rounded to nearest"],
-                         table) + [""]
+                          "calibration batch", "result vs llmcompressor", "GPTQ layers rounded to nearest",
+                          "run (commit, UTC)"], table) + [""]
     for r in rows:
         if "error" in r:
             md += [f"- {r['method']} {r['model']} {r['path']}: failed: {r['error']}"]
@@ -415,6 +419,53 @@ def write(rows: list[dict], check: dict | None, out: Path) -> None:
             if png:
                 md += ["", f"![{method} {key}]({png.name})"]
     (out / "quant_speed.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+
+
+def offload_check(layers: int = 8, repeats: int = 3) -> dict | None:
+    """On a GPU: the fast path's host-side costs with the model offloaded, on OPT-6.7B's fc1 shape (16,384 x 4,096
+    fp16, 128 MiB): the stage's to_host (page-locked allocation, then the copy), and AWQ's smoothing write-back
+    (compressed-tensors' update_offload_parameter of an fp32 product, as _smooth hands it) without and with
+    lib.quant_backends.offload_updates_in_dtype, checking both store the same bits. None without a GPU."""
+    import torch
+    from compressed_tensors.offload import offload_module, update_offload_parameter
+
+    from quantune.lib.models import to_host
+    from quantune.lib.quant_backends import offload_updates_in_dtype
+
+    if not torch.cuda.is_available():
+        return None
+    shape, mib = (16_384, 4_096), 16_384 * 4_096 * 2 / 2**20
+    model = torch.nn.Sequential(*[torch.nn.Linear(shape[1], shape[0], bias=False, dtype=torch.float16,
+                                                  device="cuda") for _ in range(layers)])
+    t0 = time.perf_counter()
+    pins = [torch.empty(shape, dtype=torch.float16, pin_memory=True) for _ in range(layers)]
+    alloc = time.perf_counter() - t0
+    del pins
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    pinned = to_host(model)
+    moved = time.perf_counter() - t0
+    for layer in model:
+        offload_module(layer, "cuda", "cpu")
+    scales = torch.rand(shape[1], device="cuda") + 0.5  # fp32, as AWQ's scales are
+    weights = [layer.weight.clone() for layer in model]  # onloaded once, as while AWQ smooths the layer
+    out = {"tensor_mib": mib, "layers": layers, "pinned": pinned,
+           "page_locked_alloc_gib_per_s": round(layers * mib / 1024 / alloc, 2),
+           "to_host_gib_per_s": round(layers * mib / 1024 / moved, 2)}
+    stored = {}
+    for name, ctx in (("update_as_llmcompressor", contextlib.nullcontext), ("update_cast_first", offload_updates_in_dtype)):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with ctx():
+            for _ in range(repeats):
+                for layer, w in zip(model, weights):
+                    update_offload_parameter(layer, "weight", w * scales.view(1, -1))
+        torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / (repeats * layers)
+        stored[name] = [layer._parameters.offloaded_values["weight"].clone() for layer in model]
+        out[name] = {"seconds_per_update": round(dt, 5), "gib_per_s": round(mib / 1024 / dt, 2)}
+    out["same_bits"] = all(torch.equal(a, b) for a, b in zip(*stored.values()))
+    return out
 
 
 def rank(row: dict) -> tuple:
@@ -437,11 +488,22 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override (dotted keys)")
     p.add_argument("--cprofile", action="store_true",
                    help="each run's stage under cProfile: quant_speed_profile_<method>_<model>_<path>.txt in --out")
+    p.add_argument("--offload-check", action="store_true",
+                   help="only offload_check (GPU): host-side costs of the offloaded model, OUT/quant_offload_check.json")
     p.add_argument("--one", nargs=4, metavar=("METHOD", "MODEL", "PATH", "JSON"), help=argparse.SUPPRESS)
     p.add_argument("--profile-txt", type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:
         one_run(*a.one[:3], a.scale, a.set, Path(a.one[3]), a.profile_txt)
+        return 0
+    if a.offload_check:
+        got = offload_check()
+        if got is None:
+            sys.exit("quant_speed: --offload-check needs a CUDA GPU (page-locked memory, offloading to the CPU) and "
+                     "none is visible; run it on the GPU machine")
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "quant_offload_check.json").write_text(json.dumps(got, indent=1) + "\n")
+        print(json.dumps(got, indent=1))
         return 0
     # a run of some methods, models or paths replaces their rows (and checks) in an earlier run's at the same scale
     # and keeps the rest

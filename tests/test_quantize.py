@@ -3,6 +3,7 @@ builds for real through Snakemake, GPTQ and AWQ beat round-to-nearest on held-ou
 the saved models reload with transformers, and quant_compare tabulates and plots them."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -123,6 +124,42 @@ def test_awq_grid_loss_of_fp16_outputs_is_finite_where_their_fp16_sum_overflows(
     with fp32_awq_loss():
         got = AWQModifier(mappings=[])._compute_loss(ref, quant)
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_offloaded_weight_updates_are_cast_before_the_copy_to_the_same_bits(monkeypatch):
+    """AWQ's smoothing writes fp32 products (fp16 weight x fp32 scales) into an offloaded fp16 parameter; on a GPU a
+    blocking copy into a CPU tensor of another dtype casts on the CPU through a pageable buffer (38 s of OPT-6.7B's
+    AWQ). offload_updates_in_dtype casts on the value's own device first: compressed-tensors' update_offload must
+    receive the offloaded dtype, and the stored weight must be the bits the uncast copy gives."""
+    import torch
+    from compressed_tensors.offload import offload_module, update_offload_parameter
+    from compressed_tensors.offload.cache.cpu import CPUCache
+
+    from quantune.lib.quant_backends import offload_updates_in_dtype
+
+    seen = []
+    orig = CPUCache.update_offload
+
+    def spy(self, offloaded, data):
+        seen.append(data.dtype)
+        return orig(self, offloaded, data)
+
+    monkeypatch.setattr(CPUCache, "update_offload", spy)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 48, generator=g).half()
+    value = w.float() * (torch.rand(48, generator=g) * 3 + 0.1)  # fp32, not representable in fp16 as is
+    stored = {}
+    for cast in (False, True):
+        layer = torch.nn.Linear(48, 64, bias=False).half()
+        layer.weight.data.copy_(w)
+        offload_module(layer, "cpu", "cpu")
+        with offload_updates_in_dtype() if cast else contextlib.nullcontext():
+            update_offload_parameter(layer, "weight", value)
+        stored[cast] = layer._parameters.offloaded_values["weight"].clone()
+    assert seen == [torch.float32, torch.float16]
+    assert stored[True].dtype == torch.float16 and torch.equal(stored[True], stored[False])
+    assert not torch.equal(stored[True], w)  # the update happened
+    assert CPUCache.update_offload is spy  # put back
 
 
 def test_bad_recipe_stops_snakemake_before_any_job(tmp_path):

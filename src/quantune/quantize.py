@@ -259,6 +259,7 @@ def speed_changes(recipe: dict, extra: dict, offload: bool, pinned: bool | None)
     if offload:
         changes.update(model_during_oneshot=f"cpu ({'page-locked' if pinned else 'pageable'} memory), one decoder "
                                             "layer onloaded at a time",
+                       offloaded_weight_updates="cast to the weight's dtype on the GPU, then copied to the CPU",
                        activations_between_layers=extra.get("_activations_on"))
     return {"speed": "fast", "speed_changes": changes}
 

@@ -368,6 +368,31 @@ def fast_awq_linear_loss(state: AwqLinearLoss):
             setattr(AWQModifier, k, f)
 
 
+@contextlib.contextmanager
+def offload_updates_in_dtype():
+    """compressed-tensors 0.19 writes a changed parameter of an offloaded module back with
+    CPUCache.update_offload, `offloaded.copy_(data)`. AWQ's smoothing hands it the product of an fp16 weight and fp32
+    scales, an fp32 tensor on the GPU, and a blocking copy from the GPU into a CPU tensor of another dtype converts on
+    the CPU side: through a fresh pageable fp32 buffer, then a CPU cast (38.2 s of OPT-6.7B's AWQ on an H100 with the
+    model offloaded, ~0.45 GB/s: bench/results/quant_speed.md). The value is cast to the offloaded tensor's dtype on
+    its own device first, the same round-to-nearest-even cast, so the copy is one DMA into page-locked memory and the
+    weights are the same bits."""
+    from compressed_tensors.offload.cache.cpu import CPUCache
+
+    orig = CPUCache.update_offload
+
+    def update_offload(self, offloaded, data):
+        if data is not None and offloaded is not None and data.dtype != offloaded.dtype:
+            data = data.to(offloaded.dtype)
+        return orig(self, offloaded, data)
+
+    CPUCache.update_offload = update_offload
+    try:
+        yield
+    finally:
+        CPUCache.update_offload = orig
+
+
 # the fast mode keeps the activations between decoder layers on the GPU up to this size (inputs and outputs of a
 # layer: 2 x 128 x 2,048 x 4,096 fp16 = 4 GiB for OPT-6.7B's GPTQ calibration; an attention implementation that
 # caches a 4-D causal mask adds ~1 GiB there), else on the CPU, llm-compressor's default
@@ -427,6 +452,8 @@ def quantize_llmcompressor(model, tokenizer, recipe: dict, samples: dict | None,
             stack.enter_context(fast_gptq_hessians(hessians))
         if fast and recipe["method"] == "awq":  # after fp32_awq_loss: its loss is the one wrapped
             awq_loss = stack.enter_context(fast_awq_linear_loss(AwqLinearLoss()))
+        if fast:
+            stack.enter_context(offload_updates_in_dtype())
         oneshot(model=model, processor=tokenizer, recipe=llmcompressor_modifiers(recipe, awq_mappings), **kwargs)
     if losses:
         out.update({"gptq_layers": len(losses), "gptq_loss_mean": sum(losses) / len(losses),
