@@ -249,6 +249,38 @@ def test_torch_compile_auto_compiles_the_fast_mode_on_a_gpu_only(monkeypatch, tm
     liger = r["liger_kernel"]
     assert liger_kernel_config(r) == (LIGER_WITH_COMPILE if compiled and liger else None)
     assert ("fused linear cross-entropy only" in note) is (compiled and liger), note
+    assert changes.get("liger_flce_chunk_mem_const") == (8 if liger else None), changes
+
+
+def test_liger_flce_chunks_sets_the_chunk_constant_liger_forwards_do_not_pass(monkeypatch):
+    """While the training runs, liger's fused linear cross-entropy (called by its model forwards through its
+    functional module) gets chunk_mem_const 8 where its caller gives none, keeps a caller's own, keeps the
+    signature liger's LigerForCausalLMLoss filters keywords by, and is liger's own again afterwards (a stand-in
+    functional module: liger's Triton kernels need a GPU)."""
+    import inspect
+    import types
+
+    from quantune.lib.trainer import FLCE_CHUNK_MEM_CONST, liger_flce_chunks
+
+    calls = []
+
+    def flce(input, weight, target, bias=None, reduction="mean", chunk_mem_const: int = 1):
+        calls.append(chunk_mem_const)
+
+    fn = types.ModuleType("liger_kernel.transformers.functional")
+    fn.liger_fused_linear_cross_entropy = flce
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, fn.__name__, fn)
+    sys.modules["liger_kernel.transformers"].functional = fn
+    with liger_flce_chunks(True):
+        assert inspect.signature(fn.liger_fused_linear_cross_entropy) == inspect.signature(flce)
+        fn.liger_fused_linear_cross_entropy(1, 2, 3)
+        fn.liger_fused_linear_cross_entropy(1, 2, 3, chunk_mem_const=2)
+    with liger_flce_chunks(False):
+        fn.liger_fused_linear_cross_entropy(1, 2, 3)
+    assert fn.liger_fused_linear_cross_entropy is flce
+    assert calls == [FLCE_CHUNK_MEM_CONST, 2, 1] and FLCE_CHUNK_MEM_CONST == 8
 
 
 def test_fast_step_plan_keeps_one_micro_batch_only_where_its_largest_fits():
@@ -560,9 +592,10 @@ def test_packed_training_follows_the_padded_run_step_for_step(tiny_world, result
 
 @pytest.mark.slow
 def test_fast_and_lean_modes_follow_the_seed_configuration_step_for_step(tiny_world, results_root, tmp_path):
-    """speed: seed / fast / lean from one recipe (the tiny QLoRA, written as micro-batch 4 x accumulation 2 with
-    gradient checkpointing, 6 optimizer steps of 8 rows, fp32 on CPU): fast runs each step's 8 rows packed in one
-    micro-batch without checkpointing, lean packs them in the written micro-batches with checkpointing. Same rows
+    """speed: seed / fast / lean from one recipe (the tiny QLoRA, written as micro-batch 4 x accumulation 4 with
+    gradient checkpointing, 6 optimizer steps of 16 rows, fp32 on CPU): fast runs each step's 16 rows packed in one
+    micro-batch without checkpointing, lean packs them in micro-batches of twice the written rows (8 x 2) with
+    checkpointing. Same rows
     per optimizer step, schedule, data order and loss (the Trainer's token-level mean over the step's rows), so
     the losses agree before any weight moves (1e-5) and then drift only as the packed-vs-padded test explains:
     asserted within 5% of the loss drop at every step (the tolerance that test states and measures)."""
@@ -570,7 +603,7 @@ def test_fast_and_lean_modes_follow_the_seed_configuration_step_for_step(tiny_wo
     for mode in ("seed", "fast", "lean"):
         r = yaml.safe_load(STEPS100.read_text())
         r["tiny"].update(max_steps=6, logging_steps=1, save_steps=100, per_device_train_batch_size=4,
-                         gradient_accumulation_steps=2, gradient_checkpointing=True)
+                         gradient_accumulation_steps=4, gradient_checkpointing=True)
         r.update(speed=mode, record_losses=True, max_eval_samples=16)
         p = tmp_path / mode / STEPS100.name
         p.parent.mkdir()
@@ -581,17 +614,19 @@ def test_fast_and_lean_modes_follow_the_seed_configuration_step_for_step(tiny_wo
         runs[mode] = json.loads((tmp_path / mode / "out" / "metrics.json").read_text())
     seed, fast, lean = runs["seed"], runs["fast"], runs["lean"]
     assert (seed["speed"], seed["speed_changes"]) == ("seed", {})
-    assert fast["speed_changes"] == {"padding": "packed", "per_device_train_batch_size": 8,
+    assert fast["speed_changes"] == {"padding": "packed", "per_device_train_batch_size": 16,
                                      "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
                                      "kbit_upcast": False}
-    assert lean["speed_changes"] == {"padding": "packed", "kbit_upcast": False}  # checkpointing was on already
+    assert lean["speed_changes"] == {"padding": "packed", "per_device_train_batch_size": 8,  # checkpointing was on
+                                     "gradient_accumulation_steps": 2, "kbit_upcast": False}
     assert (seed["kbit_upcast"], fast["kbit_upcast"], lean["kbit_upcast"]) == (1, 0, 0)
     # liger_kernel: auto would join fast and lean on a GPU; here the modes say why it stayed off
     assert fast["liger_kernel"] == lean["liger_kernel"] == seed["liger_kernel"] == 0 and "speed_note" not in seed
     assert "liger-kernel stays off: liger-kernel's Triton kernels need a CUDA GPU" in fast["speed_note"]
     # packed rows each attend to themselves only: on a CPU row by row (lib.varlen; torch's flash kernel on a GPU)
     assert fast["packed_attention"] == lean["packed_attention"] == "SDPA row by row, each packed row on its own"
-    assert (fast["batch_size"], fast["gradient_accumulation_steps"], fast["padding"]) == (8, 1, "packed")
+    assert (fast["batch_size"], fast["gradient_accumulation_steps"], fast["padding"]) == (16, 1, "packed")
+    assert (lean["batch_size"], lean["gradient_accumulation_steps"], lean["padding"]) == (8, 2, "packed")
     assert seed["global_step"] == fast["global_step"] == lean["global_step"] == 6
     assert seed["input_tokens_real"] == fast["input_tokens_real"] == lean["input_tokens_real"]  # the same rows
     assert fast["pad_fraction"] == lean["pad_fraction"] == 0 < seed["pad_fraction"]

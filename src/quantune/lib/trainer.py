@@ -7,6 +7,7 @@ step it began at and the seconds at each logged step, for this run's throughput 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -173,7 +174,11 @@ def speed_changes(r: dict, refusal) -> tuple[dict, str]:
     own keys are the seed configuration; fast and lean keep its rows per optimizer step, schedule, data order and
     loss, and change only how the rows are computed: packed padding-free unless `refusal()` (packing_refusal of
     the recipe) says why not, and for fast the step's rows in one micro-batch with gradient checkpointing off, for
-    lean the written micro-batch with checkpointing on."""
+    lean checkpointing on and, where the rows are packed and the written accumulation is even, twice the written
+    micro-batch at half the accumulation. The packed rows compute no padding and lean drops the NF4 model's fp32
+    upcast (lora_sft.speed_settings), which on ChatGLM3-6B's linear recipe left room for twice the rows under the
+    seed configuration's peak: 32 x 2 at 9.17 GiB against 16 x 4's 9.44, 2.6x its real tokens/s, where 16 x 4
+    packed ran 1.3x at 6.51 GiB (one H100, bench/results/qlora_speed.md)."""
     if r["speed"] == "seed":
         return {}, ""
     refusal = refusal() if r["padding"] != "packed" else None  # a packed recipe's check_packing has passed
@@ -183,6 +188,10 @@ def speed_changes(r: dict, refusal) -> tuple[dict, str]:
                     gradient_accumulation_steps=1, gradient_checkpointing=False)
     else:
         want["gradient_checkpointing"] = True
+        acc = r["gradient_accumulation_steps"]
+        if not refusal and acc % 2 == 0:
+            want.update(per_device_train_batch_size=2 * r["per_device_train_batch_size"],
+                        gradient_accumulation_steps=acc // 2)
     note = f"padding stays {r['padding']}: {refusal[0]}" if refusal else ""
     return {k: v for k, v in want.items() if r[k] != v}, note
 
@@ -244,6 +253,8 @@ def with_kernels(r: dict, m: dict, device: str, where: str, changes: dict, note:
     on, why = liger_setting(r, m, device, where)
     if on and r["liger_kernel"] == "auto":
         changes = {**changes, "liger_kernel": True}
+    if on:
+        changes = {**changes, "liger_flce_chunk_mem_const": FLCE_CHUNK_MEM_CONST}
     if on and r.get("torch_compile"):
         why = "liger-kernel: its fused linear cross-entropy only (torch_compile fuses the decoder blocks)"
     return {**r, "liger_kernel": on}, changes, "; ".join(x for x in (note, why) if x)
@@ -255,6 +266,41 @@ def with_kernels(r: dict, m: dict, device: str, where: str, changes: dict, note:
 # same operations itself.
 LIGER_WITH_COMPILE = {"fused_linear_cross_entropy": True, "cross_entropy": False, "rms_norm": False, "rope": False,
                       "swiglu": False, "geglu": False, "layer_norm": False}
+
+
+# liger-kernel's fused linear cross-entropy cuts an LM head's positions into chunks whose logits take about
+# chunk_mem_const x positions x hidden; at its default 1, Qwen3-0.6B's 151,936-token vocabulary and hidden 1,024 give
+# 128-position chunks, ~100 small products a 12k-position step. At 8 (liger's own choice for gpt-oss) one such step's
+# loss and gradients took 0.0213 s against 0.0597 s, 0.92 GiB of added peak against 0.98, the same loss and gradients
+# within 1.3e-3 relative (`python bench/sft_speed.py --flce-check`, one H100: bench/results/sft_flce_check.json)
+FLCE_CHUNK_MEM_CONST = 8
+
+
+@contextlib.contextmanager
+def liger_flce_chunks(on: bool, chunk_mem_const: int = FLCE_CHUNK_MEM_CONST):
+    """While `on`, liger's fused linear cross-entropy runs with `chunk_mem_const` unless its caller passes one.
+    Neither TrainingArguments.liger_kernel_config nor liger's apply_liger_kernel_to_* take it, and a forward keyword
+    would reach the decoder too; liger's model forwards call it through its functional module
+    (loss_utils' F.liger_fused_linear_cross_entropy), so that attribute is wrapped for the training run."""
+    if not on:
+        yield
+        return
+    import functools
+
+    import liger_kernel.transformers.functional as F
+
+    orig = F.liger_fused_linear_cross_entropy
+
+    @functools.wraps(orig)
+    def chunked(*args, **kwargs):
+        kwargs.setdefault("chunk_mem_const", chunk_mem_const)
+        return orig(*args, **kwargs)
+
+    F.liger_fused_linear_cross_entropy = chunked
+    try:
+        yield
+    finally:
+        F.liger_fused_linear_cross_entropy = orig
 
 
 def liger_kernel_config(r: dict) -> dict | None:
