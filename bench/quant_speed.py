@@ -423,13 +423,14 @@ def write(rows: list[dict], check: dict | None, out: Path) -> None:
 
 def offload_check(layers: int = 8, repeats: int = 3) -> dict | None:
     """On a GPU: the fast path's host-side costs with the model offloaded, on OPT-6.7B's fc1 shape (16,384 x 4,096
-    fp16, 128 MiB): the stage's to_host (page-locked allocation, then the copy), and AWQ's smoothing write-back
+    fp16, 128 MiB): torch's own page-locked allocation (cudaHostAlloc), the stage's to_host (page-locked with
+    cudaHostRegister across threads, lib.models.parallel_page_locking, then the copy), and AWQ's smoothing write-back
     (compressed-tensors' update_offload_parameter of an fp32 product, as _smooth hands it) without and with
     lib.quant_backends.offload_updates_in_dtype, checking both store the same bits. None without a GPU."""
     import torch
     from compressed_tensors.offload import offload_module, update_offload_parameter
 
-    from quantune.lib.models import to_host
+    from quantune.lib.models import PAGE_LOCK_THREADS, parallel_page_locking, to_host
     from quantune.lib.quant_backends import offload_updates_in_dtype
 
     if not torch.cuda.is_available():
@@ -438,20 +439,22 @@ def offload_check(layers: int = 8, repeats: int = 3) -> dict | None:
     model = torch.nn.Sequential(*[torch.nn.Linear(shape[1], shape[0], bias=False, dtype=torch.float16,
                                                   device="cuda") for _ in range(layers)])
     t0 = time.perf_counter()
-    pins = [torch.empty(shape, dtype=torch.float16, pin_memory=True) for _ in range(layers)]
+    held = [torch.empty(shape, dtype=torch.float16, pin_memory=True) for _ in range(layers)]  # cudaHostAlloc
     alloc = time.perf_counter() - t0
-    del pins
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    pinned = to_host(model)
+    pinned = to_host(model)  # held keeps the blocks above from being reused: this allocates anew, as the stage does
     moved = time.perf_counter() - t0
+    threads = parallel_page_locking()  # what to_host turned on, for the record
+    del held
     for layer in model:
         offload_module(layer, "cuda", "cpu")
     scales = torch.rand(shape[1], device="cuda") + 0.5  # fp32, as AWQ's scales are
     weights = [layer.weight.clone() for layer in model]  # onloaded once, as while AWQ smooths the layer
     out = {"tensor_mib": mib, "layers": layers, "pinned": pinned,
            "page_locked_alloc_gib_per_s": round(layers * mib / 1024 / alloc, 2),
-           "to_host_gib_per_s": round(layers * mib / 1024 / moved, 2)}
+           "to_host_gib_per_s": round(layers * mib / 1024 / moved, 2),
+           "to_host_page_locking": f"cudaHostRegister, {PAGE_LOCK_THREADS} threads" if threads else "cudaHostAlloc"}
     stored = {}
     for name, ctx in (("update_as_llmcompressor", contextlib.nullcontext), ("update_cast_first", offload_updates_in_dtype)):
         torch.cuda.synchronize()
