@@ -29,6 +29,17 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
+def write_gpu_check(bench: str, flag: str, got: dict | None, needs: str, path: Path) -> None:
+    """A bench's GPU-only check: its result (with the GPU's name and the run) written to `path` and printed, or,
+    where it returned None for want of a GPU, one line naming the flag and what it needs, and nothing written."""
+    if got is None:
+        sys.exit(f"{bench}: {flag} needs a CUDA GPU ({needs}) and none is visible; fix: run it on the GPU machine")
+    got = {**got, "gpu": gpu_name(), "run": run_stamp()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(got, indent=1) + "\n", encoding="utf-8")
+    print(json.dumps(got, indent=1))
+
+
 def run_stamp() -> str:
     """Where a row comes from, for tables that keep earlier runs' rows: the commit (git's short id, `+` when the
     tree has changes; $QUANTUNE_COMMIT where the checkout has no .git, as on the GPU machine) and the UTC minute."""

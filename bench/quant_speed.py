@@ -42,7 +42,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import yaml
-from benchlib import build_shape_inputs, earlier, gpu_name, merged, run_stamp
+from benchlib import build_shape_inputs, earlier, gpu_name, merged, run_stamp, write_gpu_check
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {"gptq": "gptq_opt67b", "awq": "awq_opt67b"}
@@ -500,13 +500,8 @@ def main(argv=None) -> int:
         one_run(*a.one[:3], a.scale, a.set, Path(a.one[3]), a.profile_txt)
         return 0
     if a.offload_check:
-        got = offload_check()
-        if got is None:
-            sys.exit("quant_speed: --offload-check needs a CUDA GPU (page-locked memory, offloading to the CPU) and "
-                     "none is visible; run it on the GPU machine")
-        a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / "quant_offload_check.json").write_text(json.dumps(got, indent=1) + "\n")
-        print(json.dumps(got, indent=1))
+        write_gpu_check("quant_speed", "--offload-check", offload_check(),
+                        "page-locked memory, offloading to the CPU", a.out / "quant_offload_check.json")
         return 0
     # a run of some methods, models or paths replaces their rows (and checks) in an earlier run's at the same scale
     # and keeps the rest

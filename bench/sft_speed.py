@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import yaml
-from benchlib import build_shape_inputs, gpu_name
+from benchlib import build_shape_inputs, gpu_name, write_gpu_check
 
 from quantune.lib.tb import read_scalars
 
@@ -194,14 +194,7 @@ def main(argv=None) -> int:
     p.add_argument("--flce-check", action="store_true", help="only flce_check (GPU): OUT/sft_flce_check.json")
     a = p.parse_args(argv)
     if a.flce_check:
-        check = flce_check()
-        if check is None:
-            sys.exit("sft_speed: --flce-check needs a CUDA GPU (liger's Triton kernels) and none is visible; "
-                     "fix: run it on the GPU machine")
-        a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / "sft_flce_check.json").write_text(json.dumps({**check, "gpu": gpu_name()}, indent=1) + "\n",
-                                                    encoding="utf-8")
-        print(json.dumps(check, indent=1))
+        write_gpu_check("sft_speed", "--flce-check", flce_check(), "liger's Triton kernels", a.out / "sft_flce_check.json")
         return 0
     cfg = load_config(overrides={"scale": a.scale, **_parse_set(a.set)})
     recipe = load_recipe(RECIPE, cfg)
