@@ -4,7 +4,8 @@ or awq_opt67b.yaml with only `model:` and `speed:` changed. Path `llmcompressor`
 its defaults have it, the recipe's calibration batch); path `project` is `speed: fast` (the same method, settings,
 calibration rows and order; see the quantize schema's `speed`); path `project_sdpa` (a diagnostic, `--paths`) is
 `project` with AWQ's scale search out of eager attention (sdpa_grid_search), path `project_resident` (a diagnostic)
-`project` with the model left on the GPU during oneshot, as llm-compressor's own call has it (model_resident). Each run is a process of its own (the
+`project` with the model left on the GPU during oneshot, as llm-compressor's own call has it (model_resident), path
+`project_b64` (a diagnostic) `project` with calibration batches of twice its tokens. Each run is a process of its own (the
 same CUDA start-up for every path), with wall-clock timers, the GPU synchronised around them, on the stage's phases and
 llm-compressor 0.14's: tracing the model into subgraphs, the calibration cache and its onload/offload traffic,
 the calibration forwards (GPTQ's Hessian hooks timed apart), GPTQ's per-layer solve, AWQ's scale search, saving
@@ -47,7 +48,8 @@ from benchlib import build_shape_inputs, earlier, gpu_name, merged, run_stamp, w
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {"gptq": "gptq_opt67b", "awq": "awq_opt67b"}
 MODELS = ["opt-125m", "opt-1.3b", "opt-2.7b", "opt-6.7b"]
-PATHS = {"llmcompressor": "seed", "project": "fast", "project_sdpa": "fast", "project_resident": "fast"}
+PATHS = {"llmcompressor": "seed", "project": "fast", "project_sdpa": "fast", "project_resident": "fast",
+         "project_b64": "fast"}
 DEFAULT_PATHS = ["llmcompressor", "project"]
 # phase: (module, attribute path, the phase it runs inside)
 PHASES = {
@@ -178,6 +180,16 @@ def model_resident() -> None:
     stage.offloads_model = lambda recipe, device: False
 
 
+def double_calibration_batch() -> None:
+    """Path project_b64 (a diagnostic, not a recipe setting): the fast path with calibration batches of twice
+    FAST_CALIBRATION_TOKENS (AWQ's 512-token rows: 64 a forward), so half the forwards in AWQ's grid search, each
+    with its per-call overheads (the fake-quantized weights' quantize-dequantize runs on every call), at more
+    activation memory; the difference from path project is what that batch size would change."""
+    from quantune.lib import quant_backends
+
+    quant_backends.FAST_CALIBRATION_TOKENS *= 2
+
+
 def profiled(fn, out_txt: Path | None, top: int = 60):
     """fn() under cProfile when out_txt is given: the `top` functions by own time and by cumulative time written
     there (the host's view: time waiting for the GPU shows in the call that waits, e.g. a synchronize or .item())."""
@@ -210,6 +222,8 @@ def one_run(method: str, model: str, path_name: str, scale: str, sets: list[str]
         sdpa_grid_search()
     if path_name == "project_resident":
         model_resident()
+    if path_name == "project_b64":
+        double_calibration_batch()
     from quantune.quantize import run  # after install: the stage's module-level names are the wrapped ones
 
     (ROOT / "results").mkdir(exist_ok=True)
@@ -485,7 +499,8 @@ def main(argv=None) -> int:
                    help="methods run at every --models size; the others at the last one only (the largest by default)")
     p.add_argument("--paths", nargs="*", default=DEFAULT_PATHS, choices=list(PATHS),
                    help="diagnostics: project_sdpa, the fast path with AWQ's scale search out of eager attention; "
-                   "project_resident, the fast path with the model on the GPU during oneshot")
+                   "project_resident, the fast path with the model on the GPU during oneshot; project_b64, the fast "
+                   "path with calibration batches of twice its tokens")
     p.add_argument("--scale", default="shape", choices=["tiny", "shape"])
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override (dotted keys)")
