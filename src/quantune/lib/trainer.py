@@ -178,7 +178,7 @@ def speed_changes(r: dict, refusal) -> tuple[dict, str]:
     micro-batch at half the accumulation. The packed rows compute no padding and lean drops the NF4 model's fp32
     upcast (lora_sft.speed_settings), which on ChatGLM3-6B's linear recipe left room for twice the rows under the
     seed configuration's peak: 32 x 2 at 9.17 GiB against 16 x 4's 9.44, 2.6x its real tokens/s, where 16 x 4
-    packed ran 1.3x at 6.51 GiB (one H100, bench/results/qlora_speed.md)."""
+    packed ran 1.3x at 6.51 GiB (one H100, bench/results/qlora_speed_lean.md)."""
     if r["speed"] == "seed":
         return {}, ""
     refusal = refusal() if r["padding"] != "packed" else None  # a packed recipe's check_packing has passed
