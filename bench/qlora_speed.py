@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import yaml
-from benchlib import build_shape_inputs, gpu_name
+from benchlib import build_shape_inputs, gpu_name, run_stamp
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {"linear": "qlora_chatglm_linear", "cosine": "qlora_chatglm_cosine"}
@@ -92,7 +92,7 @@ def run_one(name: str, variant: str, over: dict, cfg: dict, tmp: Path) -> dict:
             "torch_compile_regions": m.get("torch_compile_regions"),
             "packed_attention": m.get("packed_attention"),
             "speed_note": m.get("speed_note", ""), "run_seconds": round(wall, 1),
-            "load_seconds": round(m["load_seconds"], 1), "device": m["device"], "gpu": gpu_name()}
+            "load_seconds": round(m["load_seconds"], 1), "device": m["device"], "gpu": gpu_name(), "run": run_stamp()}
 
 
 def reset_gpu() -> None:
@@ -132,7 +132,7 @@ def write(rows: list[dict], out: Path) -> None:
         base = rs[0]
         rate = max(r["real_tokens_per_s"] for r in rs if r["variant"] in ("seed", "seed_again"))
         noise = next((max_diff(r["losses"], base["losses"]) for r in rs if r["variant"] == "seed_again"), None)
-        md += [f"## {name} ({base['scale']}, {base['gpu']}; seed runs' loss spread: "
+        md += [f"## {name} ({base['scale']}, {base['gpu']}, run {base.get('run', '-')}; seed runs' loss spread: "
                f"{'-' if noise is None else f'{noise:.2e}'})", ""]
         md += markdown_table(
             ["variant", "mode", "batch", "padding", "checkpointing", "fp32 upcast", "real tokens/s", "padding computed", "x seed", "s / step",

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import yaml
-from benchlib import build_shape_inputs, gpu_name, write_gpu_check
+from benchlib import build_shape_inputs, gpu_name, run_stamp, write_gpu_check
 
 from quantune.lib.tb import read_scalars
 
@@ -94,7 +94,7 @@ def run_one(variant: str, over: dict, scale: str, epochs: int, tmp: Path, sets: 
             "matmul_dtype": m["matmul_dtype"], "peak_gib": round(m["peak_mem_mb"] / 1024, 3),
             "eval_loss": [m[f"eval_loss_epoch{e}"] for e in range(epochs + 1) if f"eval_loss_epoch{e}" in m],
             "train_loss": per_step["loss"], "grad_norm": per_step["grad_norm"],
-            "device": m["device"], "gpu": gpu_name()}
+            "device": m["device"], "gpu": gpu_name(), "run": run_stamp()}
 
 
 def write(rows: list[dict], out: Path) -> None:
@@ -109,7 +109,8 @@ def write(rows: list[dict], out: Path) -> None:
           "over the optimizer steps' seconds after each run's first (warm-up) one; MFU against the matmul rate the "
           "run measured. Speed ratios against the faster "
           "of the two `seed` runs; eval-loss diff: the largest per-epoch difference from the first; train-loss diff: the "
-          "largest per-step difference of the Trainer's logged loss (every step) from the first.", ""]
+          "largest per-step difference of the Trainer's logged loss (every step) from the first."
+          + (f" {ok[0]['gpu']}, run {ok[0].get('run', '-')}." if ok else ""), ""]
     if ok and ok[0]["variant"] == "seed":
         base = ok[0]
         rate = max(r["real_tokens_per_s"] for r in ok if r["variant"] in ("seed", "seed_again"))

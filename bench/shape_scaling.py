@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import yaml
-from benchlib import build_shape_inputs, earlier, gpu_name, merged
+from benchlib import build_shape_inputs, earlier, gpu_name, merged, run_stamp
 
 ROOT = Path(__file__).resolve().parent.parent
 SERIES = {
@@ -73,7 +73,7 @@ def run_one(name: str, model: str, cfg: dict, tmp: Path) -> dict:
     return {"series": name, "model": model, "params": shape["params"], "dtype": shape["dtype"],
             "seconds": round(seconds, 3), "seconds_kind": "quantization" if recipe["stage"] == "quantize" else "per step",
             "peak_gib": round(peak / 1024, 2) if peak else None, "wall_s": round(time.perf_counter() - t0, 1),
-            "figures": figures, "gpu": gpu_name()}
+            "figures": figures, "gpu": gpu_name(), "run": run_stamp()}
 
 
 def rank(row: dict) -> int:
