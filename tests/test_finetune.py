@@ -282,6 +282,19 @@ def test_liger_flce_chunks_sets_the_chunk_constant_liger_forwards_do_not_pass(mo
     assert fn.liger_fused_linear_cross_entropy is flce
     assert calls == [FLCE_CHUNK_MEM_CONST, 2, 1] and FLCE_CHUNK_MEM_CONST == 8
 
+    # both training stages' Trainer (lib.trainer.counting_trainer) trains inside it where use_liger_kernel is on
+    import transformers
+
+    from quantune.lib.trainer import TokenCount, counting_trainer
+
+    calls.clear()
+    monkeypatch.setattr(transformers.Trainer, "train", lambda self, *a, **k: fn.liger_fused_linear_cross_entropy(1, 2, 3))
+    trainer = object.__new__(counting_trainer(TokenCount()))
+    for on in (True, False):
+        trainer.args = types.SimpleNamespace(use_liger_kernel=on)
+        trainer.train()
+    assert calls == [FLCE_CHUNK_MEM_CONST, 1] and fn.liger_fused_linear_cross_entropy is flce
+
 
 def test_fast_step_plan_keeps_one_micro_batch_only_where_its_largest_fits():
     """The fast mode's split of a step's rows: a micro-batch's positions are its rows end to end (packed) or each

@@ -45,8 +45,8 @@ from .lib.plots import plot_losses
 from .lib.prompts import ANSWER_FIELD, SFTCollator, build_split, template_of
 from .lib.trainer import (TokenCount, check_packing, compiled_modules, complete_checkpoints, counting_trainer,
                           fingerprint, fit_micro_batch, fits_step, fitted_step, keep_checkpoints_of,
-                          liger_flce_chunks, liger_kernel_config, packing_refusal, profiler, run_record, speed_changes,
-                          step_shape, step_timer, tokens_counting, total_optimizer_steps, with_kernels)
+                          liger_kernel_config, packing_refusal, profiler, run_record, speed_changes, step_shape,
+                          step_timer, tokens_counting, total_optimizer_steps, with_kernels)
 
 
 def _fmt_of(cfg: dict, recipe: dict) -> str:
@@ -300,8 +300,7 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
         ev0 = trainer.evaluate()  # LoRA's B matrices start at zero: this is the untuned base model's eval loss
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with liger_flce_chunks(bool(r["liger_kernel"])):
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     peak = peak_memory_mb()
     ev = trainer.evaluate() if eval_ds is not None else {}
     metrics = run_metrics(job, trainer, rec, dict(result.metrics), ev, ev0)

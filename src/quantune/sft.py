@@ -44,8 +44,8 @@ from .lib.sft_data import collator, dataset_loss, dedupe_pairs, prepare_data
 from .lib.measure import matmul_tflops, train_flops_per_token
 from .lib.trainer import (TokenCount, check_packing, compiled_modules, complete_checkpoints, counting_trainer,
                           drop_incomplete_checkpoints, fingerprint, fit_micro_batch, fits_step, fitted_step,
-                          keep_checkpoints_of, liger_flce_chunks, liger_kernel_config, packing_refusal, profiler,
-                          speed_changes, step_shape, step_timer, total_optimizer_steps, with_kernels)
+                          keep_checkpoints_of, liger_kernel_config, packing_refusal, profiler, speed_changes,
+                          step_shape, step_timer, total_optimizer_steps, with_kernels)
 
 # keys that change nothing a checkpoint holds: a checkpoint written under other values of them is resumed
 RESUME_IGNORES = ("logging_steps", "save_total_limit", "keep_checkpoints", "description", "early_stopping_patience",
@@ -405,8 +405,7 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
               f"train {len(train_ds)} / eval {len(eval_ds)} rows"
               + (f", resuming from {resume_from}" if resume_from else ""), flush=True)
     t0 = time.time()
-    with liger_flce_chunks(bool(recipe["liger_kernel"])):
-        result = trainer.train(resume_from_checkpoint=resume_from)
+    result = trainer.train(resume_from_checkpoint=resume_from)
     train_s = time.time() - t0
     state = trainer.state
     final = save_model_dir(trainer, tok, outp, lora, m["source"], m["trust_remote_code"], is_main)

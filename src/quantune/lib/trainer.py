@@ -108,11 +108,16 @@ class TokenCount:
 
 
 def counting_trainer(count: TokenCount):
-    """transformers' Trainer that adds each micro-batch it trains on to `count`, and compiles as `torch_compile`
-    says (dynamo_plugin)."""
+    """transformers' Trainer that adds each micro-batch it trains on to `count`, compiles as `torch_compile` says
+    (dynamo_plugin), and trains with liger's fused linear cross-entropy at FLCE_CHUNK_MEM_CONST where
+    use_liger_kernel is on (liger_flce_chunks)."""
     from transformers import Trainer
 
     class _CountingTrainer(Trainer):
+        def train(self, *args, **kwargs):
+            with liger_flce_chunks(bool(self.args.use_liger_kernel)):
+                return super().train(*args, **kwargs)
+
         def training_step(self, model, inputs, *args, **kwargs):
             count.add(inputs)
             return super().training_step(model, inputs, *args, **kwargs)
