@@ -3,8 +3,10 @@ an earlier run's results that a run of part of a bench keeps."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,9 +45,6 @@ def write_gpu_check(bench: str, flag: str, got: dict | None, needs: str, path: P
 def run_stamp() -> str:
     """Where a row comes from, for tables that keep earlier runs' rows: the commit (git's short id, `+` when the
     tree has changes; $QUANTUNE_COMMIT where the checkout has no .git, as on the GPU machine) and the UTC minute."""
-    import os
-    import time
-
     commit = os.environ.get("QUANTUNE_COMMIT", "")
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
