@@ -146,8 +146,9 @@ PAGE_LOCK_THREADS = 8
 
 
 def parallel_page_locking(threads: int = PAGE_LOCK_THREADS) -> bool:
-    """PyTorch's pinned-memory allocator takes each block from one cudaHostAlloc call, which page-locked 1.5 GiB/s
-    on an H100 machine (bench/results/quant_offload_check.json: 8 s of OPT-6.7B's 12.4 GiB). Its allocator options
+    """PyTorch's pinned-memory allocator takes each block from one cudaHostAlloc call, which page-locked 1.51 GiB/s
+    in 128 MiB blocks on an H100 machine (bench/results/quant_offload_check.json; the fast path's move of OPT-6.7B to
+    the CPU and back took 6.4 s in all, bench/results/quant_speed.json). Its allocator options
     pinned_use_cuda_host_register and pinned_num_register_threads (PYTORCH_ALLOC_CONF) allocate the block and
     page-lock it with cudaHostRegister across `threads` threads instead. Set for this process; False where this
     torch does not take them."""
