@@ -63,6 +63,18 @@ def test_prompt_and_answer_are_tokenized_and_truncated_separately(glm_tok):
     assert s2s["labels"] == a_ids[:4] + [glm_tok.eos_token_id] and IGNORE_INDEX not in s2s["labels"]
 
 
+def test_a_split_tokenized_in_lists_holds_each_row_as_tokenized_alone(glm_tok):
+    from quantune.lib.prompts import build_split, tokenize_example
+
+    rows = [{"content": f"类型#裙*颜色#{c}" * k, "summary": f"这款{c}连衣裙，简约大方。" * k}
+            for k in (1, 3, 9) for c in ("黑色", "白色", "红色")]
+    ds = build_split(glm_tok, rows, "advertisegen", "{content}", {"max_input_length": 12, "max_output_length": 16},
+                     seq2seq=False, chunk=4)  # lists of 4: three calls, the last one short
+    alone = [tokenize_example(glm_tok, r["content"], r["summary"], 12, 16, seq2seq=False) for r in rows]
+    assert [{"input_ids": x, "labels": y} for x, y in zip(ds["input_ids"], ds["labels"])] == alone
+    assert len({len(x) for x in ds["input_ids"]}) > 1  # rows of several lengths, the longest cut
+
+
 def test_batches_are_padded_to_their_longest_row_not_to_the_maximum():
     from quantune.lib.prompts import IGNORE_INDEX, SFTCollator
 

@@ -270,8 +270,10 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
     peft_line = peft_trainable_line(model)
     print(peft_line)
 
+    t_data = time.time()
     train_ds = build_split(tok, job.train_rows, job.fmt, job.template, r, job.seq2seq)
     eval_ds = build_split(tok, job.eval_rows, job.fmt, job.template, r, job.seq2seq) if job.eval_rows else None
+    data_s = time.time() - t_data
     steps = total_optimizer_steps(r, len(train_ds))
     warmup = math.ceil(steps * float(r["warmup_ratio"]))
     cdt = compute_dtype(r, device)
@@ -302,7 +304,9 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
         torch.cuda.reset_peak_memory_stats()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     peak = peak_memory_mb()
+    t_eval = time.time()
     ev = trainer.evaluate() if eval_ds is not None else {}
+    eval_s = time.time() - t_eval
     metrics = run_metrics(job, trainer, rec, dict(result.metrics), ev, ev0)
     if fast_plan:
         metrics["fast_memory_plan"] = fast_plan
@@ -319,7 +323,8 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
     metrics.update(params_trainable=trainable, params_total=total, params_trainable_pct=100.0 * trainable / max(total, 1),
                    train_rows=len(train_ds), eval_rows=len(eval_ds) if eval_ds is not None else 0,
                    warmup_steps=warmup, planned_steps=steps, compute_dtype=str(cdt).replace("torch.", ""),
-                   peak_mem_mb=peak, load_seconds=load_s, peft_trainable_line=peft_line)
+                   peak_mem_mb=peak, load_seconds=load_s, data_seconds=data_s, eval_seconds=eval_s,
+                   peft_trainable_line=peft_line)
     if "shape_full" in r and metrics.get("seconds_per_step"):  # the full recipe's run on this device, projected
         full_steps = total_optimizer_steps({**r, **r["shape_full"]}, len(train_ds))
         metrics.update(full_recipe_steps=full_steps, projected_full_seconds=full_steps * metrics["seconds_per_step"])

@@ -66,14 +66,20 @@ def tokenize_example(tok, prompt: str, answer: str, max_in: int, max_out: int, s
     Decoder-only: input = prompt (with the tokenizer's own special tokens, e.g. ChatGLM3's [gMASK] sop) + answer
     + eos, at most max_in + max_out tokens. Encoder-decoder: encoder input = prompt (+ eos), labels = answer + eos.
     """
+    return tokenize_examples(tok, [prompt], [answer], max_in, max_out, seq2seq)[0]
+
+
+def tokenize_examples(tok, prompts: list[str], answers: list[str], max_in: int, max_out: int,
+                      seq2seq: bool) -> list[dict]:
+    """tokenize_example of each (prompt, answer) pair, the texts handed to the tokenizer as two lists (a fast
+    tokenizer encodes a list in parallel; each text is encoded as it is alone)."""
     eos = tok.eos_token_id
+    answer_ids = [a[: max_out - 1] + [eos] for a in tok(answers, add_special_tokens=False)["input_ids"]]
     if seq2seq:
-        ids = prompt_ids(tok, [prompt], max_in, seq2seq=True)[0]
-        lab = tok(answer, add_special_tokens=False)["input_ids"][: max_out - 1] + [eos]
-        return {"input_ids": ids, "labels": lab}
-    p = tok(prompt, add_special_tokens=True, truncation=True, max_length=max_in)["input_ids"]
-    a = tok(answer, add_special_tokens=False)["input_ids"][: max_out - 1] + [eos]
-    return {"input_ids": p + a, "labels": [IGNORE_INDEX] * len(p) + a}
+        return [{"input_ids": ids, "labels": a} for ids, a in zip(prompt_ids(tok, prompts, max_in, seq2seq=True),
+                                                                   answer_ids)]
+    prompt_tokens = tok(prompts, add_special_tokens=True, truncation=True, max_length=max_in)["input_ids"]
+    return [{"input_ids": p + a, "labels": [IGNORE_INDEX] * len(p) + a} for p, a in zip(prompt_tokens, answer_ids)]
 
 
 class SFTCollator:
@@ -98,12 +104,15 @@ class SFTCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def build_split(tok, rows: list[dict], fmt: str, template, recipe: dict, seq2seq: bool):
+def build_split(tok, rows: list[dict], fmt: str, template, recipe: dict, seq2seq: bool, chunk: int = 4096):
     import datasets
 
     ans = ANSWER_FIELD[fmt]
-    feats = [tokenize_example(tok, render_prompt(r, fmt, template), r[ans], recipe["max_input_length"],
-                              recipe["max_output_length"], seq2seq) for r in rows]
+    feats = []
+    for i in range(0, len(rows), chunk):  # lists of a few thousand texts a tokenizer call
+        part = rows[i:i + chunk]
+        feats += tokenize_examples(tok, [render_prompt(r, fmt, template) for r in part], [r[ans] for r in part],
+                                   recipe["max_input_length"], recipe["max_output_length"], seq2seq)
     return datasets.Dataset.from_list(feats)
 
 
