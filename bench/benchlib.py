@@ -43,17 +43,19 @@ def write_gpu_check(bench: str, flag: str, got: dict | None, needs: str, path: P
 
 
 def run_stamp() -> str:
-    """Where a row comes from, for tables that keep earlier runs' rows: the commit (git's short id, `+` when the
-    tree has changes; $QUANTUNE_COMMIT where the checkout has no .git, as on the GPU machine) and the UTC minute."""
+    """Where a row comes from, for tables that keep earlier runs' rows: $QUANTUNE_COMMIT where set (a copy of the
+    tree whose .git is not its own, as the GPU machine's can be), else the commit (git's short id, `+` when the
+    tree has changes), and the UTC minute."""
     commit = os.environ.get("QUANTUNE_COMMIT", "")
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        if head.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                   capture_output=True, text=True).stdout.strip()
-            commit = head.stdout.strip() + ("+" if dirty else "")
-    except OSError:
-        pass
+    if not commit:
+        try:
+            head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+            if head.returncode == 0:
+                dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                       capture_output=True, text=True).stdout.strip()
+                commit = head.stdout.strip() + ("+" if dirty else "")
+        except OSError:
+            pass
     return f"{commit or '?'} {time.strftime('%Y-%m-%d %H:%M', time.gmtime())}"
 
 

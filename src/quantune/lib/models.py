@@ -146,12 +146,13 @@ PAGE_LOCK_THREADS = 8
 
 
 def parallel_page_locking(threads: int = PAGE_LOCK_THREADS) -> bool:
-    """PyTorch's pinned-memory allocator takes each block from one cudaHostAlloc call, which page-locked 1.51 GiB/s
-    in 128 MiB blocks on an H100 machine (bench/results/quant_offload_check.json; the fast path's move of OPT-6.7B to
-    the CPU and back took 6.4 s in all, bench/results/quant_speed.json). Its allocator options
+    """PyTorch's pinned-memory allocator takes each block from one cudaHostAlloc call; its allocator options
     pinned_use_cuda_host_register and pinned_num_register_threads (PYTORCH_ALLOC_CONF) allocate the block and
-    page-lock it with cudaHostRegister across `threads` threads instead. Set for this process; False where this
-    torch does not take them."""
+    page-lock it with cudaHostRegister across `threads` threads instead. On an H100 machine that took the fast
+    path's move of OPT-6.7B to the CPU and back from 6.4 s to 2.7 s (page-locking 1.51 -> 3.14 GiB/s in 128 MiB
+    blocks; bench/results/quant_offload_check.json, the earlier figures at `git show
+    6af5722:bench/results/quant_offload_check.json`). Set for this process; False where this torch does not take
+    them."""
     import torch
 
     setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings

@@ -241,8 +241,9 @@ def liger_setting(r: dict, m: dict, device: str, where: str) -> tuple[bool, str]
 def compile_setting(r: dict, device: str) -> bool:
     """Whether the decoder blocks are compiled (dynamo_plugin): `torch_compile: true` / false as written; auto (the
     default) compiles them in the fast mode on a CUDA GPU, where it paid on an H100 (bench/results/sft_speed.md,
-    qlora_speed.md: 1.35x and 1.31x fast's eager rate, losses within the runs' noise), and nowhere else:
-    the seed configuration runs as written, lean was not measured with it, and on a CPU the first step's
+    `git show 6af5722:bench/results/qlora_speed.md`: 1.35x and 1.31x fast's eager rate, losses within the runs'
+    noise), and nowhere else: the seed configuration runs as written, lean did not gain from it
+    (bench/results/qlora_speed_lean.md), and on a CPU the first step's
     compilation costs more than a tiny run's steps save."""
     want = r["torch_compile"]
     return want is True or (want == "auto" and r["speed"] == "fast" and device == "cuda")
