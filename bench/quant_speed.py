@@ -17,6 +17,7 @@ and the measurements. A nested phase is also inside its parent: the table says w
     python bench/quant_speed.py --methods awq --models opt-6.7b --paths llmcompressor project project_sdpa --out /tmp/qs
     python bench/quant_speed.py --scale tiny --models opt-6.7b --out /tmp/qs  # the same code on the tiny OPT, CPU
     python bench/quant_speed.py --methods awq --models opt-6.7b --paths project --cprofile --out /tmp/qs  # + cProfile
+    python bench/quant_speed.py --methods awq --models opt-6.7b --paths project --kernels --out /tmp/qs  # + torch.profiler
     python bench/quant_speed.py --offload-check --out /tmp/qs   # GPU: to_host and the offloaded weights' write-back
 
 Writes quant_speed.json (a list of rows: method, path, model, params, seconds (the stage's quant_seconds),
@@ -190,11 +191,28 @@ def double_calibration_batch() -> None:
     quant_backends.FAST_CALIBRATION_TOKENS *= 2
 
 
-def profiled(fn, out_txt: Path | None, top: int = 60):
+def profiled(fn, out_txt: Path | None, top: int = 60, kernels: bool = False):
     """fn() under cProfile when out_txt is given: the `top` functions by own time and by cumulative time written
-    there (the host's view: time waiting for the GPU shows in the call that waits, e.g. a synchronize or .item())."""
+    there (the host's view: time waiting for the GPU shows in the call that waits, e.g. a synchronize or .item()).
+    kernels: under torch.profiler instead (CPU and, where there is one, CUDA activity): the `top` operators and
+    kernels by device time and by host time (the profiler's own overhead included: a separate run)."""
     if out_txt is None:
         return fn()
+    if kernels:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = torch.cuda.is_available()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            result = fn()
+            if cuda:
+                torch.cuda.synchronize()
+        ka = prof.key_averages()
+        by = (["self_cuda_time_total"] if cuda else []) + ["self_cpu_time_total"]
+        out_txt.write_text("\n\n".join(f"by {k}:\n{ka.table(sort_by=k, row_limit=top, max_name_column_width=80)}"
+                                         for k in by), encoding="utf-8")
+        return result
     import cProfile
     import io
     import pstats
@@ -210,9 +228,9 @@ def profiled(fn, out_txt: Path | None, top: int = 60):
 
 
 def one_run(method: str, model: str, path_name: str, scale: str, sets: list[str], out_json: Path,
-            profile_txt: Path | None = None) -> None:
+            profile_txt: Path | None = None, kernels: bool = False) -> None:
     """One stage run with the timers installed (in a process of its own), its row written to out_json; with
-    profile_txt, the stage's run under cProfile (profiled)."""
+    profile_txt, the stage's run under cProfile, or with kernels under torch.profiler (profiled)."""
     from quantune.lib.config import _parse_set, load_config, load_recipe
 
     cfg = load_config(overrides={"scale": scale, **_parse_set(sets)})
@@ -231,7 +249,7 @@ def one_run(method: str, model: str, path_name: str, scale: str, sets: list[str]
         path = recipe_copy(method, model, path_name, Path(tmp))
         build_shape_inputs(cfg, load_recipe(path, cfg), model)
         t0 = time.perf_counter()
-        m = profiled(lambda: run(str(path), str(Path(tmp) / "out"), cfg), profile_txt)
+        m = profiled(lambda: run(str(path), str(Path(tmp) / "out"), cfg), profile_txt, kernels=kernels)
         wall = time.perf_counter() - t0
     q = m["quant_seconds"]
     split = {phase: {"seconds": round(timers.seconds[phase], 3), "calls": timers.calls[phase], "inside": parent,
@@ -506,13 +524,15 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override (dotted keys)")
     p.add_argument("--cprofile", action="store_true",
                    help="each run's stage under cProfile: quant_speed_profile_<method>_<model>_<path>.txt in --out")
+    p.add_argument("--kernels", action="store_true",
+                   help="each run's stage under torch.profiler: quant_speed_kernels_<method>_<model>_<path>.txt in --out")
     p.add_argument("--offload-check", action="store_true",
                    help="only offload_check (GPU): host-side costs of the offloaded model, OUT/quant_offload_check.json")
     p.add_argument("--one", nargs=4, metavar=("METHOD", "MODEL", "PATH", "JSON"), help=argparse.SUPPRESS)
     p.add_argument("--profile-txt", type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:
-        one_run(*a.one[:3], a.scale, a.set, Path(a.one[3]), a.profile_txt)
+        one_run(*a.one[:3], a.scale, a.set, Path(a.one[3]), a.profile_txt, a.kernels)
         return 0
     if a.offload_check:
         write_gpu_check("quant_speed", "--offload-check", offload_check(),
@@ -534,9 +554,11 @@ def main(argv=None) -> int:
                     js = Path(tmp) / f"{method}-{model}-{path_name}.json"
                     cmd = [sys.executable, __file__, "--scale", a.scale, *[f"--set={s}" for s in a.set],
                            "--one", method, model, path_name, str(js)]
-                    if a.cprofile:
+                    if a.cprofile or a.kernels:
                         a.out.mkdir(parents=True, exist_ok=True)
-                        cmd += ["--profile-txt", str(a.out / f"quant_speed_profile_{method}_{model}_{path_name}.txt")]
+                        kind = "kernels" if a.kernels else "profile"
+                        cmd += ["--profile-txt", str(a.out / f"quant_speed_{kind}_{method}_{model}_{path_name}.txt")]
+                        cmd += ["--kernels"] if a.kernels else []
                     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
                     sys.stdout.write(r.stdout[-4000:])
                     if r.returncode == 0 and js.exists():
