@@ -44,19 +44,25 @@ def write_gpu_check(bench: str, flag: str, got: dict | None, needs: str, path: P
 
 def run_stamp() -> str:
     """Where a row comes from, for tables that keep earlier runs' rows: $QUANTUNE_COMMIT where set (a copy of the
-    tree whose .git is not its own, as the GPU machine's can be), else the commit (git's short id, `+` when the
-    tree has changes), and the UTC minute."""
-    commit = os.environ.get("QUANTUNE_COMMIT", "")
-    if not commit:
-        try:
-            head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-            if head.returncode == 0:
-                dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                       capture_output=True, text=True).stdout.strip()
-                commit = head.stdout.strip() + ("+" if dirty else "")
-        except OSError:
-            pass
+    tree whose .git is not its own, as the GPU machine's can be), else the checkout's commit (git_head), and the
+    UTC minute."""
+    commit = os.environ.get("QUANTUNE_COMMIT") or git_head()
     return f"{commit or '?'} {time.strftime('%Y-%m-%d %H:%M', time.gmtime())}"
+
+
+def git_head() -> str:
+    """git's short id of the checkout's HEAD, `+` when tracked files have changes; "" without git or a .git."""
+    def git(*args) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return ""
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("+" if dirty else "")
+    except OSError:
+        return ""
 
 
 def earlier(path: Path, default):

@@ -93,7 +93,8 @@ def run_one(name: str, variant: str, over: dict, cfg: dict, tmp: Path) -> dict:
             "packed_attention": m.get("packed_attention"),
             "speed_note": m.get("speed_note", ""), "run_seconds": round(wall, 1),
             "load_seconds": round(m["load_seconds"], 1), "data_seconds": round(m["data_seconds"], 1),
-            "eval_seconds": round(m["eval_seconds"], 1), "train_runtime": m.get("train_runtime"), "device": m["device"], "gpu": gpu_name(), "run": run_stamp()}
+            "eval_seconds": round(m["eval_seconds"], 1), "train_runtime": m.get("train_runtime"),
+            "device": m["device"], "gpu": gpu_name(), "run": run_stamp()}
 
 
 def reset_gpu() -> None:

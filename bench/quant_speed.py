@@ -17,7 +17,7 @@ and the measurements. A nested phase is also inside its parent: the table says w
     python bench/quant_speed.py --methods awq --models opt-6.7b --paths llmcompressor project project_sdpa --out /tmp/qs
     python bench/quant_speed.py --scale tiny --models opt-6.7b --out /tmp/qs  # the same code on the tiny OPT, CPU
     python bench/quant_speed.py --methods awq --models opt-6.7b --paths project --cprofile --out /tmp/qs  # + cProfile
-    python bench/quant_speed.py --methods awq --models opt-6.7b --paths project --kernels --out /tmp/qs  # + torch.profiler
+    python bench/quant_speed.py --methods awq --models opt-6.7b --paths project --kernels --out /tmp/qs  # + kernels
     python bench/quant_speed.py --offload-check --out /tmp/qs   # GPU: to_host and the offloaded weights' write-back
 
 Writes quant_speed.json (a list of rows: method, path, model, params, seconds (the stage's quant_seconds),
@@ -522,10 +522,12 @@ def main(argv=None) -> int:
     p.add_argument("--scale", default="shape", choices=["tiny", "shape"])
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override (dotted keys)")
-    p.add_argument("--cprofile", action="store_true",
-                   help="each run's stage under cProfile: quant_speed_profile_<method>_<model>_<path>.txt in --out")
-    p.add_argument("--kernels", action="store_true",
-                   help="each run's stage under torch.profiler: quant_speed_kernels_<method>_<model>_<path>.txt in --out")
+    prof = p.add_mutually_exclusive_group()
+    prof.add_argument("--cprofile", action="store_true",
+                      help="each run's stage under cProfile: quant_speed_profile_<method>_<model>_<path>.txt in --out")
+    prof.add_argument("--kernels", action="store_true",
+                      help="each run's stage under torch.profiler: quant_speed_kernels_<method>_<model>_<path>.txt in "
+                      "--out")
     p.add_argument("--offload-check", action="store_true",
                    help="only offload_check (GPU): host-side costs of the offloaded model, OUT/quant_offload_check.json")
     p.add_argument("--one", nargs=4, metavar=("METHOD", "MODEL", "PATH", "JSON"), help=argparse.SUPPRESS)

@@ -11,8 +11,9 @@ SDPA itself is cast: a QLoRA model keeps its norms in fp32 (PEFT's k-bit prepara
 arrive in fp32, and on one H200 they took the per-row path: 0.63x the seed configuration, where the same rows
 padded in one micro-batch without checkpointing ran 1.64x (`git show 2ee8554:bench/results/qlora_speed.md`).
 Where the kernel does not run (a CPU, fp32 without autocast, a sliding window, a torch without varlen_attn) each
-row goes through SDPA on its own, the same function; attention dropout in training is refused. Batches without row boundaries (padded eval or generation)
-take transformers' sdpa path unchanged. `describe` names the paths that packed rows took in this process.
+row goes through SDPA on its own, the same function; attention dropout in training is refused. Batches without
+row boundaries (padded eval or generation) take transformers' sdpa path unchanged. `describe` names the paths that
+packed rows took in this process.
 """
 from __future__ import annotations
 
