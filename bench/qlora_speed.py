@@ -10,14 +10,14 @@ seed and data order, and the Trainer's loss (a token-level mean over the optimiz
 
 Variants (recipe overrides; `seed` twice, so that the loss tolerance is the seed configuration's own run-to-run
 spread): the recipe's speed modes seed, fast (packed + the step's rows in one micro-batch + checkpointing off
-+ each decoder block compiled, torch_compile: auto's choice on a GPU) and lean (packed, checkpointing on, twice the
-written micro-batch at half the accumulation), fast_liger (fast + liger-kernel, where it patches the model: not ChatGLM's `glm` type, a
-one-line error row), fast_upcast (fast with PEFT's fp32 copies of the unquantized weights, kbit_upcast: true),
-fast_eager (fast without compilation), lean_compile (lean with each checkpointed decoder block compiled),
-lean_written (lean's switches at the written micro-batch),
-then single switches on the seed configuration: upcast_off (kbit_upcast: false), packed (padding-free rows),
-no_gc (gradient checkpointing off), one_micro_batch (batch x accumulation, accumulation 1, checkpointing off),
-max_length (every row padded to the length limits). A variant that fails
++ each decoder block compiled, torch_compile: auto's choice on a GPU; liger-kernel's fused linear cross-entropy
+where it is installed) and lean (packed, checkpointing on, twice the written micro-batch at half the accumulation;
+liger's loss as fast), fast_no_liger and lean_no_liger (the mode with liger_kernel: false), fast_upcast (fast
+with PEFT's fp32 copies of the unquantized weights, kbit_upcast: true), fast_eager (fast without compilation),
+lean_compile (lean with each checkpointed decoder block compiled), lean_written (lean's switches at the written
+micro-batch), then single switches on the seed configuration: upcast_off (kbit_upcast: false), packed
+(padding-free rows), no_gc (gradient checkpointing off), one_micro_batch (batch x accumulation, accumulation 1,
+checkpointing off), max_length (every row padded to the length limits). A variant that fails
 (out of GPU memory) is a row with its one-line error; the next one still runs.
 Each run is the stage's `train` on a copy of the recipe in a temporary directory (scale shape: the shape caps'
 steps; logging and loss recording at every step). Writes qlora_speed.json (rows: setting, variant, overrides,
@@ -48,7 +48,8 @@ def variants(r: dict) -> dict[str, dict]:
     return {
         "seed": seed, "seed_again": seed,
         "fast": {"speed": "fast"}, "lean": {"speed": "lean"},  # the recipe's modes (lora_sft.speed_settings)
-        "fast_liger": {"speed": "fast", "liger_kernel": True},  # fast + liger-kernel (where it patches the model)
+        "fast_no_liger": {"speed": "fast", "liger_kernel": False},  # the modes without liger's fused loss
+        "lean_no_liger": {"speed": "lean", "liger_kernel": False},
         "fast_upcast": {"speed": "fast", "kbit_upcast": True},  # fast with PEFT's fp32 unquantized weights
         "fast_eager": {"speed": "fast", "torch_compile": False},  # fast without compiling the decoder blocks
         "lean_compile": {"speed": "lean", "torch_compile": True},  # lean with compiled (checkpointed) decoder blocks
@@ -137,10 +138,11 @@ def write(rows: list[dict], out: Path) -> None:
         md += [f"## {name} ({base['scale']}, {base['gpu']}, run {base.get('run', '-')}; seed runs' loss spread: "
                f"{'-' if noise is None else f'{noise:.2e}'})", ""]
         md += markdown_table(
-            ["variant", "mode", "batch", "padding", "checkpointing", "fp32 upcast", "real tokens/s", "padding computed", "x seed", "s / step",
-             "peak GiB", "x seed peak", "max loss diff"],
+            ["variant", "mode", "batch", "padding", "checkpointing", "fp32 upcast", "liger loss", "real tokens/s",
+             "padding computed", "x seed", "s / step", "peak GiB", "x seed peak", "max loss diff"],
             [[r["variant"], r["mode"], r["batch"], r["padding"], r["gradient_checkpointing"],
-              {None: "-", 1: "yes", 0: "no"}[r.get("kbit_upcast")], f"{r['real_tokens_per_s']:.0f}",
+              {None: "-", 1: "yes", 0: "no"}[r.get("kbit_upcast")], "yes" if r.get("liger_kernel") else "no",
+              f"{r['real_tokens_per_s']:.0f}",
               "-" if r["pad_fraction"] is None else f"{r['pad_fraction']:.1%}",
               f"{r['real_tokens_per_s'] / rate:.2f}", f"{r['seconds_per_step']:.3f}",
               r["peak_gib"], f"{r['peak_gib'] / base['peak_gib']:.2f}", f"{max_diff(r['losses'], base['losses']):.2e}"]

@@ -204,12 +204,12 @@ def test_bad_recipe_stops_with_one_line_before_training(tmp_path, tiny_world, re
     assert time.time() - t0 < 120
 
 
-def stub_liger(monkeypatch, tmp_path, patched: set | None) -> dict:
+def stub_liger(monkeypatch, tmp_path, patched: set | None, model_type: str = "glm") -> dict:
     """A stand-in liger-kernel package whose MODEL_TYPE_TO_APPLY_LIGER_FN (read as liger's own) patches the model
-    types `patched` (None: the package is not installed), and a resolved model of type 'glm' in tmp_path."""
+    types `patched` (None: the package is not installed), and a resolved model of `model_type` in tmp_path."""
     import types
 
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "glm"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
     for name in ("liger_kernel", "liger_kernel.transformers", "liger_kernel.transformers.monkey_patch"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name) if patched is not None else None)
     if patched is not None:
@@ -217,24 +217,26 @@ def stub_liger(monkeypatch, tmp_path, patched: set | None) -> dict:
     return {"source": str(tmp_path), "local": True, "hub_config": None}
 
 
-@pytest.mark.parametrize("want,speed,device,patched,on,note", [
-    ("auto", "seed", "cuda", {"glm"}, False, ""),  # the seed configuration as written
-    ("auto", "fast", "cuda", {"glm"}, True, ""),
-    ("auto", "lean", "cuda", {"glm"}, True, ""),
-    ("auto", "fast", "cpu", {"glm"}, False, "Triton kernels need a CUDA GPU"),
-    ("auto", "fast", "cuda", {"qwen3"}, False, "no kernels for model type 'glm'"),
-    ("auto", "fast", "cuda", None, False, "liger-kernel is not installed"),
-    (False, "fast", "cuda", {"glm"}, False, ""),
-    (True, "seed", "cuda", {"glm"}, True, ""),
+@pytest.mark.parametrize("want,speed,device,patched,model_type,on,note", [
+    ("auto", "seed", "cuda", {"qwen3"}, "qwen3", False, ""),  # the seed configuration as written
+    ("auto", "fast", "cuda", {"qwen3"}, "qwen3", True, ""),
+    ("auto", "lean", "cuda", {"qwen3"}, "qwen3", True, ""),
+    ("auto", "fast", "cuda", {"qwen3"}, "glm", True, ""),  # transformers' glm: the project's own entry
+    ("auto", "fast", "cpu", {"qwen3"}, "qwen3", False, "Triton kernels need a CUDA GPU"),
+    ("auto", "fast", "cuda", {"qwen3"}, "opt", False, "no kernels for model type 'opt'"),
+    ("auto", "fast", "cuda", None, "glm", False, "liger-kernel is not installed"),
+    (False, "fast", "cuda", {"qwen3"}, "qwen3", False, ""),
+    (True, "seed", "cuda", {"qwen3"}, "qwen3", True, ""),
 ])
 def test_liger_kernel_auto_turns_on_in_the_fast_modes_where_it_can_run(monkeypatch, tmp_path, want, speed, device,
-                                                                         patched, on, note):
+                                                                         patched, model_type, on, note):
     """liger_kernel: auto is on in fast and lean wherever liger can run (a CUDA GPU, the package, a model type it
-    patches: a stand-in package here, its MODEL_TYPE_TO_APPLY_LIGER_FN read as liger's own), off in the seed mode,
-    and where it cannot run it says why in speed_note instead of failing; true demands it."""
+    patches: a stand-in package here, its MODEL_TYPE_TO_APPLY_LIGER_FN read as liger's own, with the project's
+    `glm` entry added), off in the seed mode, and where it cannot run it says why in speed_note instead of failing;
+    true demands it."""
     from quantune.lib.trainer import liger_setting
 
-    m = stub_liger(monkeypatch, tmp_path, patched)
+    m = stub_liger(monkeypatch, tmp_path, patched, model_type)
     got, why = liger_setting({"liger_kernel": want, "speed": speed}, m, device, "r.yaml")
     assert got is on and (note in why if note else why == ""), (got, why)
     assert why == "" or why.startswith("liger-kernel stays off: ")
@@ -262,6 +264,37 @@ def test_torch_compile_auto_compiles_the_fast_mode_on_a_gpu_only(monkeypatch, tm
     assert liger_kernel_config(r) == (LIGER_WITH_COMPILE if compiled and liger else None)
     assert ("fused linear cross-entropy only" in note) is (compiled and liger), note
     assert changes.get("liger_flce_chunk_mem_const") == (8 if liger else None), changes
+
+
+def test_liger_patches_glm_with_its_glm4_forward_on_the_instance(monkeypatch, tmp_path):
+    """liger 0.8.5 lists no `glm` type: liger_patches adds the project's entry beside liger's own, which puts
+    liger's GLM-4 fused-loss forward on the model instance the Trainer hands it (other instances and the class keep
+    transformers' forward) and does nothing with fused_linear_cross_entropy off (a stand-in liger package: its
+    Triton kernels need a GPU)."""
+    import types
+
+    import torch
+    from transformers import GlmConfig, GlmForCausalLM
+
+    from quantune.lib.trainer import apply_liger_kernel_to_glm, liger_patches
+
+    stub_liger(monkeypatch, tmp_path, {"qwen3"})
+    g4 = types.ModuleType("liger_kernel.transformers.model.glm4")
+    g4.lce_forward = lambda self, **kw: ("liger", self)
+    pkg = "liger_kernel.transformers.model"
+    monkeypatch.setitem(sys.modules, pkg, types.ModuleType(pkg))
+    monkeypatch.setitem(sys.modules, g4.__name__, g4)
+    table = liger_patches()
+    assert table["glm"] is apply_liger_kernel_to_glm and "qwen3" in table
+    cfg = GlmConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                    head_dim=16, intermediate_size=64, pad_token_id=0)
+    patched, other = GlmForCausalLM(cfg), GlmForCausalLM(cfg)
+    table["glm"](fused_linear_cross_entropy=False, model=patched)
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    assert patched(input_ids=ids).logits.shape == (1, 3, 64)
+    table["glm"](model=patched)
+    assert patched(input_ids=ids) == ("liger", patched)
+    assert other(input_ids=ids).logits.shape == (1, 3, 64)
 
 
 def test_liger_flce_chunks_sets_the_chunk_constant_liger_forwards_do_not_pass(monkeypatch):

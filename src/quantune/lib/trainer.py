@@ -214,14 +214,43 @@ def liger_refusal(m: dict, device: str, where: str) -> tuple[str, str] | None:
         return "liger-kernel's Triton kernels need a CUDA GPU and this run has none", \
             "set liger_kernel: false on this machine"
     try:
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+        patches = liger_patches()
     except ImportError:
         return "liger-kernel is not installed", f"pip install {LIGER_KERNEL} or set liger_kernel: false"
     model_type = model_config_json(m, where)[0].get("model_type", "?")
-    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+    if model_type not in patches:
         return (f"liger-kernel has no kernels for model type {model_type!r}",
-                f"set liger_kernel: false (it patches {', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN)[:12])}, ...)")
+                f"set liger_kernel: false (it patches {', '.join(sorted(patches)[:12])}, ...)")
     return None
+
+
+def apply_liger_kernel_to_glm(fused_linear_cross_entropy: bool = True, model=None) -> None:
+    """liger-kernel's fused linear cross-entropy for transformers' `glm` type (ChatGLM3's architecture, the tiny and
+    shape scale model), which liger 0.8.5 lists under no model type: its GLM-4 causal-LM forward
+    (liger_kernel.transformers.model.glm4.lce_forward) reads only the decoder (`self.model`), `self.lm_head` and the
+    config, which GlmForCausalLM has alike. The loss never holds the logits of a micro-batch; at ChatGLM3's 65,024-token
+    vocabulary they are most of a checkpointed step's peak. Its other kernels (RMSNorm, SwiGLU) are not patched here."""
+    from types import MethodType
+
+    from liger_kernel.transformers.model.glm4 import lce_forward
+
+    if not fused_linear_cross_entropy:
+        return
+    if model is not None:
+        model.forward = MethodType(lce_forward, model)
+    else:
+        from transformers.models.glm import modeling_glm
+
+        modeling_glm.GlmForCausalLM.forward = lce_forward
+
+
+def liger_patches() -> dict:
+    """liger's table of model type -> patch, where the Trainer's use_liger_kernel looks a model up, with `glm`
+    (apply_liger_kernel_to_glm) added; ImportError without liger-kernel."""
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    MODEL_TYPE_TO_APPLY_LIGER_FN.setdefault("glm", apply_liger_kernel_to_glm)
+    return MODEL_TYPE_TO_APPLY_LIGER_FN
 
 
 def liger_setting(r: dict, m: dict, device: str, where: str) -> tuple[bool, str]:
