@@ -180,10 +180,11 @@ def speed_changes(r: dict, refusal) -> tuple[dict, str]:
     loss, and change only how the rows are computed: packed padding-free unless `refusal()` (packing_refusal of
     the recipe) says why not, and for fast the step's rows in one micro-batch with gradient checkpointing off, for
     lean checkpointing on and, where the rows are packed and the written accumulation is even, twice the written
-    micro-batch at half the accumulation. The packed rows compute no padding and lean drops the NF4 model's fp32
-    upcast (lora_sft.speed_settings), which on ChatGLM3-6B's linear recipe left room for twice the rows under the
-    seed configuration's peak: 32 x 2 at 9.17 GiB against 16 x 4's 9.44, 2.6x its real tokens/s, where 16 x 4
-    packed ran 1.3x at 6.51 GiB (one H100, bench/results/qlora_speed_lean.md)."""
+    micro-batch at half the accumulation. The packed rows compute no padding, lean drops the NF4 model's fp32
+    upcast (lora_sft.speed_settings) and, with liger_kernel (with_kernels), the loss never holds the logits: on
+    ChatGLM3-6B's shape lean's 32 x 2 peaked at 6.47 GiB against the seed configuration's 9.44 at 1.82x its real
+    tokens/s (linear), 48 x 2 at 7.81 against 11.53 at 1.69x (cosine); without liger 9.17 and 11.83 GiB (one H100,
+    bench/results/qlora_speed.md)."""
     if r["speed"] == "seed":
         return {}, ""
     refusal = refusal() if r["padding"] != "packed" else None  # a packed recipe's check_packing has passed
@@ -307,7 +308,8 @@ LIGER_WITH_COMPILE = {"fused_linear_cross_entropy": True, "cross_entropy": False
 # chunk_mem_const x positions x hidden; at its default 1, Qwen3-0.6B's 151,936-token vocabulary and hidden 1,024 give
 # 128-position chunks, ~100 small products a 12k-position step. At 8 (liger's own choice for gpt-oss) one such step's
 # loss and gradients took 0.0213 s against 0.0597 s, 0.92 GiB of added peak against 0.98, the same loss and gradients
-# within 1.3e-3 relative (`python bench/sft_speed.py --flce-check`, one H100: bench/results/sft_flce_check.json)
+# within 1.3e-3 relative (`python bench/sft_speed.py --flce-check`, one H100: bench/results/sft_flce_check.json);
+# through the sft stage the fast step fell from 284 to 210 ms (bench/results/sft_profile.md, fourth run)
 FLCE_CHUNK_MEM_CONST = 8
 
 
