@@ -7,6 +7,7 @@ schedule, data order and loss.
     python bench/sft_speed.py --out bench/results                    # scale shape, on the GPU machine
     python bench/sft_speed.py --scale tiny --out /tmp/ss             # the same code on the tiny Qwen3, CPU
     python bench/sft_speed.py --flce-check --out /tmp/ss             # GPU: liger's fused linear CE, chunk sizes
+    python bench/sft_speed.py --mm-check --out /tmp/ss               # GPU: host and GPU cost of a matmul call
 
 Variants: seed, seed_again, fast (packed rows, the step's rows in one micro-batch, checkpointing off,
 liger-kernel's fused linear cross-entropy and each decoder block compiled, dynamic shapes: what liger_kernel: auto
@@ -181,6 +182,66 @@ def flce_check(tokens: int = 12_288, consts: tuple = (1, 2, 4, 8, 16), repeats: 
     return out
 
 
+def mm_check(tokens: int = 12_288, calls: int = 48, repeats: int = 3) -> dict | None:
+    """On a GPU: the host's cost of a matmul call against the GPU's, at the fast step's matmul shapes (Qwen3-0.6B's
+    projections on `tokens` bf16 positions, forward and weight-gradient products), under each BLAS library torch
+    offers (torch.backends.cuda.preferred_blas_library: cublas, cublaslt) and with the token count fixed or changing
+    at every call, as packed rows change it at every step. Host microseconds a call: `calls` calls of each shape
+    issued back to back and timed on the host before any synchronisation (fewer than the launch queue holds, so the
+    host does not wait for the GPU); GPU microseconds a call: CUDA events around the same calls. The fast step's
+    profile has each aten::mm call costing about as much host time as GPU time (sft_profile.md): this says whether the
+    library's per-call work is the cause. None without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    hub = json.loads((ROOT / "config" / "hub_configs" / "qwen3-0.6b.json").read_text(encoding="utf-8"))
+    h, inter = hub["hidden_size"], hub["intermediate_size"]
+    q, kv = hub["num_attention_heads"] * hub["head_dim"], hub["num_key_value_heads"] * hub["head_dim"]
+    dev, dt = "cuda", torch.bfloat16
+    outs = (q, kv, inter, h)  # q_proj, k/v_proj, gate/up_proj, o_proj / down_proj (as (in, out) below)
+    shapes = [(h, q), (h, kv), (h, inter), (q, h), (inter, h)]
+    weights = {s_: torch.randn(*s_, device=dev, dtype=dt) for s_ in shapes}
+    x = {k: torch.randn(tokens, k, device=dev, dtype=dt) for k in {a for a, _ in shapes} | set(outs)}
+    default = torch.backends.cuda.preferred_blas_library()
+    out: dict = {"tokens": tokens, "calls_per_shape": calls, "default_library": str(default), "shapes": shapes}
+
+    def products(dynamic: bool):
+        for i in range(calls):
+            m = tokens - 8 * i if dynamic else tokens
+            for (k, n), w in weights.items():
+                yield x[k][:m], w  # forward: (m, k) @ (k, n)
+                yield x[k][:m].t(), x[n][:m]  # weight gradient: (k, m) @ (m, n)
+
+    for lib in ("cublas", "cublaslt"):
+        try:
+            torch.backends.cuda.preferred_blas_library(lib)
+        except Exception as e:  # a torch build without the choice
+            out[lib] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        for dynamic in (False, True):
+            pairs = list(products(dynamic))
+            for a, b in pairs[: 2 * len(weights)]:  # warm-up: handles, heuristics, workspaces
+                torch.mm(a, b)
+            host = gpu = 0.0
+            for _ in range(repeats):
+                torch.cuda.synchronize()
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                t0 = time.perf_counter()
+                for a, b in pairs:
+                    torch.mm(a, b)
+                host += time.perf_counter() - t0
+                e1.record()
+                torch.cuda.synchronize()
+                gpu += e0.elapsed_time(e1) / 1e3
+            n = repeats * len(pairs)
+            out[f"{lib}, {'changing' if dynamic else 'fixed'} token count"] = {
+                "host_us_per_call": round(host / n * 1e6, 2), "gpu_us_per_call": round(gpu / n * 1e6, 2)}
+    torch.backends.cuda.preferred_blas_library(default)
+    return out
+
+
 def main(argv=None) -> int:
     from quantune.lib.config import _parse_set, load_config, load_recipe
 
@@ -193,9 +254,13 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="profile steps 3-4 of every run with torch.profiler "
                    "(OUT/profile_VARIANT/profile.txt); the rates then include the profiler: a separate run")
     p.add_argument("--flce-check", action="store_true", help="only flce_check (GPU): OUT/sft_flce_check.json")
+    p.add_argument("--mm-check", action="store_true", help="only mm_check (GPU): OUT/sft_mm_check.json")
     a = p.parse_args(argv)
     if a.flce_check:
         write_gpu_check("sft_speed", "--flce-check", flce_check(), "liger's Triton kernels", a.out / "sft_flce_check.json")
+        return 0
+    if a.mm_check:
+        write_gpu_check("sft_speed", "--mm-check", mm_check(), "cuBLAS", a.out / "sft_mm_check.json")
         return 0
     cfg = load_config(overrides={"scale": a.scale, **_parse_set(a.set)})
     recipe = load_recipe(RECIPE, cfg)
