@@ -2,19 +2,20 @@
 bench), with where the time goes: each run is the stage's own run (`quantune.quantize.run`) of recipes/gptq_opt67b.yaml
 or awq_opt67b.yaml with only `model:` and `speed:` changed. Path `llmcompressor` is `speed: seed` (oneshot as
 its defaults have it, the recipe's calibration batch); path `project` is `speed: fast` (the same method, settings,
-calibration rows and order; see the quantize schema's `speed`); path `project_sdpa` (a diagnostic, `--paths`) is
-`project` with AWQ's scale search out of eager attention (sdpa_grid_search), path `project_resident` (a diagnostic)
-`project` with the model left on the GPU during oneshot, as llm-compressor's own call has it (model_resident), path
-`project_b64` (a diagnostic) `project` with calibration batches of twice its tokens. Each run is a process of its own (the
-same CUDA start-up for every path), with wall-clock timers, the GPU synchronised around them, on the stage's phases and
-llm-compressor 0.14's: tracing the model into subgraphs, the calibration cache and its onload/offload traffic,
-the calibration forwards (GPTQ's Hessian hooks timed apart), GPTQ's per-layer solve, AWQ's scale search, saving
-and the measurements. A nested phase is also inside its parent: the table says which.
+calibration rows and order; see the quantize schema's `speed`); path `project_eager` (a diagnostic, `--paths`)
+is `project` with AWQ's scale search left in the calibration's eager attention (eager_grid_search), path
+`project_resident` (a diagnostic) `project` with the model left on the GPU during oneshot, as llm-compressor's own
+call has it (model_resident), path `project_b64` (a diagnostic) `project` with calibration batches of twice its
+tokens. Each run is a process of its own (the same CUDA start-up for every path), with wall-clock timers, the GPU
+synchronised around them, on the stage's phases and llm-compressor 0.14's: tracing the model into subgraphs, the
+calibration cache and its onload/offload traffic, the calibration forwards (GPTQ's Hessian hooks timed apart), GPTQ's
+per-layer solve, AWQ's scale search, saving and the measurements. A nested phase is also inside its parent: the
+table says which.
 
     python bench/quant_speed.py --out bench/results                         # scale shape, on the GPU machine
     python bench/quant_speed.py --methods gptq --models opt-6.7b --out /tmp/qs
     python bench/quant_speed.py --methods awq gptq --series gptq --out /tmp/qs  # AWQ at the 6.7b shape only
-    python bench/quant_speed.py --methods awq --models opt-6.7b --paths llmcompressor project project_sdpa --out /tmp/qs
+    python bench/quant_speed.py --methods awq --models opt-6.7b --paths llmcompressor project project_eager --out /tmp/qs
     python bench/quant_speed.py --scale tiny --models opt-6.7b --out /tmp/qs  # the same code on the tiny OPT, CPU
     python bench/quant_speed.py --methods awq --models opt-6.7b --paths project --cprofile --out /tmp/qs  # + cProfile
     python bench/quant_speed.py --methods awq --models opt-6.7b --paths project --kernels --out /tmp/qs  # subgraphs 4-5
@@ -49,7 +50,7 @@ from benchlib import build_shape_inputs, earlier, gpu_name, merged, run_stamp, w
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {"gptq": "gptq_opt67b", "awq": "awq_opt67b"}
 MODELS = ["opt-125m", "opt-1.3b", "opt-2.7b", "opt-6.7b"]
-PATHS = {"llmcompressor": "seed", "project": "fast", "project_sdpa": "fast", "project_resident": "fast",
+PATHS = {"llmcompressor": "seed", "project": "fast", "project_eager": "fast", "project_resident": "fast",
          "project_b64": "fast"}
 DEFAULT_PATHS = ["llmcompressor", "project"]
 # phase: (module, attribute path, the phase it runs inside)
@@ -148,27 +149,13 @@ def recipe_copy(method: str, model: str, path_name: str, tmp: Path) -> Path:
     return d / f"{name}.yaml"
 
 
-def sdpa_grid_search() -> None:
-    """Path project_sdpa (a diagnostic, not a recipe setting): the fast path with AWQ's scale search running the
-    parent modules under the model's own attention implementation (SDPA) instead of the eager attention that
-    llm-compressor's calibration_forward_context forces (its traced subgraphs bake in an eager mask; the search
-    calls the parent modules directly). The calibration forwards stay eager. What eager attention costs inside
-    the search: the difference from path project."""
-    import contextlib
+def eager_grid_search() -> None:
+    """Path project_eager (a diagnostic, not a recipe setting): the fast path with AWQ's scale search left in the
+    eager attention llm-compressor's calibration context forces (the fast path runs it under SDPA:
+    lib.quant_backends.SdpaScaleSearch); what SDPA saves there: the difference from path project."""
+    from quantune.lib import quant_backends
 
-    from llmcompressor.modifiers.transform.awq import AWQModifier
-    from llmcompressor.utils import helpers
-
-    search, eager = AWQModifier._apply_smoothing, helpers.use_eager_attention
-
-    def without_eager(self, model):
-        helpers.use_eager_attention = lambda m: contextlib.nullcontext()
-        try:
-            return search(self, model)
-        finally:
-            helpers.use_eager_attention = eager
-
-    AWQModifier._apply_smoothing = without_eager
+    quant_backends.SdpaScaleSearch.apply_smoothing = lambda self, orig, modifier, model: orig(modifier, model)
 
 
 def model_resident() -> None:
@@ -281,8 +268,8 @@ def one_run(method: str, model: str, path_name: str, scale: str, sets: list[str]
     cfg = load_config(overrides={"scale": scale, **_parse_set(sets)})
     timers = Timers()
     missing = install(timers)
-    if path_name == "project_sdpa":
-        sdpa_grid_search()
+    if path_name == "project_eager":
+        eager_grid_search()
     if path_name == "project_resident":
         model_resident()
     if path_name == "project_b64":
@@ -562,7 +549,7 @@ def main(argv=None) -> int:
     p.add_argument("--series", nargs="*", default=list(RECIPES), choices=list(RECIPES),
                    help="methods run at every --models size; the others at the last one only (the largest by default)")
     p.add_argument("--paths", nargs="*", default=DEFAULT_PATHS, choices=list(PATHS),
-                   help="diagnostics: project_sdpa, the fast path with AWQ's scale search out of eager attention; "
+                   help="diagnostics: project_eager, the fast path with AWQ's scale search in eager attention; "
                    "project_resident, the fast path with the model on the GPU during oneshot; project_b64, the fast "
                    "path with calibration batches of twice its tokens")
     p.add_argument("--scale", default="shape", choices=["tiny", "shape"])

@@ -450,7 +450,8 @@ def test_awq_fast_mode_gives_the_same_quantized_weights(tiny_world, tmp_path, mo
     """AWQ's fast mode on a CPU against llm-compressor's own path (speed: seed): it batches the calibration (here 64
     rows a forward against the recipe's 8) and, for the mappings whose parent is their one balance Linear (out_proj,
     fc1, fc2), takes each grid point's loss from the inputs' Gram matrix (lib.quant_backends.AwqLinearLoss) instead
-    of the parent's forwards. Both are the same sums in another order, so:
+    of the parent's forwards, and runs the attention mapping's forwards under SDPA (lib.quant_backends.SdpaScaleSearch)
+    where the calibration runs eager attention. Both are the same sums in another order, so:
     - at every such grid point the fast loss is llm-compressor's own (its _run_samples + _compute_loss, run beside it
       here on the same weights) to fp32 rounding (measured: <= 1.8e-7 relative);
     - the chosen scales agree to fp32 rounding and every packed integer weight and zero point is the seed path's.
@@ -472,11 +473,37 @@ def test_awq_fast_mode_gives_the_same_quantized_weights(tiny_world, tmp_path, mo
         return got
 
     monkeypatch.setattr(quant_backends.AwqLinearLoss, "loss", beside_llmcompressors)
+    from transformers.modeling_utils import AttentionInterface
+
+    sdpa, sdpa_calls, smoothing, in_smoothing = AttentionInterface._global_mapping["sdpa"], [], [], []
+
+    def counted_sdpa(module, query, *args, **kwargs):
+        if in_smoothing:  # not the stage's measurements, which run the model's own SDPA
+            sdpa_calls.append(query.shape[0])
+        return sdpa(module, query, *args, **kwargs)
+
+    def flagged_smoothing(self, model):
+        in_smoothing.append(1)
+        try:
+            return smoothing[0](self, model)
+        finally:
+            in_smoothing.pop()
+
+    smoothing.append(AWQModifier._apply_smoothing)
+    monkeypatch.setattr(AWQModifier, "_apply_smoothing", flagged_smoothing)
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", counted_sdpa)
     got = seed_and_fast(tiny_world, tmp_path, "awq_opt67b", batch_size=8)
     (seed, ts), (fast, tf) = got["seed"], got["fast"]
     assert (seed["calibration_batch_size"], fast["calibration_batch_size"]) == (8, 64)
     layers = seed["quantized_layers"] // 6
     assert fast["awq_gram_mappings"] == 3 * layers and "awq_gram_mappings" not in seed
+    # the scale search's attention forwards under SDPA, one search a decoder layer; the calibration stays eager
+    assert fast["awq_sdpa_searches"] == layers and "awq_sdpa_searches" not in seed
+    assert fast["speed_changes"]["grid_search_attention"] == "sdpa"
+    # SDPA ran in the fast search only: the attention parent's unquantized forward and n_grid grid points a layer, per
+    # cached batch (the seed path's search stays eager)
+    per_layer = recipe("awq_opt67b")["n_grid"] + 1
+    assert sdpa_calls and len(sdpa_calls) % (layers * per_layer) == 0 and max(sdpa_calls) <= 64, len(sdpa_calls)
     assert len(pairs) == 3 * layers * recipe("awq_opt67b")["n_grid"]  # duo_scaling true: n_grid points in all
     assert max(abs(a / b - 1) for a, b in pairs) < 1e-6, pairs
     assert ts.keys() == tf.keys() and any(k.endswith("weight_packed") for k in ts)

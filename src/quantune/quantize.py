@@ -256,6 +256,7 @@ def speed_changes(recipe: dict, extra: dict, offload: bool, pinned: bool | None)
         changes["hessians"] = f"{extra['hessian_products']}; {extra['hessians_shared']} layers share another's"
     if recipe["method"] == "awq":
         changes["grid_search_loss"] = extra.get("awq_grid_loss")
+        changes["grid_search_attention"] = "sdpa" if extra.get("awq_sdpa_searches") else "eager (the calibration's)"
     if offload:
         changes.update(model_during_oneshot=f"cpu ({'page-locked' if pinned else 'pageable'} memory), one decoder "
                                             "layer onloaded at a time",

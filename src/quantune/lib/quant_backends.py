@@ -368,6 +368,49 @@ def fast_awq_linear_loss(state: AwqLinearLoss):
             setattr(AWQModifier, k, f)
 
 
+class SdpaScaleSearch:
+    """AWQ's scale search in the fast mode under the model's SDPA attention instead of the eager attention that
+    llm-compressor 0.14's calibration context forces for the whole pipeline (helpers.use_eager_attention: its
+    traced subgraphs bake in the eager causal-mask add, so the calibration forwards stay eager). The search calls
+    the parent modules directly with the arguments those forwards cached, mask included, so the attention mapping's
+    n_grid + 1 forwards a layer take the same additive 4-D mask through torch's scaled_dot_product_attention instead
+    of fp16 scores, an fp32 softmax and a cast written out for every head (OPT's eager_attention_forward): the same
+    attention to rounding. For models with SDPA (PreTrainedModel._supports_sdpa) whose calibration runs eager."""
+
+    def __init__(self):
+        self.searches = 0  # _apply_smoothing calls with mappings to smooth (one a decoder layer) run under SDPA
+
+    def apply_smoothing(self, orig, modifier, model):
+        from llmcompressor.utils import helpers
+
+        cfg = getattr(model, "config", None)
+        pending = any(m.smooth_name in modifier._smooth_activation_stats for m in modifier._resolved_mappings)
+        if not (pending and getattr(model, "_supports_sdpa", False) and getattr(cfg, "_attn_implementation", None)
+                == "eager"):
+            return orig(modifier, model)
+        eager = helpers.use_eager_attention  # _apply_smoothing enters the calibration context again
+        helpers.use_eager_attention = lambda m: contextlib.nullcontext()
+        cfg._attn_implementation = "sdpa"
+        self.searches += 1
+        try:
+            return orig(modifier, model)
+        finally:
+            cfg._attn_implementation = "eager"
+            helpers.use_eager_attention = eager
+
+
+@contextlib.contextmanager
+def sdpa_scale_search(state: SdpaScaleSearch):
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    orig = AWQModifier._apply_smoothing
+    AWQModifier._apply_smoothing = lambda self, model: state.apply_smoothing(orig, self, model)
+    try:
+        yield state
+    finally:
+        AWQModifier._apply_smoothing = orig
+
+
 @contextlib.contextmanager
 def offload_updates_in_dtype():
     """compressed-tensors 0.19 writes a changed parameter of an offloaded module back with
@@ -441,7 +484,7 @@ def quantize_llmcompressor(model, tokenizer, recipe: dict, samples: dict | None,
             out["_activations_on"] = kwargs.get("sequential_offload_device", "cpu")  # for speed_changes
     losses: list[float] = []
     fallbacks: list[str] = []
-    hessians = awq_loss = None
+    hessians = awq_loss = awq_sdpa = None
     with contextlib.ExitStack() as stack:
         stack.enter_context(_cpu_safe_calibration())
         stack.enter_context(fp32_awq_loss())
@@ -452,6 +495,7 @@ def quantize_llmcompressor(model, tokenizer, recipe: dict, samples: dict | None,
             stack.enter_context(fast_gptq_hessians(hessians))
         if fast and recipe["method"] == "awq":  # after fp32_awq_loss: its loss is the one wrapped
             awq_loss = stack.enter_context(fast_awq_linear_loss(AwqLinearLoss()))
+            awq_sdpa = stack.enter_context(sdpa_scale_search(SdpaScaleSearch()))
         if fast:
             stack.enter_context(offload_updates_in_dtype())
         oneshot(model=model, processor=tokenizer, recipe=llmcompressor_modifiers(recipe, awq_mappings), **kwargs)
@@ -459,7 +503,8 @@ def quantize_llmcompressor(model, tokenizer, recipe: dict, samples: dict | None,
         out.update({"gptq_layers": len(losses), "gptq_loss_mean": sum(losses) / len(losses),
                     "gptq_loss_max": max(losses), "_gptq_losses": losses})
     if awq_loss is not None:
-        out.update(awq_grid_loss=awq_loss.describe(), awq_gram_mappings=awq_loss.gram_mappings)
+        out.update(awq_grid_loss=awq_loss.describe(), awq_gram_mappings=awq_loss.gram_mappings,
+                   awq_sdpa_searches=awq_sdpa.searches)
     if recipe["method"] == "gptq":
         # layers whose Hessian did not invert: llm-compressor rounded them to nearest
         out["gptq_rtn_fallback_layers"] = len(fallbacks)
