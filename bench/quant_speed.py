@@ -214,7 +214,7 @@ def kernel_window(out_txt: Path, first: int, count: int, top: int = 60):
     from llmcompressor.core import LifecycleCallbacks
     from torch.profiler import ProfilerActivity, profile
 
-    from quantune.lib.measure import synced_clock
+    from quantune.lib.measure import profile_report, synced_clock
 
     if first < 1 or count < 1:
         raise SystemExit(f"--kernel-window {first} {count}: FIRST must be at least 1 and COUNT at least 1")
@@ -231,14 +231,9 @@ def kernel_window(out_txt: Path, first: int, count: int, top: int = 60):
         prof, st["prof"] = st["prof"], None
         wall = synced_clock() - st["t0"]
         prof.__exit__(None, None, None)
-        ka = prof.key_averages()
-        by = (["self_cuda_time_total"] if cuda else []) + ["self_cpu_time_total"]
-        gpu = sum(e.self_device_time_total for e in ka if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
-        head = (f"subgraphs {first}-{min(st['ended'], first + count) - 1} of the sequential pipeline (0-based): wall "
-                f"{wall:.3f} s, GPU kernels {gpu:.3f} s ({gpu / wall:.0%} busy)"
-                + ("; the pipeline ended inside the window, so what followed it is in too" if early else ""))
-        tables = [f"by {k}:\n{ka.table(sort_by=k, row_limit=top, max_name_column_width=80)}" for k in by]
-        out_txt.write_text("\n\n".join([head, *tables]), encoding="utf-8")
+        label = (f"subgraphs {first}-{min(st['ended'], first + count) - 1} of the sequential pipeline (0-based)"
+                 + ("; the pipeline ended inside the window, so what followed it is in too" if early else ""))
+        out_txt.write_text(profile_report(prof, label, wall, rows=top, name_width=80), encoding="utf-8")
 
     def epoch_end(cls, *args, **kwargs):
         result = orig.__func__(cls, *args, **kwargs)

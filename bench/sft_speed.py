@@ -199,10 +199,9 @@ def mm_check(tokens: int = 12_288, calls: int = 48, repeats: int = 3) -> dict | 
     h, inter = hub["hidden_size"], hub["intermediate_size"]
     q, kv = hub["num_attention_heads"] * hub["head_dim"], hub["num_key_value_heads"] * hub["head_dim"]
     dev, dt = "cuda", torch.bfloat16
-    outs = (q, kv, inter, h)  # q_proj, k/v_proj, gate/up_proj, o_proj / down_proj (as (in, out) below)
-    shapes = [(h, q), (h, kv), (h, inter), (q, h), (inter, h)]
+    shapes = [(h, q), (h, kv), (h, inter), (q, h), (inter, h)]  # (in, out): q, k/v, gate/up, o, down projections
     weights = {s_: torch.randn(*s_, device=dev, dtype=dt) for s_ in shapes}
-    x = {k: torch.randn(tokens, k, device=dev, dtype=dt) for k in {a for a, _ in shapes} | set(outs)}
+    x = {d: torch.randn(tokens, d, device=dev, dtype=dt) for s_ in shapes for d in s_}  # inputs and output gradients
     default = torch.backends.cuda.preferred_blas_library()
     out: dict = {"tokens": tokens, "calls_per_shape": calls, "default_library": str(default), "shapes": shapes}
 

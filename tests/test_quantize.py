@@ -475,7 +475,8 @@ def test_awq_fast_mode_gives_the_same_quantized_weights(tiny_world, tmp_path, mo
     monkeypatch.setattr(quant_backends.AwqLinearLoss, "loss", beside_llmcompressors)
     from transformers.modeling_utils import AttentionInterface
 
-    sdpa, sdpa_calls, smoothing, in_smoothing = AttentionInterface._global_mapping["sdpa"], [], [], []
+    sdpa, smoothing = AttentionInterface._global_mapping["sdpa"], AWQModifier._apply_smoothing
+    sdpa_calls, in_smoothing = [], []
 
     def counted_sdpa(module, query, *args, **kwargs):
         if in_smoothing:  # not the stage's measurements, which run the model's own SDPA
@@ -485,11 +486,10 @@ def test_awq_fast_mode_gives_the_same_quantized_weights(tiny_world, tmp_path, mo
     def flagged_smoothing(self, model):
         in_smoothing.append(1)
         try:
-            return smoothing[0](self, model)
+            return smoothing(self, model)
         finally:
             in_smoothing.pop()
 
-    smoothing.append(AWQModifier._apply_smoothing)
     monkeypatch.setattr(AWQModifier, "_apply_smoothing", flagged_smoothing)
     monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", counted_sdpa)
     got = seed_and_fast(tiny_world, tmp_path, "awq_opt67b", batch_size=8)

@@ -137,6 +137,27 @@ def synced_clock() -> float:
     return time.perf_counter()
 
 
+def profile_report(prof, label: str, wall: float, rows: int = 40, name_width: int | None = None) -> str:
+    """A finished torch.profiler run as text: `label`, the wall seconds it covered and the GPU's busy seconds in them
+    (the kernels' own time), then the `rows` operators and kernels with the most GPU time and with the most CPU
+    self time, which say whether the work waited on the GPU or on Python."""
+    import torch
+
+    events = prof.key_averages()
+    # self device time in microseconds (self_cuda_time_total before torch 2.4), of the kernels alone: an operator's
+    # row repeats its kernels' time, and user annotations on the GPU span theirs
+    by_gpu = "self_device_time_total" if events and hasattr(events[0], "self_device_time_total") \
+        else "self_cuda_time_total"
+    kernels = [e for e in events  # as torch's table sums its "Self CUDA time total"
+               if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", 0)]
+    gpu = sum(getattr(e, by_gpu) for e in kernels) / 1e6
+    width = {"max_name_column_width": name_width} if name_width else {}
+    text = [f"{label}: wall {wall:.3f} s, GPU kernels {gpu:.3f} s ({gpu / wall:.0%} busy)", "", "by GPU time:",
+            events.table(sort_by=by_gpu, row_limit=rows, **width), "",
+            "by CPU time:", events.table(sort_by="self_cpu_time_total", row_limit=rows, **width)]
+    return "\n".join(text) + "\n"
+
+
 class PeakMemory:
     """Peak memory of a block: the CUDA allocator's peak when a GPU is in use, and the process's peak RSS
     (VmHWM, reset through /proc/self/clear_refs where the kernel allows; else the lifetime peak)."""

@@ -381,6 +381,7 @@ class SdpaScaleSearch:
         self.searches = 0  # _apply_smoothing calls with mappings to smooth (one a decoder layer) run under SDPA
 
     def apply_smoothing(self, orig, modifier, model):
+        from compressed_tensors.utils import patch_attr
         from llmcompressor.utils import helpers
 
         cfg = getattr(model, "config", None)
@@ -388,15 +389,11 @@ class SdpaScaleSearch:
         if not (pending and getattr(model, "_supports_sdpa", False) and getattr(cfg, "_attn_implementation", None)
                 == "eager"):
             return orig(modifier, model)
-        eager = helpers.use_eager_attention  # _apply_smoothing enters the calibration context again
-        helpers.use_eager_attention = lambda m: contextlib.nullcontext()
-        cfg._attn_implementation = "sdpa"
         self.searches += 1
-        try:
+        # _apply_smoothing enters the calibration context again: its eager switch is made a no-op meanwhile
+        with patch_attr(helpers, "use_eager_attention", lambda m: contextlib.nullcontext()), \
+                patch_attr(cfg, "_attn_implementation", "sdpa"):
             return orig(modifier, model)
-        finally:
-            cfg._attn_implementation = "eager"
-            helpers.use_eager_attention = eager
 
 
 @contextlib.contextmanager

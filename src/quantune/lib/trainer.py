@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import fail, write_json
-from .measure import synced_clock
+from .measure import profile_report, synced_clock
 
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 TRAINER_STATE = ("trainer_state.json",)  # the file the Trainer writes last into a checkpoint
@@ -579,18 +579,8 @@ def profiler(out_dir: str | None, wait: int = 2, active: int = 2):
             self.prof.__exit__(None, None, None)
             if int(os.environ.get("RANK", "0")) != 0:
                 return
-            events = self.prof.key_averages()
-            # self device time in microseconds (self_cuda_time_total before torch 2.4), of the kernels alone: an
-            # operator's row repeats its kernels' time
-            by_gpu = "self_device_time_total" if hasattr(events[0], "self_device_time_total") \
-                else "self_cuda_time_total"
-            kernels = [e for e in events  # as torch's table sums its "Self CUDA time total"
-                       if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", 0)]
-            gpu = sum(getattr(e, by_gpu) for e in kernels) / 1e6
-            text = [f"steps {wait + 1}-{wait + active}: wall {wall:.3f} s, GPU kernels {gpu:.3f} s "
-                    f"({gpu / wall:.0%} busy)", "", "by GPU time:", events.table(sort_by=by_gpu, row_limit=40), "",
-                    "by CPU time:", events.table(sort_by="self_cpu_time_total", row_limit=40)]
-            atomic_write_text(Path(out_dir, "profile.txt"), "\n".join(text) + "\n")
+            report = profile_report(self.prof, f"steps {wait + 1}-{wait + active}", wall)
+            atomic_write_text(Path(out_dir, "profile.txt"), report)
             self.prof = None
 
     return _Profile()
