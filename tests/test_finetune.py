@@ -508,6 +508,8 @@ def test_kbit_upcast_false_keeps_the_unquantized_weights_in_their_loaded_dtype(u
 def test_profiler_writes_the_profiled_steps_wall_and_top_operators(tmp_path):
     """lib.trainer.profiler (QUANTUNE_PROFILE, the benches' --profile): steps after `wait` are profiled and
     profile.txt names their wall time and the operators that ran in them, not those of the steps before."""
+    import gzip
+
     import torch
 
     from quantune.lib.trainer import profiler
@@ -522,6 +524,7 @@ def test_profiler_writes_the_profiled_steps_wall_and_top_operators(tmp_path):
         assert (tmp_path / "p" / "profile.txt").exists() == (step >= 2)
     text = (tmp_path / "p" / "profile.txt").read_text()
     assert text.startswith("steps 2-3: wall ") and "aten::mm" in text and "aten::tanh" not in text, text[:2000]
+    assert b'"aten::mm"' in gzip.decompress((tmp_path / "p" / "trace.json.gz").read_bytes())
 
 
 def test_compare_without_trained_adapters_says_what_to_build(tmp_path, tiny_world):
@@ -758,3 +761,32 @@ def test_seq2seq_alpaca_plain_lora(tmp_path, tiny_world, results_root):
     w = load_file(str(adapter / "adapter_model.safetensors"))
     moved = {k.split(".")[2] for k, v in w.items() if "lora_B" in k and float(v.abs().max()) > 0}
     assert moved == {"encoder", "decoder"}, sorted(w)[:6]
+
+
+def test_gpu_idle_by_host_op_charges_each_gap_to_the_operators_running_meanwhile():
+    """lib.measure.gpu_idle_by_host_op on a hand-built timeline: kernels at 0-10, 30-40 and 41-50 us (gaps of 20 us
+    and 1 us, the second below min_gap_us); the host runs `step` over 0-60 with `loss` inside it over 5-25 and
+    `mm` inside `loss` over 12-18. The 20 us gap (10-30) is charged outermost to `step` in full and innermost to
+    `loss` (10-12, 18-25), `mm` (12-18) and `step` (25-30)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from quantune.lib.measure import gpu_idle_by_host_op
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def ev(name, a, b, dev=cpu, parent=None):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=a, end=b), device_type=dev,
+                               cpu_parent=parent)
+
+    step = ev("step", 0, 60)
+    loss = ev("loss", 5, 25, parent=step)
+    events = [step, loss, ev("mm", 12, 18, parent=loss), ev("cudaLaunchKernel", 28, 29, parent=step),
+              *(ev(f"k{i}", a, b, dev=cuda) for i, (a, b) in enumerate([(0, 10), (30, 40), (41, 50)]))]
+    text = gpu_idle_by_host_op(events, min_gap_us=5)
+    assert "0.0 ms of 0.1 ms (1 stretches" in text
+    outer, inner = text.split("| innermost operator |")
+    assert "| step | 0.02 |" in outer and "loss" not in outer
+    assert "| loss | 0.01 |" in inner and "| mm | 0.01 |" in inner and "| step | 0.01 |" in inner
+    assert gpu_idle_by_host_op([step, loss]) == ""

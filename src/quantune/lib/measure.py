@@ -155,7 +155,71 @@ def profile_report(prof, label: str, wall: float, rows: int = 40, name_width: in
     text = [f"{label}: wall {wall:.3f} s, GPU kernels {gpu:.3f} s ({gpu / wall:.0%} busy)", "", "by GPU time:",
             events.table(sort_by=by_gpu, row_limit=rows, **width), "",
             "by CPU time:", events.table(sort_by="self_cpu_time_total", row_limit=rows, **width)]
+    idle = gpu_idle_by_host_op(prof.events(), rows)
+    if idle:
+        text += ["", idle]
     return "\n".join(text) + "\n"
+
+
+def gpu_idle_by_host_op(events, rows: int = 25, min_gap_us: float = 5.0) -> str:
+    """Where the GPU waited on the host, from a profile's timeline (torch.profiler's FunctionEvents, start and end
+    in microseconds on one clock): the stretches between the first and last kernel when no kernel ran, each of at
+    least `min_gap_us`, charged to the host operators running meanwhile, by the outermost operator of each thread
+    (what the step was doing: a compiled graph's call, the optimizer step, the loss) and by the innermost one (what
+    the host itself was busy with; where threads overlap, the latest-started of the shallowest). A stretch where the
+    host ran nothing named counts as "(no operator)". Empty without GPU kernels."""
+    import torch
+
+    cuda = torch.autograd.DeviceType.CUDA
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events
+                     if e.device_type == cuda and not getattr(e, "is_user_annotation", False))
+    if not kernels:
+        return ""
+    gaps, end = [], kernels[0][1]
+    for s, e in kernels[1:]:
+        if s - end >= min_gap_us:
+            gaps.append((end, s))
+        end = max(end, e)
+    host = [e for e in events if e.device_type != cuda and not e.name.startswith("cuda")]
+    depth = {}
+    for e in host:
+        d, p = 0, e.cpu_parent
+        while p is not None:
+            d, p = d + 1, p.cpu_parent
+        depth[id(e)] = d
+    # one sweep over the host operators' starts and ends and the gaps' bounds; each piece of a gap between two
+    # consecutive points is charged to the outermost and the innermost operator running over it
+    points = sorted([(e.time_range.start, 1, i) for i, e in enumerate(host)]
+                    + [(e.time_range.end, 0, i) for i, e in enumerate(host)]
+                    + [(t, 2, -1) for g in gaps for t in g])
+    outer: dict[str, float] = {}
+    inner: dict[str, float] = {}
+    active: set[int] = set()
+    in_gap, last = False, None
+    for t, kind, i in points:
+        if in_gap and last is not None and t > last:
+            if active:
+                ranked = sorted(active, key=lambda j: (depth[id(host[j])], -host[j].time_range.start))
+                for table, j in ((outer, ranked[0]), (inner, ranked[-1])):
+                    table[host[j].name] = table.get(host[j].name, 0.0) + (t - last)
+            else:
+                outer["(no operator)"] = outer.get("(no operator)", 0.0) + (t - last)
+                inner["(no operator)"] = inner.get("(no operator)", 0.0) + (t - last)
+        last = t
+        if kind == 2:
+            in_gap = not in_gap
+        elif kind == 1:
+            active.add(i)
+        else:
+            active.discard(i)
+    total = sum(b - a for a, b in gaps)
+    span = kernels[-1][1] - kernels[0][0]
+    lines = [f"GPU idle between its first and last kernel: {total / 1e3:.1f} ms of {span / 1e3:.1f} ms "
+             f"({len(gaps)} stretches of at least {min_gap_us:g} us), by the host operator running meanwhile:"]
+    for title, table in (("outermost operator", outer), ("innermost operator", inner)):
+        lines += ["", f"| {title} | GPU idle ms |", "| --- | --- |"]
+        lines += [f"| {k[:90]} | {v / 1e3:.2f} |" for k, v in sorted(table.items(), key=lambda kv: -kv[1])[:rows]]
+    return "\n".join(lines)
 
 
 class PeakMemory:

@@ -547,8 +547,9 @@ def step_timer(count: TokenCount | None = None, warmup: int = 1):
 def profiler(out_dir: str | None, wait: int = 2, active: int = 2):
     """A TrainerCallback profiling `active` optimizer steps after the first `wait` of a run with torch.profiler, or
     None without `out_dir` (the benches' QUANTUNE_PROFILE, a diagnostic: it changes no result). Rank 0 writes
-    out_dir/profile.txt: those steps' wall seconds, the GPU's busy seconds in them (its kernels' own time) and
-    the operators with the most GPU and CPU time, which say whether a step waits on the GPU or on Python."""
+    out_dir/profile.txt: those steps' wall seconds, the GPU's busy seconds in them (its kernels' own time), the
+    operators with the most GPU and CPU time, which say whether a step waits on the GPU or on Python, and the host
+    operators the GPU's idle stretches fall in (lib.measure.profile_report); and their timeline, trace.json.gz."""
     if not out_dir:
         return None
     import os
@@ -581,6 +582,7 @@ def profiler(out_dir: str | None, wait: int = 2, active: int = 2):
                 return
             report = profile_report(self.prof, f"steps {wait + 1}-{wait + active}", wall)
             atomic_write_text(Path(out_dir, "profile.txt"), report)
+            self.prof.export_chrome_trace(str(Path(out_dir, "trace.json.gz")))  # the timeline, for chrome://tracing
             self.prof = None
 
     return _Profile()
