@@ -4,6 +4,7 @@ QuantizationModifier for round-to-nearest), GPTQModel (GPTQ in its own env, CUDA
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -263,10 +264,52 @@ def fast_gptq_hessians(state: GptqHessians):
         GPTQModifier.calibrate_module = orig
 
 
+def _pow2_scale(t, top: float = 2.0 ** 14) -> float:
+    """A power of two that brings t's largest magnitude to at most `top` (fp16's largest is 65,504), exactly
+    invertible; 1 for an all-zero t."""
+    m = t.abs().max().item()
+    return 2.0 ** math.floor(math.log2(top / m)) if m > 0 and math.isfinite(m) else 1.0
+
+
+_HALF_PRODUCTS: list[bool] = []  # whether torch.mm takes out_dtype for fp16 operands here (found on first use)
+
+
+def to_half(t):
+    """(t scaled by a power of two into fp16's range and rounded to nearest, the scale) for half_product, or None
+    where t is not on a GPU or this torch has no fp16 product with an fp32 result: the caller's TF32 path."""
+    import torch
+
+    if not t.is_cuda:
+        return None
+    if not _HALF_PRODUCTS:
+        try:
+            x = torch.ones(16, 16, device=t.device, dtype=torch.float16)
+            _HALF_PRODUCTS.append(torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _HALF_PRODUCTS.append(False)
+    if not _HALF_PRODUCTS[0]:
+        return None
+    scale = _pow2_scale(t)
+    return (t * scale).half(), scale
+
+
+def half_product(a, b):
+    """a @ b for fp32 a and b (or to_half's pairs) on a GPU as fp16 tensor-core products with an fp32 result
+    (torch.mm's out_dtype): the operands rounded to fp16's 10 mantissa bits (TF32 truncates to the same bits), at
+    twice TF32's rate on Hopper. None where to_half gives None: the caller takes the TF32 path."""
+    import torch
+
+    ha = a if isinstance(a, tuple) else to_half(a)
+    hb = b if isinstance(b, tuple) else to_half(b)
+    if ha is None or hb is None:
+        return None
+    return torch.mm(ha[0], hb[0], out_dtype=torch.float32).mul_(1.0 / (ha[1] * hb[1]))
+
+
 def centred_gram(inputs, width: int, device) -> tuple:
-    """The centred Gram matrix Xc^T Xc (fp32; TF32 tensor-core products of HESSIAN_CHUNK_TOKENS-row chunks on a
-    GPU), the mean row mu and the row count n of the rows of the tensors `inputs()` yields (called twice: the mean
-    first), so that X^T X = Xc^T Xc + n mu mu^T."""
+    """The centred Gram matrix Xc^T Xc (fp32; on a GPU each HESSIAN_CHUNK_TOKENS-row chunk's product on tensor
+    cores, fp16 with an fp32 result (half_product) or else TF32), the mean row mu and the row count n of the rows of
+    the tensors `inputs()` yields (called twice: the mean first), so that X^T X = Xc^T Xc + n mu mu^T."""
     import torch
 
     total, n = torch.zeros(width, dtype=torch.float32, device=device), 0
@@ -280,6 +323,10 @@ def centred_gram(inputs, width: int, device) -> tuple:
         for chunk in x.to(device).reshape(-1, width).split(HESSIAN_CHUNK_TOKENS):
             c = chunk.to(torch.float32, copy=True)
             c -= mean
+            prod = half_product(c.t(), c)
+            if prod is not None:
+                g += prod
+                continue
             with tf32_matmul():
                 g.addmm_(c.t(), c)
     return g, mean, n
@@ -292,15 +339,16 @@ class AwqLinearLoss:
     difference from the unquantized outputs. For Y = X W^T + b and Y' = X W'^T + b that is
     ||X D^T||^2 / (tokens x out_features) with D = W' - W: the bias cancels and the sum is the quadratic form
     tr(D X^T X D^T) of the inputs' Gram matrix. So the matrix is taken once per mapping from the inputs AWQ cached,
-    centred (X^T X = Xc^T Xc + n mu mu^T, as add_input_products does: Xc^T Xc and D Xc^T Xc on TF32 tensor cores on a
-    GPU, the mean's term in fp32), and a grid point costs one out x in x in product in place of a forward over every
+    centred (X^T X = Xc^T Xc + n mu mu^T, as add_input_products does: Xc^T Xc and D Xc^T Xc on tensor cores on a
+    GPU, fp16 with fp32 results (half_product) or TF32, the mean's term in fp32), and a grid point costs one out x in x in product in place of a forward over every
     token (OPT-6.7B's fc1: 4,096 x 4,096 x 16,384 against 65,536 x 4,096 x 16,384). The grid, observers, qparams and
     the smoothing stay llm-compressor's, and the parent's unquantized forward still runs once (the finiteness check
     before the search). On a CPU in fp32 the loss is llm-compressor's to within 2e-7 relative (tiny OPT, every grid
     point: tests/test_quantize.py). With loss masks (state.loss_masks) or any other parent the forwards run."""
 
     def __init__(self):
-        self.active = None  # (parent, centred Gram matrix, mean input, tokens, unquantized weight) while it searches
+        self.active = None  # (parent, centred Gram matrix, mean input, tokens, unquantized weight, the Gram matrix
+        # in fp16 for half_product or None) while it searches
         self.gram_mappings = self.forward_mappings = 0
 
     @staticmethod
@@ -323,7 +371,7 @@ class AwqLinearLoss:
             self.forward_mappings += 1
             return orig(modifier, mapping, fp16_outputs, orig_layer_weights)
         gram = centred_gram(lambda: (batch["input"] for batch in cache), parent.in_features, parent.weight.device)
-        self.active = (parent, *gram, orig_layer_weights[parent])
+        self.active = (parent, *gram, orig_layer_weights[parent], to_half(gram[0]))
         self.gram_mappings += 1
         try:
             return orig(modifier, mapping, fp16_outputs, orig_layer_weights)
@@ -340,10 +388,13 @@ class AwqLinearLoss:
             return orig(modifier, fp16_outputs, int_w_outputs)
         import torch
 
-        _, g, mean, n, w0 = self.active
+        _, g, mean, n, w0, g_half = self.active
         d = int_w_outputs[0].to(torch.float32) - w0.to(torch.float32)
-        with tf32_matmul():
-            quad = (d @ g).mul_(d).sum()
+        dg = half_product(d, g_half) if g_half is not None else None
+        if dg is None:
+            with tf32_matmul():
+                dg = d @ g
+        quad = dg.mul_(d).sum()
         dm = d @ mean
         return ((quad + n * dm.dot(dm)) / (n * d.shape[0])).item()
 
