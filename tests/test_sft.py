@@ -139,6 +139,54 @@ def test_packed_rows_give_the_padded_loss_and_gradients_and_never_see_each_other
     assert abs(leaky - lk) > 1e-3, f"control: rows that see each other should move the loss ({leaky:.5f})"
 
 
+def test_a_rounded_packed_batch_gives_the_exact_ones_loss_and_gradients_and_counts_its_filler_as_padding(tiny_qwen3):
+    """packed_multiple_of: one filler row rounds the packed length up to a multiple (its own segment, labels -100):
+    the same loss and gradients as the exact packed batch (fp32, 1e-5); the Trainer counts the filler as padding
+    (TokenCount) and takes its key out before the model (without_filler). Control: the filler's tokens as its labels
+    move the loss."""
+    import torch
+
+    from quantune.lib import varlen
+    from quantune.lib.sft_data import IGNORE, collator, encode_pair
+    from quantune.lib.trainer import TokenCount, without_filler
+
+    _, recipe, model, tok, rows = tiny_qwen3
+    feats = [{k: v for k, v in encode_pair(tok, r["prompt"], r["chosen"], recipe["prompt_template"], 512, False).items()
+              if k != "truncated"} for r in rows[:5]]
+    total = sum(len(f["input_ids"]) for f in feats)
+    exact, rounded = collator(tok, packed=True)(feats), collator(tok, packed=True, packed_multiple_of=64)(feats)
+    fill = -total % 64
+    assert fill and rounded[varlen.FILLER] == fill and rounded["input_ids"].shape == (1, total + fill)
+    assert rounded["cu_seq_lens_q"].tolist() == [*exact["cu_seq_lens_q"].tolist(), total + fill]
+    assert (rounded["labels"][0, total:] == IGNORE).all()
+    count = TokenCount()
+    count.add(rounded)
+    assert (count.computed, count.real) == (total + fill, total)
+    assert varlen.FILLER not in without_filler(rounded) and set(without_filler(exact)) == set(exact)
+    model.eval()
+    use_cache, model.config.use_cache = model.config.use_cache, False
+    attn = model.config._attn_implementation
+    varlen.use(model)
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(**without_filler(batch)).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    le, ge = loss_and_grads(exact)
+    lr, gr = loss_and_grads(rounded)
+    assert abs(le - lr) <= 1e-5, (le, lr)
+    assert len(ge) == len(gr) and max((a - b).abs().max().item() for a, b in zip(ge, gr)) <= 1e-5
+    learned = dict(without_filler(rounded), labels=rounded["input_ids"].clone())  # the filler's tokens as labels
+    learned["labels"][0, :total] = rounded["labels"][0, :total]
+    with torch.no_grad():
+        leaky = model(**learned).loss.item()
+    model.config.use_cache = use_cache
+    model.set_attn_implementation(attn)
+    assert abs(leaky - le) > 1e-3, f"control: a filler with labels should move the loss ({leaky:.5f})"
+
+
 @pytest.mark.slow
 def test_fast_mode_follows_the_seed_configuration_epoch_by_epoch(tiny_world, results_root, tmp_path):
     """speed: seed and fast from one recipe through the stage and its DeepSpeed launcher (the tiny Qwen3, written

@@ -282,8 +282,8 @@ def sft_metrics(recipe: dict, m: dict, zero: dict, world: int, device: str, lr: 
         "launcher": "deepspeed", "world_size": world, "device": device, "bf16": recipe["bf16"],
         "gradient_checkpointing": recipe["gradient_checkpointing"], "mask_prompt": recipe["mask_prompt"],
         "padding": recipe["padding"], "speed": recipe["speed"], "speed_changes": recipe["speed_changes"],
-        **({"packed_attention": varlen.describe(device, torch.bfloat16 if recipe["bf16"] else torch.float32)}
-           if recipe["padding"] == "packed" else {}),
+        **({"packed_attention": varlen.describe(device, torch.bfloat16 if recipe["bf16"] else torch.float32),
+            "packed_multiple_of": recipe["packed_multiple_of"]} if recipe["padding"] == "packed" else {}),
         "liger_kernel": int(recipe["liger_kernel"]), "torch_compile": int(recipe["torch_compile"]),
         **({"speed_note": recipe["speed_note"]} if recipe["speed_note"] else {}),
         "only_optimize_lora": lora, "lora_dim": recipe["lora_dim"] if lora else None, "learning_rate": lr,
@@ -396,8 +396,12 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
     count = TokenCount()
     timer = step_timer(count)
     prof = profiler(os.environ.get("QUANTUNE_PROFILE"))
+    # the Trainer's batches: packed ones rounded to the recipe's packed_multiple_of (the trials and re-scoring
+    # above and below take them exact)
+    train_coll = collator(tok, packed=True, packed_multiple_of=recipe["packed_multiple_of"]) \
+        if recipe["padding"] == "packed" and recipe["packed_multiple_of"] else coll
     trainer = counting_trainer(count)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                      data_collator=coll, processing_class=tok,
+                                      data_collator=train_coll, processing_class=tok,
                                       callbacks=callbacks_for(recipe, writer) + [timer] + ([prof] if prof else []))
     flops_token = train_flops_per_token(model.config, params["params_total"], data_stats["tokens_mean_train"])
     if is_main:

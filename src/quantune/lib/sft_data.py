@@ -74,17 +74,19 @@ def tokenize(ds, tok, recipe: dict):
     return ds.map(fn, batched=True, remove_columns=cols, desc="tokenize")
 
 
-def collator(tok, pad_to_multiple_of: int | None = None, packed: bool = False, max_length: int | None = None):
+def collator(tok, pad_to_multiple_of: int | None = None, packed: bool = False, max_length: int | None = None,
+             packed_multiple_of: int = 0):
     """Dynamic padding (to the longest in the batch): ids with pad, attention 0, labels -100. packed: the batch's
     rows end to end in one padding-free row (lib.varlen.packed_collator: position ids restarting at each row, the
     row boundaries for lib.varlen's attention, each row's first label -100, so no row is predicted from the one
-    before it). max_length: every row padded to it (seed 003)."""
+    before it; with packed_multiple_of, a filler row rounds its length up to a multiple of it). max_length: every
+    row padded to it (seed 003)."""
     from transformers import DataCollatorForSeq2Seq
 
     from .varlen import packed_collator
 
     if packed:
-        return packed_collator()
+        return packed_collator(packed_multiple_of, tok.pad_token_id or 0)
     return DataCollatorForSeq2Seq(tok, padding="max_length" if max_length else "longest", max_length=max_length,
                                   label_pad_token_id=IGNORE, pad_to_multiple_of=pad_to_multiple_of,
                                   return_tensors="pt")

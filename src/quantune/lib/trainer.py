@@ -19,6 +19,7 @@ from typing import Any
 
 from .common import fail, write_json
 from .measure import profile_report, synced_clock
+from .varlen import FILLER
 
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 TRAINER_STATE = ("trainer_state.json",)  # the file the Trainer writes last into a checkpoint
@@ -100,15 +101,22 @@ class TokenCount:
         self.computed += int(ids.numel())
         mask = inputs.get("attention_mask")
         # summed where the mask lives: no wait for the GPU per micro-batch; read at step boundaries (step_timer)
-        self._real = self._real + (mask.sum() if mask is not None else ids.numel())
+        self._real = self._real + (mask.sum() if mask is not None else ids.numel() - inputs.get(FILLER, 0))
 
     @property
     def real(self) -> int:
         return int(self._real)
 
 
+def without_filler(inputs):
+    """A batch without a rounded packed batch's FILLER length (lib.varlen.packed_collator), which is not a model
+    input."""
+    return {k: v for k, v in inputs.items() if k != FILLER} if FILLER in inputs else inputs
+
+
 def counting_trainer(count: TokenCount):
-    """transformers' Trainer that adds each micro-batch it trains on to `count`, compiles as `torch_compile` says
+    """transformers' Trainer that adds each micro-batch it trains on to `count` (a rounded packed batch's filler as
+    padding, taken out of the batch before the model), compiles as `torch_compile` says
     (dynamo_plugin), and trains with liger's fused linear cross-entropy at FLCE_CHUNK_MEM_CONST where
     use_liger_kernel is on (liger_flce_chunks)."""
     from transformers import Trainer
@@ -120,7 +128,10 @@ def counting_trainer(count: TokenCount):
 
         def training_step(self, model, inputs, *args, **kwargs):
             count.add(inputs)
-            return super().training_step(model, inputs, *args, **kwargs)
+            return super().training_step(model, without_filler(inputs), *args, **kwargs)
+
+        def prediction_step(self, model, inputs, *args, **kwargs):
+            return super().prediction_step(model, without_filler(inputs), *args, **kwargs)
 
         def _build_accelerator_args(self, **kwargs):
             args = super()._build_accelerator_args(**kwargs)

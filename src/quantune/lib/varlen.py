@@ -151,10 +151,29 @@ def describe(device: str, dtype) -> str:
     return PATHS["flash" if flash_runs(device == "cuda", dtype) else "per_row"]
 
 
-def packed_collator():
+FILLER = "filler_tokens"  # a rounded packed batch's key: its filler row's length (never reaches the model)
+
+
+def packed_collator(multiple_of: int = 0, pad_id: int = 0):
     """transformers' DataCollatorWithFlattening as packed training uses it: a batch's rows end to end in one row,
     position ids restarting at each, each row's first label -100 (never predicted from the row before), and the
-    row boundaries that `attention` reads."""
+    row boundaries that `attention` reads. With `multiple_of`, one filler row (`pad_id` tokens, labels -100, its
+    own segment, so it attends only to itself and no row attends to it) rounds the packed length up to a multiple
+    of it, so that the same matmul shapes recur from step to step; the batch's FILLER key holds its length, which
+    the Trainer counts as padding and takes out before the model (lib.trainer.counting_trainer)."""
     from transformers import DataCollatorWithFlattening
 
-    return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100, return_flash_attn_kwargs=True)
+    kw = dict(return_position_ids=True, separator_id=-100, return_flash_attn_kwargs=True)
+    if not multiple_of:
+        return DataCollatorWithFlattening(**kw)
+
+    class _Rounded(DataCollatorWithFlattening):
+        def __call__(self, features, return_tensors=None, separator_id=None):
+            fill = -sum(len(f["input_ids"]) for f in features) % multiple_of
+            if fill:
+                features = [*features, {"input_ids": [pad_id] * fill, "labels": [-100] * fill}]
+            batch = super().__call__(features, return_tensors, separator_id)
+            batch[FILLER] = fill
+            return batch
+
+    return _Rounded(**kw)
