@@ -13,8 +13,8 @@ Variants: seed, seed_again, fast (packed rows, the step's rows in one micro-batc
 liger-kernel's fused linear cross-entropy and each decoder block compiled, dynamic shapes: what liger_kernel: auto
 and torch_compile: auto turn on for it on a GPU; the first step, which pays the compilation, is outside the rates
 as every run's first step is), fast_eager (fast without compilation, liger's in-block kernels then on too),
-fast_no_liger (fast without liger), fast_rounded (fast with each packed micro-batch rounded up to a multiple of
-1,024 positions by a filler row: packed_multiple_of), seed_zero0 and fast_zero0 (under
+fast_no_liger (fast without liger), fast_rounded and fast_rounded_256 (fast with each packed micro-batch rounded
+up to a multiple of 1,024 or 256 positions by a filler row: packed_multiple_of), seed_zero0 and fast_zero0 (under
 recipes/deepspeed/zero0.json, ZeRO-0's bf16 wrapper, which `deepspeed_config: auto` picked for one GPU until its
 initial zero-gradient AdamW step was found; auto now picks ZeRO-1),
 then single switches on the seed configuration: packed, no_gc, one_micro_batch (the step's rows in one padded
@@ -53,6 +53,7 @@ def variants(r: dict) -> dict[str, dict]:
             "fast_no_liger": {"speed": "fast", "liger_kernel": False},
             "fast_eager": {"speed": "fast", "torch_compile": False},
             "fast_rounded": {"speed": "fast", "packed_multiple_of": 1024},
+            "fast_rounded_256": {"speed": "fast", "packed_multiple_of": 256},
             "seed_zero0": {**seed, "deepspeed_config": "recipes/deepspeed/zero0.json"},
             "fast_zero0": {"speed": "fast", "deepspeed_config": "recipes/deepspeed/zero0.json"},
             "packed": {**seed, "padding": "packed"}, "no_gc": {**seed, "gradient_checkpointing": False},

@@ -307,9 +307,11 @@ def half_product(a, b):
 
 
 def centred_gram(inputs, width: int, device) -> tuple:
-    """The centred Gram matrix Xc^T Xc (fp32; on a GPU each HESSIAN_CHUNK_TOKENS-row chunk's product on tensor
-    cores, fp16 with an fp32 result (half_product) or else TF32), the mean row mu and the row count n of the rows of
-    the tensors `inputs()` yields (called twice: the mean first), so that X^T X = Xc^T Xc + n mu mu^T."""
+    """The centred Gram matrix Xc^T Xc (fp32; TF32 tensor-core products of HESSIAN_CHUNK_TOKENS-row chunks on a
+    GPU, accumulated in place: on one H100 at fc2's shape faster than half_product's scaled fp16 chunks, whose
+    separate fp32 result and sum cost more than the faster product saved (bench/results/quant_speed.md)), the mean
+    row mu and the row count n of the rows of the tensors `inputs()` yields (called twice: the mean first), so that
+    X^T X = Xc^T Xc + n mu mu^T."""
     import torch
 
     total, n = torch.zeros(width, dtype=torch.float32, device=device), 0
@@ -323,10 +325,6 @@ def centred_gram(inputs, width: int, device) -> tuple:
         for chunk in x.to(device).reshape(-1, width).split(HESSIAN_CHUNK_TOKENS):
             c = chunk.to(torch.float32, copy=True)
             c -= mean
-            prod = half_product(c.t(), c)
-            if prod is not None:
-                g += prod
-                continue
             with tf32_matmul():
                 g.addmm_(c.t(), c)
     return g, mean, n
@@ -339,8 +337,9 @@ class AwqLinearLoss:
     difference from the unquantized outputs. For Y = X W^T + b and Y' = X W'^T + b that is
     ||X D^T||^2 / (tokens x out_features) with D = W' - W: the bias cancels and the sum is the quadratic form
     tr(D X^T X D^T) of the inputs' Gram matrix. So the matrix is taken once per mapping from the inputs AWQ cached,
-    centred (X^T X = Xc^T Xc + n mu mu^T, as add_input_products does: Xc^T Xc and D Xc^T Xc on tensor cores on a
-    GPU, fp16 with fp32 results (half_product) or TF32, the mean's term in fp32), and a grid point costs one out x in x in product in place of a forward over every
+    centred (X^T X = Xc^T Xc + n mu mu^T, as add_input_products does: on a GPU Xc^T Xc on TF32 tensor cores and
+    D Xc^T Xc as an fp16 product with an fp32 result (half_product; TF32 where torch has none), the mean's term in
+    fp32), and a grid point costs one out x in x in product in place of a forward over every
     token (OPT-6.7B's fc1: 4,096 x 4,096 x 16,384 against 65,536 x 4,096 x 16,384). The grid, observers, qparams and
     the smoothing stay llm-compressor's, and the parent's unquantized forward still runs once (the finiteness check
     before the search). On a CPU in fp32 the loss is llm-compressor's to within 2e-7 relative (tiny OPT, every grid
