@@ -361,13 +361,15 @@ def awq_loss_check(device: str = "cuda", d_in: int = 16384, d_out: int = 4096, t
     (fp16 forwards of both weights, the squared error summed in fp32: what the stage's fp32_awq_loss runs) and as the
     fast path does (lib.quant_backends.AwqLinearLoss: the inputs' centred Gram matrix once, then one quadratic form,
     fp16 tensor-core products with fp32 results: half_product; `project_tf32` the same form in TF32, as before
-    half_product), each against the float64 loss of the same fp16 weights and inputs, with the seconds a grid point
-    costs each way and the Gram matrix's one-off seconds."""
+    half_product; `forwards_half_loss` llm-compressor's forwards with their squared error read once in half
+    precision, half_squared_error, as the fast path does for the mappings the Gram matrix does not serve), each
+    against the float64 loss of the same fp16 weights and inputs, with the seconds a grid point costs each way and
+    the Gram matrix's one-off seconds."""
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():
         return None
-    from quantune.lib.quant_backends import AwqLinearLoss, centred_gram, to_half
+    from quantune.lib.quant_backends import AwqLinearLoss, centred_gram, half_squared_error, to_half
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(d_in, d_out, device=device, dtype=torch.float16)
@@ -387,6 +389,12 @@ def awq_loss_check(device: str = "cuda", d_in: int = 16384, d_out: int = 4096, t
         err = sum(torch.nn.functional.mse_loss(a.float(), c.float(), reduction="sum") for a, c in zip(ref, out))
         return err.item() / (tokens * d_out)
 
+    def forwards_half_loss():  # the same forwards, their squared error as the fast path reads it for other mappings
+        ref = [torch.nn.functional.linear(b, w0, layer.bias) for b in x]
+        out = [torch.nn.functional.linear(b, w1, layer.bias) for b in x]
+        got = half_squared_error(ref, out)
+        return got if got is not None else float("nan")
+
     state, tf32 = AwqLinearLoss(), AwqLinearLoss()
     t0 = time.perf_counter()
     gram = centred_gram(lambda: iter(x), d_in, x.device)
@@ -397,7 +405,8 @@ def awq_loss_check(device: str = "cuda", d_in: int = 16384, d_out: int = 4096, t
     out = {"input": f"{tokens:,} tokens x {d_in:,} fp16 (relu of standard normal), weight {d_out:,} x {d_in:,}",
            "gram_seconds": round(gram_seconds, 4)}
     for name, fn in (("llmcompressor", llmcompressor), ("project", lambda: state.loss(None, None, None, [w1])),
-                     ("project_tf32", lambda: tf32.loss(None, None, None, [w1]))):
+                     ("project_tf32", lambda: tf32.loss(None, None, None, [w1])),
+                     ("forwards_half_loss", forwards_half_loss)):
         fn()  # warm-up
         sync()
         t0 = time.perf_counter()

@@ -61,9 +61,10 @@ def variants(r: dict) -> dict[str, dict]:
 
 
 def run_one(variant: str, over: dict, scale: str, epochs: int, tmp: Path, sets: list[str],
-            profile: Path | None = None) -> dict:
+            profile: Path | None = None, logging_steps: int | None = None) -> dict:
     raw = yaml.safe_load(RECIPE.read_text(encoding="utf-8"))
-    keys = {**over, "num_train_epochs": epochs, "keep_checkpoints": False, "logging_steps": 1}
+    keys = {**over, "num_train_epochs": epochs, "keep_checkpoints": False,
+            **({"logging_steps": logging_steps} if logging_steps else {})}
     if scale == "tiny":
         raw.setdefault("tiny", {}).update(keys)
     else:
@@ -113,7 +114,8 @@ def write(rows: list[dict], out: Path) -> None:
           "over the optimizer steps' seconds after each run's first (warm-up) one; MFU against the matmul rate the "
           "run measured. Speed ratios against the faster "
           "of the two `seed` runs; eval-loss diff: the largest per-epoch difference from the first; train-loss diff: the "
-          "largest per-step difference of the Trainer's logged loss (every step) from the first."
+          "largest difference of the Trainer's logged train losses from the first's (logged every recipe logging_steps, "
+          "or --logging-steps; nan where none was logged)."
           + (f" {ok[0]['gpu']}, run {ok[0].get('run', '-')}." if ok else ""), ""]
     if ok and ok[0]["variant"] == "seed":
         base = ok[0]
@@ -251,6 +253,9 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="*", default=None, help="only these variants (seed always runs first)")
     p.add_argument("--scale", default="shape", choices=["tiny", "shape"])
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--logging-steps", type=int, default=None,
+                   help="log the train loss every N optimizer steps (default: the recipe's own, as users run it; 1 gives "
+                        "every step's loss for the train-loss column, and a synchronisation at every step)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override (dotted keys), for every run")
     p.add_argument("--profile", action="store_true", help="profile steps 3-4 of every run with torch.profiler "
@@ -274,7 +279,8 @@ def main(argv=None) -> int:
             if a.variants and v != "seed" and v not in a.variants:
                 continue
             print(f"sft_speed: {v} {over}", flush=True)
-            rows.append(run_one(v, over, a.scale, a.epochs, Path(tmp), a.set, a.out.resolve() if a.profile else None))
+            rows.append(run_one(v, over, a.scale, a.epochs, Path(tmp), a.set, a.out.resolve() if a.profile else None,
+                                a.logging_steps))
             write(rows, a.out)  # after each run: a later failure keeps what finished
     return 0
 

@@ -790,3 +790,48 @@ def test_gpu_idle_by_host_op_charges_each_gap_to_the_operators_running_meanwhile
     assert "| step | 0.02 |" in outer and "loss" not in outer
     assert "| loss | 0.01 |" in inner and "| mm | 0.01 |" in inner and "| step | 0.01 |" in inner
     assert gpu_idle_by_host_op([step, loss]) == ""
+
+
+def test_step_timer_synchronises_only_where_a_stretch_of_steps_ends(monkeypatch):
+    """lib.trainer.step_timer: the warm-up step apart; after it the GPU is synchronised (synced_clock) only when the
+    Trainer will log, evaluate, save or stop, or at an epoch's end, so the host runs on between steps; the time
+    spent between stretches (an evaluation after the epoch) is not counted; the tokens of every timed step are."""
+    from types import SimpleNamespace
+
+    from quantune.lib import trainer as tr
+
+    clock = {"t": 0.0, "syncs": 0}
+
+    def synced():
+        clock["syncs"] += 1
+        return clock["t"]
+
+    monkeypatch.setattr(tr, "synced_clock", synced)
+    count = tr.TokenCount()
+    timer = tr.step_timer(count)
+
+    def control(**flags):
+        return SimpleNamespace(**{k: flags.get(k, False) for k in
+                                  ("should_log", "should_evaluate", "should_save", "should_training_stop")})
+
+    def step(seconds, tokens, **flags):
+        timer.on_step_begin(None, None, control())
+        count.computed += tokens
+        count._real += tokens
+        clock["t"] += seconds
+        timer.on_step_end(None, None, control(**flags))
+
+    step(5.0, 100)  # warm-up: closed at its end
+    assert (timer.warmup_steps, timer.warmup_seconds, clock["syncs"]) == (1, 5.0, 2)
+    for _ in range(3):
+        step(1.0, 10)  # three steps, no log: no synchronisation between them
+    assert clock["syncs"] == 3 and timer.steps == 0
+    step(1.0, 10, should_log=True)  # the Trainer logs next: the stretch ends
+    assert (timer.steps, timer.seconds, timer.real, clock["syncs"]) == (4, 4.0, 40, 4)
+    step(1.0, 10)
+    timer.on_epoch_end(None, None, control())  # before the epoch's evaluation
+    clock["t"] += 30.0  # the evaluation
+    step(2.0, 20, should_training_stop=True)
+    timer.on_train_end(None, None, control())
+    assert (timer.steps, timer.seconds, timer.real, timer.computed) == (6, 7.0, 70, 70)
+    assert clock["syncs"] == 8

@@ -330,6 +330,34 @@ def centred_gram(inputs, width: int, device) -> tuple:
     return g, mean, n
 
 
+def half_squared_error(fp16_outputs, int_w_outputs) -> float | None:
+    """AWQModifier._compute_loss's mean squared error for half-precision outputs on a GPU, without its float32 copies:
+    each batch's difference taken in the outputs' dtype and its norm accumulated in fp32
+    (torch.linalg.vector_norm's dtype), so one half-precision difference is written where the seed path writes
+    fp32 copies of both outputs (fp32_awq_loss) and then their fp32 difference. The difference is rounded once to
+    the outputs' precision (2^-11 relative in fp16); bench/quant_speed.py's grid-loss check measures the loss
+    against float64 (`forwards_half_loss`). None (llm-compressor's loss runs) with loss masks, across ranks, where an
+    output is not a CUDA fp16 / bf16 tensor, or where a difference overflowed the dtype."""
+    import torch
+    from llmcompressor.core import active_session
+
+    state = active_session().state
+    if (state is not None and state.loss_masks) or (torch.distributed.is_available()
+                                                     and torch.distributed.is_initialized()):
+        return None
+    pairs = list(zip(fp16_outputs, int_w_outputs))
+    if not pairs or not all(a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and b.dtype == a.dtype
+                            for a, b in pairs):
+        return None
+    total = torch.zeros((), dtype=torch.float32, device=pairs[0][0].device)
+    n = 0
+    for a, b in pairs:
+        total += torch.linalg.vector_norm(a - b.to(a.device), dtype=torch.float32).square()
+        n += a.numel()
+    loss = (total / n).item()
+    return loss if math.isfinite(loss) else None  # a difference past the dtype's range: the fp32 path decides
+
+
 class AwqLinearLoss:
     """AWQModifier's grid-search loss in the fast mode for a mapping whose parent is its one balance Linear (OPT's
     v_proj -> out_proj, final_layer_norm -> fc1 and fc1 -> fc2: 3 of its 4 mappings; Llama's o_proj and down_proj).
@@ -349,6 +377,7 @@ class AwqLinearLoss:
         self.active = None  # (parent, centred Gram matrix, mean input, tokens, unquantized weight, the Gram matrix
         # in fp16 for half_product or None) while it searches
         self.gram_mappings = self.forward_mappings = 0
+        self.fused_losses = 0  # grid points of the other mappings whose loss half_squared_error took
 
     @staticmethod
     def applies(mapping, cache) -> bool:
@@ -384,7 +413,11 @@ class AwqLinearLoss:
 
     def loss(self, orig, modifier, fp16_outputs, int_w_outputs):
         if self.active is None:
-            return orig(modifier, fp16_outputs, int_w_outputs)
+            fused = half_squared_error(fp16_outputs, int_w_outputs)
+            if fused is None:
+                return orig(modifier, fp16_outputs, int_w_outputs)
+            self.fused_losses += 1
+            return fused
         import torch
 
         _, g, mean, n, w0, g_half = self.active
@@ -399,7 +432,9 @@ class AwqLinearLoss:
 
     def describe(self) -> str:
         return (f"AWQ grid-search loss from the inputs' Gram matrix for {self.gram_mappings} mappings whose parent is "
-                f"their one balance Linear, the parent's forwards for {self.forward_mappings}")
+                f"their one balance Linear, the parent's forwards for {self.forward_mappings}"
+                + (f" (their squared error read once in half precision at {self.fused_losses} grid points)"
+                   if self.fused_losses else ""))
 
 
 @contextlib.contextmanager

@@ -511,11 +511,14 @@ def activation_bytes(model, batch: dict, dtype) -> float:
 
 def step_timer(count: TokenCount | None = None, warmup: int = 1):
     """A TrainerCallback timing the optimizer steps (their micro-batches, backward and update; not evaluation,
-    logging or checkpoints), the GPU synchronised at each boundary. The first `warmup` steps of a run are kept
-    apart (`warmup_seconds`): they hold one-time work (CUDA and cuBLAS handles, Triton and bitsandbytes kernels,
-    the allocator's growth; on one H200 the QLoRA seed configuration's first run of 12 steps measured 1.34x slower
-    than the same run again with them counted in). `seconds`, `steps` and, with `count`, the timed steps' own
-    input positions `real` / `computed` cover the steps after them; a run of no more steps than that times all."""
+    logging or checkpoints). The GPU is synchronised only where a stretch of consecutive steps ends (before the
+    Trainer logs, evaluates, saves or stops, at an epoch's end, and after the warm-up), not at every step: within a
+    stretch the host runs on into the next step while the GPU finishes the last, as it does untimed. The first
+    `warmup` steps of a run are kept apart (`warmup_seconds`): they hold one-time work (CUDA and cuBLAS handles,
+    Triton and bitsandbytes kernels, the allocator's growth; on one H200 the QLoRA seed configuration's first run of
+    12 steps measured 1.34x slower than the same run again with them counted in). `seconds`, `steps` and, with
+    `count`, the timed steps' own input positions `real` / `computed` cover the steps after them; a run of no more
+    steps than that times all."""
     from transformers import TrainerCallback
 
     class _StepTimer(TrainerCallback):
@@ -523,31 +526,46 @@ def step_timer(count: TokenCount | None = None, warmup: int = 1):
             self.seconds, self.steps, self.real, self.computed = 0.0, 0, 0, 0
             self.warmup_seconds, self.warmup_steps, self.warmup_real, self.warmup_computed = 0.0, 0, 0, 0
             self._t = self._c = None
+            self._open = 0  # steps in the stretch being timed
 
         def _tokens(self) -> tuple[int, int]:
             return (count.real, count.computed) if count is not None else (0, 0)
 
         def on_step_begin(self, args, state, control, **kw):
-            self._t, self._c = synced_clock(), self._tokens()
+            if self._t is None:
+                self._t, self._c = synced_clock(), self._tokens()
 
-        def on_step_end(self, args, state, control, **kw):
+        def _close(self):
             if self._t is None:
                 return
             dt = synced_clock() - self._t
             real, computed = (b - a for a, b in zip(self._c, self._tokens()))
             if self.warmup_steps < warmup:
                 self.warmup_seconds += dt
-                self.warmup_steps += 1
+                self.warmup_steps += self._open
                 self.warmup_real += real
                 self.warmup_computed += computed
             else:
                 self.seconds += dt
-                self.steps += 1
+                self.steps += self._open
                 self.real += real
                 self.computed += computed
-            self._t = None
+            self._t, self._open = None, 0
+
+        def on_step_end(self, args, state, control, **kw):
+            if self._t is None:
+                return
+            self._open += 1
+            # DefaultFlowCallback, first in the list, has set what the Trainer does next
+            if (self.warmup_steps + self._open <= warmup or control.should_log or control.should_evaluate
+                    or control.should_save or control.should_training_stop):
+                self._close()
+
+        def on_epoch_end(self, args, state, control, **kw):
+            self._close()  # before the epoch's evaluation and checkpoint
 
         def on_train_end(self, args, state, control, **kw):
+            self._close()
             if not self.steps:  # no step after the warm-up: time what ran
                 self.seconds, self.steps = self.warmup_seconds, self.warmup_steps
                 self.real, self.computed = self.warmup_real, self.warmup_computed
