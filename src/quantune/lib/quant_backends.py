@@ -4,6 +4,7 @@ QuantizationModifier for round-to-nearest), GPTQModel (GPTQ in its own env, CUDA
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
 from pathlib import Path
@@ -271,39 +272,36 @@ def _pow2_scale(t, top: float = 2.0 ** 14) -> float:
     return 2.0 ** math.floor(math.log2(top / m)) if m > 0 and math.isfinite(m) else 1.0
 
 
-_HALF_PRODUCTS: list[bool] = []  # whether torch.mm takes out_dtype for fp16 operands here (found on first use)
+@functools.cache
+def _fp32_output_products(device) -> bool:
+    """Whether torch.mm takes out_dtype for fp16 operands on this device (tried once a device)."""
+    import torch
+
+    try:
+        x = torch.ones(16, 16, device=device, dtype=torch.float16)
+        return torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def to_half(t):
     """(t scaled by a power of two into fp16's range and rounded to nearest, the scale) for half_product, or None
     where t is not on a GPU or this torch has no fp16 product with an fp32 result: the caller's TF32 path."""
-    import torch
-
-    if not t.is_cuda:
-        return None
-    if not _HALF_PRODUCTS:
-        try:
-            x = torch.ones(16, 16, device=t.device, dtype=torch.float16)
-            _HALF_PRODUCTS.append(torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
-            _HALF_PRODUCTS.append(False)
-    if not _HALF_PRODUCTS[0]:
+    if not (t.is_cuda and _fp32_output_products(t.device)):
         return None
     scale = _pow2_scale(t)
     return (t * scale).half(), scale
 
 
-def half_product(a, b):
-    """a @ b for fp32 a and b (or to_half's pairs) on a GPU as fp16 tensor-core products with an fp32 result
-    (torch.mm's out_dtype): the operands rounded to fp16's 10 mantissa bits (TF32 truncates to the same bits), at
-    twice TF32's rate on Hopper. None where to_half gives None: the caller takes the TF32 path."""
+def half_product(a, b_half):
+    """a @ b for an fp32 GPU tensor a and b as to_half gave it, as an fp16 tensor-core product with an fp32 result
+    (torch.mm's out_dtype): a rounded like b to fp16's 10 mantissa bits (TF32 truncates to the same bits). With it
+    a grid point's loss at fc2's shape took 5.0 ms against 6.5 in TF32 (AWQ grid-loss check, one H100,
+    bench/results/quant_speed.md)."""
     import torch
 
-    ha = a if isinstance(a, tuple) else to_half(a)
-    hb = b if isinstance(b, tuple) else to_half(b)
-    if ha is None or hb is None:
-        return None
-    return torch.mm(ha[0], hb[0], out_dtype=torch.float32).mul_(1.0 / (ha[1] * hb[1]))
+    ha = to_half(a)
+    return torch.mm(ha[0], b_half[0], out_dtype=torch.float32).mul_(1.0 / (ha[1] * b_half[1]))
 
 
 def centred_gram(inputs, width: int, device) -> tuple:
@@ -422,8 +420,9 @@ class AwqLinearLoss:
 
         _, g, mean, n, w0, g_half = self.active
         d = int_w_outputs[0].to(torch.float32) - w0.to(torch.float32)
-        dg = half_product(d, g_half) if g_half is not None else None
-        if dg is None:
+        if g_half is not None:
+            dg = half_product(d, g_half)
+        else:
             with tf32_matmul():
                 dg = d @ g
         quad = dg.mul_(d).sum()
