@@ -14,6 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 
+def loss_and_grads(model, batch):
+    """A batch's loss and the gradients it leaves, by parameter name (packed-against-padded tests)."""
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def snakemake(*args: str, results: str | Path | None = None, check: bool = True, timeout: int = 3000):
     cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--nolock", *args]
     if results is not None:

@@ -4,6 +4,7 @@ Snakemake (eval perplexity falls every epoch, the output reloads with transforme
 ZeRO-3 (shards consolidated), and the LoRA switch."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, snakemake
+from conftest import ROOT, loss_and_grads, snakemake
 
 RECIPE = ROOT / "recipes" / "qwen3_deepspeed_sft.yaml"
 
@@ -95,6 +96,23 @@ def test_padding_never_reaches_the_loss(tiny_qwen3):
     assert abs(loss_leaky - loss_wide) > 1e-2, f"control: unmasked padding should move the loss ({loss_leaky:.4f})"
 
 
+@contextlib.contextmanager
+def packed_model(model):
+    """The fixture's shared model as sft._build_model sets it for packed rows (lib.varlen's attention, no cache), in
+    eval mode (no dropout: two layouts of the same rows compute the same function); its settings put back after."""
+    from quantune.lib import varlen
+
+    model.eval()
+    use_cache, model.config.use_cache = model.config.use_cache, False
+    attn = model.config._attn_implementation
+    varlen.use(model)
+    try:
+        yield model
+    finally:
+        model.config.use_cache = use_cache
+        model.set_attn_implementation(attn)
+
+
 def test_packed_rows_give_the_padded_loss_and_gradients_and_never_see_each_other(tiny_qwen3):
     """speed: fast packs a batch's rows into one padding-free row, each attending to itself only (lib.varlen, as
     sft._build_model switches the model): the same loss and gradients as the padded batch (fp32, 1e-5), each row's
@@ -102,7 +120,6 @@ def test_packed_rows_give_the_padded_loss_and_gradients_and_never_see_each_other
     each other and the loss moves (the control)."""
     import torch
 
-    from quantune.lib import varlen
     from quantune.lib.sft_data import IGNORE, collator, encode_pair
 
     _, recipe, model, tok, rows = tiny_qwen3
@@ -115,27 +132,15 @@ def test_packed_rows_give_the_padded_loss_and_gradients_and_never_see_each_other
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
     assert all(packed["labels"][0, s].item() == IGNORE for s in starts)
     assert all(packed["position_ids"][0, s].item() == 0 for s in starts)
-    model.eval()  # no dropout: the two layouts compute the same function
-    use_cache, model.config.use_cache = model.config.use_cache, False  # as sft._build_model
-    attn = model.config._attn_implementation
-    varlen.use(model)
-
-    def loss_and_grads(batch):
-        model.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
-
-    lp, gp = loss_and_grads(padded)
-    lk, gk = loss_and_grads(packed)
-    assert abs(lp - lk) <= 1e-5, (lp, lk)
-    assert len(gp) == len(gk) and max((a - b).abs().max().item() for a, b in zip(gp, gk)) <= 1e-5
     whole = torch.tensor([0, sum(lengths)], dtype=torch.int32)
-    with torch.no_grad():
-        leaky = model(**dict(packed, cu_seq_lens_q=whole, cu_seq_lens_k=whole, max_length_q=sum(lengths),
-                             max_length_k=sum(lengths))).loss.item()
-    model.config.use_cache = use_cache
-    model.set_attn_implementation(attn)  # the fixture's model is shared
+    with packed_model(model):
+        lp, gp = loss_and_grads(model, padded)
+        lk, gk = loss_and_grads(model, packed)
+        with torch.no_grad():
+            leaky = model(**dict(packed, cu_seq_lens_q=whole, cu_seq_lens_k=whole, max_length_q=sum(lengths),
+                                 max_length_k=sum(lengths))).loss.item()
+    assert abs(lp - lk) <= 1e-5, (lp, lk)
+    assert gp.keys() == gk.keys() and max((gp[n] - gk[n]).abs().max().item() for n in gp) <= 1e-5
     assert abs(leaky - lk) > 1e-3, f"control: rows that see each other should move the loss ({leaky:.5f})"
 
 
@@ -163,27 +168,15 @@ def test_a_rounded_packed_batch_gives_the_exact_ones_loss_and_gradients_and_coun
     count.add(rounded)
     assert (count.computed, count.real) == (total + fill, total)
     assert varlen.FILLER not in without_filler(rounded) and set(without_filler(exact)) == set(exact)
-    model.eval()
-    use_cache, model.config.use_cache = model.config.use_cache, False
-    attn = model.config._attn_implementation
-    varlen.use(model)
-
-    def loss_and_grads(batch):
-        model.zero_grad()
-        loss = model(**without_filler(batch)).loss
-        loss.backward()
-        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
-
-    le, ge = loss_and_grads(exact)
-    lr, gr = loss_and_grads(rounded)
-    assert abs(le - lr) <= 1e-5, (le, lr)
-    assert len(ge) == len(gr) and max((a - b).abs().max().item() for a, b in zip(ge, gr)) <= 1e-5
     learned = dict(without_filler(rounded), labels=rounded["input_ids"].clone())  # the filler's tokens as labels
     learned["labels"][0, :total] = rounded["labels"][0, :total]
-    with torch.no_grad():
-        leaky = model(**learned).loss.item()
-    model.config.use_cache = use_cache
-    model.set_attn_implementation(attn)
+    with packed_model(model):
+        le, ge = loss_and_grads(model, without_filler(exact))
+        lr, gr = loss_and_grads(model, without_filler(rounded))
+        with torch.no_grad():
+            leaky = model(**learned).loss.item()
+    assert abs(le - lr) <= 1e-5, (le, lr)
+    assert ge.keys() == gr.keys() and max((ge[n] - gr[n]).abs().max().item() for n in ge) <= 1e-5
     assert abs(leaky - le) > 1e-3, f"control: a filler with labels should move the loss ({leaky:.5f})"
 
 
@@ -236,6 +229,7 @@ def test_fast_mode_follows_the_seed_configuration_epoch_by_epoch(tiny_world, res
 
 
 FIT_DRIVER = """
+import contextlib
 import json
 import sys
 

@@ -8,6 +8,8 @@ import functools
 
 import pytest
 
+from conftest import loss_and_grads
+
 FAMILIES = ["qwen3", "glm"]  # GQA in both: 4 query heads over 2 key/value heads (glm: its multi-query groups)
 
 
@@ -34,13 +36,6 @@ def _rows():
         ids = torch.randint(4, 512, (plen + alen,), generator=g).tolist()
         rows.append({"input_ids": ids, "labels": [-100] * plen + ids[plen:]})
     return rows
-
-
-def _loss_and_grads(model, batch):
-    model.zero_grad()
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _reference_varlen(new_signature: bool):
@@ -84,7 +79,7 @@ def test_packed_rows_give_the_padded_loss_and_gradients(family, path, monkeypatc
 
     model = _model(family)
     rows = _rows()
-    loss_pad, grads_pad = _loss_and_grads(model, SFTCollator(pad_id=0)(rows))
+    loss_pad, grads_pad = loss_and_grads(model, SFTCollator(pad_id=0)(rows))
     calls = []
     if path != "per_row":  # the flash path's adapter, the kernel replaced by a reference of that signature
         ref, calls = _reference_varlen(new_signature=path == "flash_2.12")
@@ -98,7 +93,7 @@ def test_packed_rows_give_the_padded_loss_and_gradients(family, path, monkeypatc
     assert tuple(packed["input_ids"].shape) == (1, total) and "attention_mask" not in packed
     assert packed["cu_seq_lens_q"].tolist() == [0, 12, 24, 38, 50, 53] and packed["max_length_q"] == 14
     assert all(packed["labels"][0, s].item() == -100 for s in packed["cu_seq_lens_q"].tolist()[:-1])
-    loss_pack, grads_pack = _loss_and_grads(model, packed)
+    loss_pack, grads_pack = loss_and_grads(model, packed)
     assert abs(loss_pack - loss_pad) <= 1e-5, (loss_pack, loss_pad)
     assert grads_pack.keys() == grads_pad.keys() and len(grads_pad) > 10
     worst = max((grads_pack[n] - g).abs().max().item() for n, g in grads_pad.items())
