@@ -52,6 +52,7 @@ def variants(r: dict) -> dict[str, dict]:
         "lean_no_liger": {"speed": "lean", "liger_kernel": False},
         "fast_upcast": {"speed": "fast", "kbit_upcast": True},  # fast with PEFT's fp32 unquantized weights
         "fast_eager": {"speed": "fast", "torch_compile": False},  # fast without compiling the decoder blocks
+        "fast_no_workers": {"speed": "fast", "dataloader_num_workers": 0},  # fast collating on the training process
         "lean_compile": {"speed": "lean", "torch_compile": True},  # lean with compiled (checkpointed) decoder blocks
         "upcast_off": {**seed, "kbit_upcast": False},  # the seed configuration with them in compute_dtype
         # one switch at a time, on the seed configuration: what each part of fast is worth

@@ -52,6 +52,7 @@ def variants(r: dict) -> dict[str, dict]:
     return {"seed": seed, "seed_again": seed, "fast": {"speed": "fast"},
             "fast_no_liger": {"speed": "fast", "liger_kernel": False},
             "fast_eager": {"speed": "fast", "torch_compile": False},
+            "fast_no_workers": {"speed": "fast", "dataloader_num_workers": 0},
             "fast_rounded": {"speed": "fast", "packed_multiple_of": 1024},
             "fast_rounded_256": {"speed": "fast", "packed_multiple_of": 256},
             "seed_zero0": {**seed, "deepspeed_config": "recipes/deepspeed/zero0.json"},

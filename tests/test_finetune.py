@@ -255,15 +255,29 @@ def test_torch_compile_auto_compiles_the_fast_mode_on_a_gpu_only(monkeypatch, tm
     from quantune.lib.trainer import LIGER_WITH_COMPILE, liger_kernel_config, with_kernels
 
     m = stub_liger(monkeypatch, tmp_path, {"glm"})
-    r, changes, note = with_kernels({"torch_compile": want, "liger_kernel": "auto", "speed": speed}, m, device,
-                                  "r.yaml", {"padding": "packed"}, "")
+    r, changes, note = with_kernels({"torch_compile": want, "liger_kernel": "auto", "speed": speed,
+                                   "dataloader_num_workers": "auto"}, m, device, "r.yaml", {"padding": "packed"}, "")
     assert r["torch_compile"] is compiled
+    workers = 2 if speed != "seed" and device == "cuda" else 0  # collation beside the step in fast and lean on a GPU
+    assert r["dataloader_num_workers"] == workers and changes.get("dataloader_num_workers") == (workers or None)
     assert changes.get("torch_compile") is (True if compiled and want == "auto" else None), changes
     assert changes["padding"] == "packed"  # the mode's own changes stay
     liger = r["liger_kernel"]
     assert liger_kernel_config(r) == (LIGER_WITH_COMPILE if compiled and liger else None)
     assert ("fused linear cross-entropy only" in note) is (compiled and liger), note
     assert changes.get("liger_flce_chunk_mem_const") == (8 if liger else None), changes
+
+
+@pytest.mark.parametrize("written,speed,device,workers", [
+    ("auto", "fast", "cuda", 2), ("auto", "lean", "cuda", 2), ("auto", "seed", "cuda", 0), ("auto", "fast", "cpu", 0),
+    (4, "seed", "cpu", 4), (0, "fast", "cuda", 0),  # a written count stands
+])
+def test_loader_workers_collate_beside_the_step_in_the_faster_modes_on_a_gpu(written, speed, device, workers):
+    """dataloader_num_workers: auto gives the fast and lean modes on a CUDA GPU worker processes for collation and
+    keeps the seed configuration and CPU runs on the training process; a written count is used as it stands."""
+    from quantune.lib.trainer import loader_workers
+
+    assert loader_workers({"dataloader_num_workers": written, "speed": speed}, device) == workers
 
 
 def test_liger_patches_glm_with_its_glm4_forward_on_the_instance(monkeypatch, tmp_path):
@@ -656,8 +670,7 @@ def test_fast_and_lean_modes_follow_the_seed_configuration_step_for_step(tiny_wo
     """speed: seed / fast / lean from one recipe (the tiny QLoRA, written as micro-batch 4 x accumulation 4 with
     gradient checkpointing, 6 optimizer steps of 16 rows, fp32 on CPU): fast runs each step's 16 rows packed in one
     micro-batch without checkpointing, lean packs them in micro-batches of twice the written rows (8 x 2) with
-    checkpointing. Same rows
-    per optimizer step, schedule, data order and loss (the Trainer's token-level mean over the step's rows), so
+    checkpointing, its batches collated by two data-loader workers. Same rows per optimizer step, schedule, data order and loss (the Trainer's token-level mean over the step's rows), so
     the losses agree before any weight moves (1e-5) and then drift only as the packed-vs-padded test explains:
     asserted within 5% of the loss drop at every step (the tolerance that test states and measures)."""
     runs = {}
@@ -666,6 +679,8 @@ def test_fast_and_lean_modes_follow_the_seed_configuration_step_for_step(tiny_wo
         r["tiny"].update(max_steps=6, logging_steps=1, save_steps=100, per_device_train_batch_size=4,
                          gradient_accumulation_steps=4, gradient_checkpointing=True)
         r.update(speed=mode, record_losses=True, max_eval_samples=16)
+        if mode == "lean":
+            r["dataloader_num_workers"] = 2  # collated by worker processes; the data order stays the trainer's
         p = tmp_path / mode / STEPS100.name
         p.parent.mkdir()
         p.write_text(yaml.safe_dump(r, allow_unicode=True))
@@ -681,6 +696,7 @@ def test_fast_and_lean_modes_follow_the_seed_configuration_step_for_step(tiny_wo
     assert lean["speed_changes"] == {"padding": "packed", "per_device_train_batch_size": 8,  # checkpointing was on
                                      "gradient_accumulation_steps": 2, "kbit_upcast": False}
     assert (seed["kbit_upcast"], fast["kbit_upcast"], lean["kbit_upcast"]) == (1, 0, 0)
+    assert (seed["dataloader_num_workers"], fast["dataloader_num_workers"], lean["dataloader_num_workers"]) == (0, 0, 2)
     # liger_kernel: auto would join fast and lean on a GPU; here the modes say why it stayed off
     assert fast["liger_kernel"] == lean["liger_kernel"] == seed["liger_kernel"] == 0 and "speed_note" not in seed
     assert "liger-kernel stays off: liger-kernel's Triton kernels need a CUDA GPU" in fast["speed_note"]

@@ -188,13 +188,15 @@ def test_fast_mode_follows_the_seed_configuration_epoch_by_epoch(tiny_world, res
     the same rows per step, schedule and data order, so the eval loss per epoch agrees up to summation order
     (asserted within 1e-3; measured: equal to the printed 7 digits at every epoch). fast with torch_compile
     (each decoder block compiled through accelerate and the DeepSpeed engine, inductor on the CPU) computes the
-    same losses as fast (within 1e-5) with every decoder block compiled."""
+    same losses as fast (within 1e-5) with every decoder block compiled, its batches collated by two data-loader
+    worker processes (the data order stays the training process's)."""
     runs = {}
     for mode in ("seed", "fast", "compiled"):
         recipe = recipe_copy(tmp_path / mode, tiny={"num_train_epochs": 2, "max_rows": 120, "max_seq_len": 64,
                                                     "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
                                                     "gradient_checkpointing": True, "logging_steps": 1},
-                             top={"speed": "fast", "torch_compile": True} if mode == "compiled" else {"speed": mode})
+                             top={"speed": "fast", "torch_compile": True, "dataloader_num_workers": 2} if mode == "compiled"
+                             else {"speed": mode})
         r = subprocess.run(sft_cmd(recipe, tmp_path / mode / "out", results_root), cwd=ROOT, env=sft_env(),
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -224,6 +226,8 @@ def test_fast_mode_follows_the_seed_configuration_epoch_by_epoch(tiny_world, res
     layers = json.loads((tiny_world / "models" / "qwen3" / "config.json").read_text())["num_hidden_layers"]
     assert (fast["torch_compile"], fast["torch_compile_regions"]) == (0, 0)
     assert compiled["torch_compile"] == 1 and compiled["torch_compile_regions"] >= layers, compiled
+    assert (fast["dataloader_num_workers"], compiled["dataloader_num_workers"]) == (0, 2)
+    assert compiled["train_tokens"] == fast["train_tokens"]
     for e in range(3):
         assert abs(compiled[f"eval_loss_epoch{e}"] - fast[f"eval_loss_epoch{e}"]) <= 1e-5, (compiled, fast)
 

@@ -175,7 +175,7 @@ def prepare(recipe_path: str, cfg: dict, run_recipe: dict | None = None) -> Job:
 
 # keys that change nothing a checkpoint holds: a checkpoint written under other values of them is resumed
 RESUME_IGNORES = ("logging_steps", "save_steps", "save_total_limit", "description", "max_eval_samples",
-                  "per_device_eval_batch_size")
+                  "per_device_eval_batch_size", "dataloader_num_workers")
 # an adapter checkpoint is complete when its trainer state, optimizer and adapter weights were all written
 ADAPTER_CHECKPOINT = ("trainer_state.json", "optimizer.pt", "adapter_model.*")
 
@@ -201,7 +201,8 @@ def training_arguments(job: Job, ckpt_root: Path, steps: int, warmup: int, cdt):
         lr_scheduler_type=r["lr_scheduler_type"], warmup_steps=warmup, weight_decay=float(r["weight_decay"]),
         optim=r["optim"], logging_steps=r["logging_steps"], logging_first_step=True, save_strategy="steps",
         save_steps=r["save_steps"], save_total_limit=r["save_total_limit"], seed=r["seed"], data_seed=r["seed"],
-        report_to="none", remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
+        report_to="none", remove_unused_columns=False, dataloader_num_workers=r["dataloader_num_workers"],
+        dataloader_persistent_workers=r["dataloader_num_workers"] > 0, disable_tqdm=True,
         include_num_input_tokens_seen=True if r["padding"] == "packed" else tokens_counting(),  # packed: no pads
         use_cpu=job.device == "cpu", use_liger_kernel=bool(r["liger_kernel"]),
         liger_kernel_config=liger_kernel_config(r),
@@ -363,6 +364,7 @@ def run_metrics(job: Job, trainer, rec, tm: dict, ev: dict, ev0: dict) -> dict:
         **({"packed_attention": varlen.describe(job.device, compute_dtype(r, job.device))}
            if r["padding"] == "packed" else {}),
         "speed": r["speed"], "speed_changes": dict(job.speed_changes), "liger_kernel": int(r["liger_kernel"]),
+        "dataloader_num_workers": r["dataloader_num_workers"],
         "torch_compile": int(r["torch_compile"]), "torch_compile_regions": compiled_modules(trainer.model_wrapped),
         **({"kbit_upcast": int(r["kbit_upcast"])} if r["quantization"] == "nf4" else {}),
         **({"speed_note": job.speed_note} if job.speed_note else {}),

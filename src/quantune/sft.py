@@ -49,7 +49,7 @@ from .lib.trainer import (TokenCount, check_packing, compiled_modules, complete_
 
 # keys that change nothing a checkpoint holds: a checkpoint written under other values of them is resumed
 RESUME_IGNORES = ("logging_steps", "save_total_limit", "keep_checkpoints", "description", "early_stopping_patience",
-                  "early_stopping_threshold", "per_device_eval_batch_size")
+                  "early_stopping_threshold", "per_device_eval_batch_size", "dataloader_num_workers")
 
 # ================================================================ checks (before any process starts)
 
@@ -237,6 +237,8 @@ def training_args(recipe: dict, output_dir: str, use_cpu: bool, **overrides):
         report_to=[],
         disable_tqdm=True,
         dataloader_pin_memory=not use_cpu,
+        dataloader_num_workers=recipe["dataloader_num_workers"],
+        dataloader_persistent_workers=recipe["dataloader_num_workers"] > 0,
         remove_unused_columns=False,
     )
     kw.update(overrides)
@@ -285,6 +287,7 @@ def sft_metrics(recipe: dict, m: dict, zero: dict, world: int, device: str, lr: 
         **({"packed_attention": varlen.describe(device, torch.bfloat16 if recipe["bf16"] else torch.float32),
             "packed_multiple_of": recipe["packed_multiple_of"]} if recipe["padding"] == "packed" else {}),
         "liger_kernel": int(recipe["liger_kernel"]), "torch_compile": int(recipe["torch_compile"]),
+        "dataloader_num_workers": recipe["dataloader_num_workers"],
         **({"speed_note": recipe["speed_note"]} if recipe["speed_note"] else {}),
         "only_optimize_lora": lora, "lora_dim": recipe["lora_dim"] if lora else None, "learning_rate": lr,
         "per_device_train_batch_size": recipe["per_device_train_batch_size"],
