@@ -165,7 +165,11 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override (dotted keys)")
     p.add_argument("--profile", action="store_true", help="profile steps 3-4 of every run with torch.profiler "
                    "(OUT/profile_SETTING_VARIANT/profile.txt); the rates then include the profiler: a separate run")
+    p.add_argument("--without-seed", action="store_true",
+                   help="with --profile only: skip the seed run (its profile; the table of ratios needs it)")
     a = p.parse_args(argv)
+    if a.without_seed and not a.profile:
+        p.error("--without-seed: only with --profile (every ratio is against the seed run)")
     cfg = load_config(overrides={"scale": a.scale, **dict(kv.split("=", 1) for kv in a.set)})
     rows = []
     (ROOT / "results").mkdir(exist_ok=True)
@@ -176,6 +180,8 @@ def main(argv=None) -> int:
             build_shape_inputs(cfg, recipe)
             for v, over in variants(recipe).items():
                 if a.variants and v != "seed" and v not in a.variants and f"{s}:{v}" not in a.variants:
+                    continue
+                if v == "seed" and a.without_seed:
                     continue
                 print(f"qlora_speed: {name} {v} {over}", flush=True)
                 if a.profile:

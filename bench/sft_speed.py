@@ -55,6 +55,8 @@ def variants(r: dict) -> dict[str, dict]:
             "fast_no_workers": {"speed": "fast", "dataloader_num_workers": 0},
             "fast_rounded": {"speed": "fast", "packed_multiple_of": 1024},
             "fast_rounded_256": {"speed": "fast", "packed_multiple_of": 256},
+            "fast_cublaslt": {"speed": "fast", "blas_library": "cublaslt"},
+            "fast_rounded_256_cublaslt": {"speed": "fast", "packed_multiple_of": 256, "blas_library": "cublaslt"},
             "seed_zero0": {**seed, "deepspeed_config": "recipes/deepspeed/zero0.json"},
             "fast_zero0": {"speed": "fast", "deepspeed_config": "recipes/deepspeed/zero0.json"},
             "packed": {**seed, "padding": "packed"}, "no_gc": {**seed, "gradient_checkpointing": False},

@@ -280,6 +280,29 @@ def test_loader_workers_collate_beside_the_step_in_the_faster_modes_on_a_gpu(wri
     assert loader_workers({"dataloader_num_workers": written, "speed": speed}, device) == workers
 
 
+@pytest.mark.parametrize("want,device,called,used", [
+    ("auto", "cuda", None, "cublas"), ("cublaslt", "cuda", "cublaslt", "cublaslt"), ("cublaslt", "cpu", None, None)])
+def test_blas_library_sets_torch_s_matmul_library_on_a_gpu_only(monkeypatch, want, device, called, used):
+    """blas_library: a named library becomes torch's preferred one for the process's CUDA matmuls and metrics get the
+    one in force; auto leaves torch's choice; a CPU run touches nothing (a stand-in for torch's setter: this torch
+    has no cuBLASLt)."""
+    import torch
+
+    from quantune.lib.trainer import use_blas_library
+
+    calls, now = [], {"lib": "Cublas"}
+
+    def preferred(backend=None):
+        if backend is not None:
+            calls.append(backend)
+            now["lib"] = {"cublas": "Cublas", "cublaslt": "Cublaslt"}[backend]
+        return getattr(torch._C._BlasBackend, now["lib"])
+
+    monkeypatch.setattr(torch.backends.cuda, "preferred_blas_library", preferred)
+    assert use_blas_library(want, device) == used
+    assert calls == ([called] if called else [])
+
+
 def test_liger_patches_glm_with_its_glm4_forward_on_the_instance(monkeypatch, tmp_path):
     """liger 0.8.5 lists no `glm` type: liger_patches adds the project's entry beside liger's own, which puts
     liger's GLM-4 fused-loss forward on the model instance the Trainer hands it (other instances and the class keep

@@ -45,11 +45,12 @@ from .lib.measure import matmul_tflops, train_flops_per_token
 from .lib.trainer import (TokenCount, check_packing, compiled_modules, complete_checkpoints, counting_trainer,
                           drop_incomplete_checkpoints, fingerprint, fit_micro_batch, fits_step, fitted_step,
                           keep_checkpoints_of, liger_kernel_config, packing_refusal, profiler, speed_changes,
-                          step_shape, step_timer, total_optimizer_steps, with_kernels)
+                          step_shape, step_timer, total_optimizer_steps, use_blas_library, with_kernels)
 
 # keys that change nothing a checkpoint holds: a checkpoint written under other values of them is resumed
 RESUME_IGNORES = ("logging_steps", "save_total_limit", "keep_checkpoints", "description", "early_stopping_patience",
-                  "early_stopping_threshold", "per_device_eval_batch_size", "dataloader_num_workers")
+                  "early_stopping_threshold", "per_device_eval_batch_size", "dataloader_num_workers",
+                  "blas_library")
 
 # ================================================================ checks (before any process starts)
 
@@ -365,6 +366,7 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
     recipe = check_inputs(recipe_path, cfg)
     m = resolve_model(cfg, recipe["model"], must_exist=True)
     recipe = kernel_settings(recipe, m, "cuda" if num_gpus else "cpu", str(recipe_path))
+    blas = use_blas_library(recipe["blas_library"], "cuda" if num_gpus else "cpu")
     outp = Path(out)
     ckpt_dir = checkpoint_dir(outp)
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -430,7 +432,8 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
                **outcome_metrics(state, evals, result.training_loss, train_s, start_step, tokens_before, peak,
                                  final, saved_loss),
                **speed_metrics(count, timer, flops_token, device),
-               "torch_compile_regions": regions, **({"fast_memory_plan": fast_plan} if fast_plan else {})}
+               "torch_compile_regions": regions, **({"fast_memory_plan": fast_plan} if fast_plan else {}),
+               **({"blas_library": blas} if blas else {})}
     writer.final({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, state.global_step)
     writer.close()
     if not recipe["keep_checkpoints"]:

@@ -290,6 +290,20 @@ def compile_setting(r: dict, device: str) -> bool:
     return want is True or (want == "auto" and r["speed"] == "fast" and device == "cuda")
 
 
+def use_blas_library(want: str, device: str) -> str | None:
+    """Set this process's library for CUDA matmuls (torch.backends.cuda.preferred_blas_library) as the recipe's
+    `blas_library` asks (auto: torch's own choice, cuBLAS unless TORCH_BLAS_PREFER_CUBLASLT is set) and return the
+    one in force, None without CUDA. Packed rows give every matmul a new token count at every step, and a matmul of
+    a shape cuBLAS has not seen cost the host 63 us against cuBLASLt's 40 (bench/results/sft_mm_check.json, H100)."""
+    if device != "cuda":
+        return None
+    import torch
+
+    if want != "auto":
+        torch.backends.cuda.preferred_blas_library(want)
+    return torch.backends.cuda.preferred_blas_library().name.lower()
+
+
 LOADER_WORKERS = 2
 
 
