@@ -606,7 +606,8 @@ def test_chatglm3_jobs_get_their_pinned_env_at_full_scale_only(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("speed", ["seed", "fast"])
 def test_steps100_killed_after_a_checkpoint_resumes_from_it(tiny_world, results_root, tmp_path, speed):
-    """Killed after a checkpoint, rerun: it resumes there (fast mode too: packed batches, the same data order)."""
+    """Killed after a checkpoint, rerun: it resumes there (fast mode too: packed batches collated by two data-loader
+    workers, as auto gives the fast mode on a GPU, the same data order)."""
     from quantune.lib.common import checkpoint_dir
 
     # a private output directory: the shared results/qlora_chatglm_steps100 target is left alone
@@ -616,7 +617,8 @@ def test_steps100_killed_after_a_checkpoint_resumes_from_it(tiny_world, results_
     save_steps, max_steps = recipe["tiny"]["save_steps"], recipe["tiny"]["max_steps"]
     path = tmp_path / "recipes" / STEPS100.name
     path.parent.mkdir()
-    path.write_text(yaml.safe_dump({**recipe, "speed": speed}, allow_unicode=True))
+    workers = 2 if speed == "fast" else 0
+    path.write_text(yaml.safe_dump({**recipe, "speed": speed, "dataloader_num_workers": workers}, allow_unicode=True))
 
     first = run_step("--recipe", str(path), "--out", str(out), results_root=results_root,
                      start_new_session=True)
@@ -646,6 +648,7 @@ def test_steps100_killed_after_a_checkpoint_resumes_from_it(tiny_world, results_
     assert m["train_loss_last"] < m["train_loss_first"] - 0.3, (m["train_loss_first"], m["train_loss_last"])
     assert m["quantization"] == "nf4" and m["params_trainable"] > 0 and 0 < m["params_trainable_pct"] < 100
     assert m["speed"] == speed and m["padding"] == ("packed" if speed == "fast" else "longest")
+    assert m["dataloader_num_workers"] == workers
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "training_loss.png").is_file()
     assert not ckpts.exists(), "checkpoints are removed once the target is complete"
 

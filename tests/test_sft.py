@@ -610,7 +610,8 @@ def test_sft_target_builds_on_the_tiny_world(tiny_world, results_root):
 @pytest.mark.parametrize("speed", ["seed", "fast"])
 def test_zero3_run_resumes_after_a_kill(tiny_world, results_root, tmp_path, speed):
     """ZeRO-3 without gathering weights on save: the output is consolidated by DeepSpeed's zero_to_fp32. In both
-    speed modes (fast: packed rows, one micro-batch per step)."""
+    speed modes (fast: packed rows, one micro-batch per step, collated by two data-loader workers as auto gives the
+    fast mode on a GPU)."""
     from transformers import AutoModelForCausalLM
 
     from quantune.lib.common import checkpoint_dir
@@ -621,7 +622,8 @@ def test_zero3_run_resumes_after_a_kill(tiny_world, results_root, tmp_path, spee
     (tmp_path / "zero3_sharded.json").write_text(json.dumps(zero))
     recipe = recipe_copy(tmp_path, tiny={"deepspeed_config": str(tmp_path / "zero3_sharded.json"),
                                          "num_train_epochs": 3, "max_rows": 120, "max_seq_len": 64,
-                                         "gradient_checkpointing": False, "logging_steps": 1}, top={"speed": speed})
+                                         "gradient_checkpointing": False, "logging_steps": 1},
+                         top={"speed": speed, "dataloader_num_workers": 2 if speed == "fast" else 0})
     out = tmp_path / "out"
     log1 = open(tmp_path / "run1.log", "w")
     proc = subprocess.Popen(sft_cmd(recipe, out, results_root), cwd=ROOT, env=sft_env(), stdout=log1,
@@ -651,6 +653,7 @@ def test_zero3_run_resumes_after_a_kill(tiny_world, results_root, tmp_path, spee
     m = json.loads((out / "metrics.json").read_text())
     assert m["zero_stage"] == 3 and m["resumed_from_step"] >= step1 > 0, (m["resumed_from_step"], step1)
     assert m["speed"] == speed and m["padding"] == ("packed" if speed == "fast" else "max_length")
+    assert m["dataloader_num_workers"] == (2 if speed == "fast" else 0)
     from quantune.lib.tb import read_scalars
 
     assert "train/grad_norm" in read_scalars(out / "tb")  # DeepSpeed's ZeRO optimizer keeps the global norm
