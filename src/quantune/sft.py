@@ -83,8 +83,8 @@ def speed_settings(cfg: dict, recipe: dict, where: str) -> dict:
 
 
 def kernel_settings(recipe: dict, m: dict, device: str, where: str) -> dict:
-    """The recipe with torch_compile and liger_kernel decided for this device (lib.trainer.with_kernels): what auto
-    turned on joins `speed_changes`, why liger stayed off joins `speed_note`."""
+    """The recipe with torch_compile, liger_kernel and dataloader_num_workers decided for this device
+    (lib.trainer.with_kernels): what auto turned on joins `speed_changes`, why liger stayed off joins `speed_note`."""
     r, changes, note = with_kernels(recipe, m, device, where, recipe["speed_changes"], recipe["speed_note"])
     return {**r, "speed_changes": changes, "speed_note": note}
 
