@@ -58,6 +58,17 @@ def test_bad_recipe_key_is_one_clear_line(cfg, tmp_path, extra, message):
         load_recipe(p, cfg)
 
 
+@pytest.mark.parametrize("value", ["many", -1])
+def test_bad_worker_count_names_what_the_key_takes(cfg, tmp_path, value):
+    """An anyOf key (a constant or a bounded integer) says which values it takes, not the schema's own wording."""
+    text = (ROOT / "recipes" / "qwen3_deepspeed_sft.yaml").read_text(encoding="utf-8")
+    p = tmp_path / "qwen3_deepspeed_sft.yaml"
+    p.write_text(text.replace("\nspeed: ", f"\ndataloader_num_workers: {value}\nspeed: ", 1), encoding="utf-8")
+    with pytest.raises(QuantuneError, match=rf"qwen3_deepspeed_sft\.yaml: key dataloader_num_workers: value "
+                                            rf"'?{value}'? is not allowed; fix: give auto or an integer >= 0$"):
+        load_recipe(p, cfg)
+
+
 def test_unknown_key_inside_tiny_block_is_caught(cfg, tmp_path):
     p = _recipe(tmp_path, "eval_x", BASE + "  contxt: 64\n")
     with pytest.raises(QuantuneError, match=r"\(tiny block\): key contxt: unknown key"):

@@ -80,7 +80,18 @@ def _explain(err) -> tuple[str, str]:
         return f"unknown name {err.instance!r}", "use one of the names the schema lists"
     if v == "type":
         return f"value {err.instance!r} has the wrong type", f"give a {err.validator_value}"
+    if v == "anyOf" and all(map(_alternative, err.validator_value)):
+        return f"value {err.instance!r} is not allowed", f"give {' or '.join(map(_alternative, err.validator_value))}"
     return err.message, "see the schema in config/schemas/"
+
+
+def _alternative(s: dict) -> str:
+    """One branch of an anyOf as a fix names it (a constant, or a type and its lower bound), '' if it cannot."""
+    if "const" in s:
+        return str(s["const"])
+    if set(s) <= {"type", "minimum"} and isinstance(s.get("type"), str):
+        return f"an {s['type']}" + (f" >= {s['minimum']}" if "minimum" in s else "")
+    return ""
 
 
 def validate(obj: Any, schema_name: str, source: str) -> None:
