@@ -45,8 +45,8 @@ from .lib.plots import plot_losses
 from .lib.prompts import ANSWER_FIELD, SFTCollator, build_split, template_of
 from .lib.trainer import (TokenCount, check_packing, compiled_modules, complete_checkpoints, counting_trainer,
                           fingerprint, fit_micro_batch, fits_step, fitted_step, keep_checkpoints_of,
-                          liger_kernel_config, packing_refusal, profiler, run_record, speed_changes, step_shape,
-                          step_timer, tokens_counting, total_optimizer_steps, with_kernels)
+                          liger_kernel_config, loader_arguments, packing_refusal, profiler, run_record,
+                          speed_changes, step_shape, step_timer, tokens_counting, total_optimizer_steps, with_kernels)
 
 
 def _fmt_of(cfg: dict, recipe: dict) -> str:
@@ -201,8 +201,7 @@ def training_arguments(job: Job, ckpt_root: Path, steps: int, warmup: int, cdt):
         lr_scheduler_type=r["lr_scheduler_type"], warmup_steps=warmup, weight_decay=float(r["weight_decay"]),
         optim=r["optim"], logging_steps=r["logging_steps"], logging_first_step=True, save_strategy="steps",
         save_steps=r["save_steps"], save_total_limit=r["save_total_limit"], seed=r["seed"], data_seed=r["seed"],
-        report_to="none", remove_unused_columns=False, dataloader_num_workers=r["dataloader_num_workers"],
-        dataloader_persistent_workers=r["dataloader_num_workers"] > 0, disable_tqdm=True,
+        report_to="none", remove_unused_columns=False, **loader_arguments(r), disable_tqdm=True,
         include_num_input_tokens_seen=True if r["padding"] == "packed" else tokens_counting(),  # packed: no pads
         use_cpu=job.device == "cpu", use_liger_kernel=bool(r["liger_kernel"]),
         liger_kernel_config=liger_kernel_config(r),
@@ -364,7 +363,7 @@ def run_metrics(job: Job, trainer, rec, tm: dict, ev: dict, ev0: dict) -> dict:
         **({"packed_attention": varlen.describe(job.device, compute_dtype(r, job.device))}
            if r["padding"] == "packed" else {}),
         "speed": r["speed"], "speed_changes": dict(job.speed_changes), "liger_kernel": int(r["liger_kernel"]),
-        "dataloader_num_workers": r["dataloader_num_workers"],
+        "dataloader_num_workers": trainer.args.dataloader_num_workers,  # as the Trainer ran
         "torch_compile": int(r["torch_compile"]), "torch_compile_regions": compiled_modules(trainer.model_wrapped),
         **({"kbit_upcast": int(r["kbit_upcast"])} if r["quantization"] == "nf4" else {}),
         **({"speed_note": job.speed_note} if job.speed_note else {}),

@@ -44,8 +44,8 @@ from .lib.sft_data import collator, dataset_loss, dedupe_pairs, prepare_data
 from .lib.measure import matmul_tflops, train_flops_per_token
 from .lib.trainer import (TokenCount, check_packing, compiled_modules, complete_checkpoints, counting_trainer,
                           drop_incomplete_checkpoints, fingerprint, fit_micro_batch, fits_step, fitted_step,
-                          keep_checkpoints_of, liger_kernel_config, packing_refusal, profiler, speed_changes,
-                          step_shape, step_timer, total_optimizer_steps, use_blas_library, with_kernels)
+                          keep_checkpoints_of, liger_kernel_config, loader_arguments, packing_refusal, profiler,
+                          speed_changes, step_shape, step_timer, total_optimizer_steps, use_blas_library, with_kernels)
 
 # keys that change nothing a checkpoint holds: a checkpoint written under other values of them is resumed
 RESUME_IGNORES = ("logging_steps", "save_total_limit", "keep_checkpoints", "description", "early_stopping_patience",
@@ -238,8 +238,7 @@ def training_args(recipe: dict, output_dir: str, use_cpu: bool, **overrides):
         report_to=[],
         disable_tqdm=True,
         dataloader_pin_memory=not use_cpu,
-        dataloader_num_workers=recipe["dataloader_num_workers"],
-        dataloader_persistent_workers=recipe["dataloader_num_workers"] > 0,
+        **loader_arguments(recipe),
         remove_unused_columns=False,
     )
     kw.update(overrides)
@@ -288,7 +287,6 @@ def sft_metrics(recipe: dict, m: dict, zero: dict, world: int, device: str, lr: 
         **({"packed_attention": varlen.describe(device, torch.bfloat16 if recipe["bf16"] else torch.float32),
             "packed_multiple_of": recipe["packed_multiple_of"]} if recipe["padding"] == "packed" else {}),
         "liger_kernel": int(recipe["liger_kernel"]), "torch_compile": int(recipe["torch_compile"]),
-        "dataloader_num_workers": recipe["dataloader_num_workers"],
         **({"speed_note": recipe["speed_note"]} if recipe["speed_note"] else {}),
         "only_optimize_lora": lora, "lora_dim": recipe["lora_dim"] if lora else None, "learning_rate": lr,
         "per_device_train_batch_size": recipe["per_device_train_batch_size"],
@@ -432,7 +430,8 @@ def train(recipe_path: str, out: str, cfg: dict, num_gpus: int) -> dict | None:
                **outcome_metrics(state, evals, result.training_loss, train_s, start_step, tokens_before, peak,
                                  final, saved_loss),
                **speed_metrics(count, timer, flops_token, device),
-               "torch_compile_regions": regions, **({"fast_memory_plan": fast_plan} if fast_plan else {}),
+               "torch_compile_regions": regions, "dataloader_num_workers": args.dataloader_num_workers,  # as it ran
+               **({"fast_memory_plan": fast_plan} if fast_plan else {}),
                **({"blas_library": blas} if blas else {})}
     writer.final({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, state.global_step)
     writer.close()

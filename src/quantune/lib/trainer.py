@@ -319,6 +319,13 @@ def loader_workers(r: dict, device: str) -> int:
     return LOADER_WORKERS if r["speed"] != "seed" and device == "cuda" else 0
 
 
+def loader_arguments(r: dict) -> dict:
+    """The Trainer's data-loader arguments for a recipe whose workers with_kernels decided: its worker processes,
+    kept from epoch to epoch when there are any."""
+    return {"dataloader_num_workers": r["dataloader_num_workers"],
+            "dataloader_persistent_workers": r["dataloader_num_workers"] > 0}
+
+
 def with_kernels(r: dict, m: dict, device: str, where: str, changes: dict, note: str) -> tuple[dict, dict, str]:
     """The recipe with torch_compile (compile_setting), liger_kernel (liger_setting) and dataloader_num_workers
     (loader_workers) decided for this device, its mode's changes with what auto turned on, and its note with why
