@@ -467,6 +467,56 @@ def test_fast_mode_fits_its_step_to_the_gpu_it_runs_on(monkeypatch, case):
     jsonschema.validate(plan, yaml.safe_load((schemas / "common.schema.yaml").read_text())["$defs"]["fast_memory_plan"])
 
 
+@pytest.mark.parametrize("liger", [True, False])
+def test_fast_mode_trials_measure_the_loss_the_run_computes(monkeypatch, liger):
+    """Where liger-kernel runs, the fast mode's memory trials run with its kernels patched in as the Trainer will
+    (liger_kernel_config: the fused loss only beside compiled blocks) and its fused loss at the run's chunk size, so
+    that a micro-batch's whole logits, which the run never holds, do not count; without it, the model as loaded."""
+    import contextlib
+
+    import datasets
+    import torch
+
+    from quantune import lora_sft
+    from quantune.lib import trainer
+
+    class Model:
+        patched = None
+
+        def parameters(self):
+            return [torch.zeros(10, requires_grad=True)]
+
+    state = {"chunks": False}
+
+    @contextlib.contextmanager
+    def chunks(on):
+        state["chunks"] = on
+        yield
+        state["chunks"] = False
+
+    seen = []
+
+    def trial(model, batch, dtype):
+        seen.append((model.patched, state["chunks"]))
+        return 2**20 * batch["input_ids"].numel()
+
+    monkeypatch.setattr(trainer, "patch_liger", lambda m, r: setattr(m, "patched", trainer.liger_kernel_config(r)))
+    monkeypatch.setattr(trainer, "liger_flce_chunks", chunks)
+    monkeypatch.setattr(trainer, "activation_bytes", trial)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (80 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 0)
+    fast = {"padding": "packed", "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
+            "gradient_checkpointing": False, "liger_kernel": liger, "torch_compile": True}
+    job = lora_sft.Job(r={"name": "t", **fast}, m={}, where="r.yaml", fmt="advertisegen", template=None,
+                       seq2seq=False, device="cuda", train_rows=[], eval_rows=[], speed_changes={}, written={})
+    ds = datasets.Dataset.from_list([{"input_ids": [1] * n} for n in range(10, 26)])
+    lora_sft.fit_fast_step(job, Model(), ds, lambda rows: {"input_ids": torch.ones(1, sum(len(x["input_ids"])
+                                                                                          for x in rows))},
+                           torch.bfloat16, steps=2)
+    assert seen == [(trainer.LIGER_WITH_COMPILE, True)] * 2 if liger else [(None, False)] * 2, seen
+
+
 def test_fast_mode_trials_run_the_real_model_and_leave_no_trace(monkeypatch):
     """fit_fast_step's two trial passes through a real LoRA model (the tiny GLM's architecture, packed rows through
     the run's collator, LoRA dropout drawing random numbers) with only the CUDA allocator's counters stood in (a

@@ -181,8 +181,8 @@ def fit_fast_step(recipe: dict, model, train_ds, coll, device) -> tuple[dict, di
     """The fast mode's step fitted to this GPU (lib.trainer.fit_micro_batch, DS_STATE_BYTES a trainable parameter
     set apart): its one micro-batch where it fits, else the fewest micro-batches that fit, the same rows per
     optimizer step, else the recipe's own micro-batch with checkpointing on. For the trials the model is moved and
-    cast as DeepSpeed's engine would (to the rank's GPU, bf16 where the recipe trains in it). Eager trials without
-    liger-kernel's fused cross-entropy, which a run with it does not materialise: a run needs less. Returns the
+    cast as DeepSpeed's engine would (to the rank's GPU, bf16 where the recipe trains in it), with liger-kernel's
+    kernels patched in where the run has them; eager trials: a compiled run needs less. Returns the
     recipe as it will run (speed_changes updated) and metrics' fast_memory_plan."""
     import torch
 
@@ -194,7 +194,7 @@ def fit_fast_step(recipe: dict, model, train_ds, coll, device) -> tuple[dict, di
     steps = total_optimizer_steps(recipe, len(train_ds))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     split, plan = fit_micro_batch(model, train_ds, coll, dtype, rows, recipe["padding"] == "packed", steps,
-                                  DS_STATE_BYTES * trainable)
+                                  DS_STATE_BYTES * trainable, liger=recipe if recipe.get("liger_kernel") else None)
     changes = dict(recipe["speed_changes"])
     fitted = fitted_step(recipe, recipe["speed_written"], changes, split)
     plan["chosen"] = step_shape(fitted)
