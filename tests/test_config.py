@@ -130,3 +130,41 @@ def test_shape_scale_runs_the_full_recipe_with_only_steps_and_rows_capped(cfg, t
     assert load_recipe(_recipe(tmp_path, "f", small), shape)["gen_tokens"] == 5
     with pytest.raises(QuantuneError, match=r"e\.yaml: key shape\.context: scale shape runs the full recipe"):
         load_recipe(_recipe(tmp_path, "e", BASE + "shape:\n  context: 128\n"), shape)
+
+
+def test_a_key_two_stages_share_is_written_once_and_read_whole(tmp_path, monkeypatch):
+    """A recipe schema's property that points into another stage's schema (`$ref: lora_sft.schema.yaml#/...`) is
+    that stage's definition, keywords beside the `$ref` winning and the `$defs` it uses brought along: the validator,
+    the defaults and the web form read it whole; a `$ref` to nothing is one line naming the schema and key."""
+    from quantune.lib import config
+
+    sweep, sft = (config._schema(f"recipes/{n}.schema.yaml")["properties"] for n in ("lora_sweep", "lora_sft"))
+    assert sweep["liger_kernel"] == sft["liger_kernel"] and "enum" in sweep["liger_kernel"]
+    assert config._schema("recipes/sft.schema.yaml")["properties"]["torch_compile"] == sft["torch_compile"]
+    assert sweep["eval_prompts_split"]["default"] == "test" and sweep["eval_prompts_split"]["pattern"]
+    with pytest.raises(QuantuneError, match="key liger_kernel.*value 'yes' is not allowed"):
+        config.validate({"liger_kernel": "yes"}, "recipes/lora_sweep.schema.yaml", "r.yaml")
+
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "a.schema.yaml").write_text(
+        "$defs: {split: {type: string, pattern: '^train'}}\n"
+        "properties: {s: {$ref: '#/$defs/split', default: train}}\n")
+    (tmp_path / "recipes" / "b.schema.yaml").write_text(
+        "additionalProperties: false\n"
+        "properties: {s: {$ref: 'a.schema.yaml#/properties/s', description: mine}, t: {type: integer}}\n")
+    (tmp_path / "recipes" / "c.schema.yaml").write_text("properties: {s: {$ref: 'a.schema.yaml#/properties/x'}}\n")
+    monkeypatch.setattr(config, "SCHEMA_DIR", tmp_path)
+    config._schema.cache_clear()
+    try:
+        b = config._schema("recipes/b.schema.yaml")
+        assert b["properties"]["s"] == {"$ref": "#/$defs/split", "default": "train", "description": "mine"}
+        assert b["$defs"] == {"split": {"type": "string", "pattern": "^train"}}
+        assert config.fill_defaults({"t": 1}, b) == {"t": 1, "s": "train"}
+        with pytest.raises(QuantuneError, match="key s.*does not match"):
+            config.validate({"s": "test"}, "recipes/b.schema.yaml", "r.yaml")
+        with pytest.raises(QuantuneError) as e:
+            config._schema("recipes/c.schema.yaml")
+        assert str(e.value).count("\n") == 0 and "c.schema.yaml: key s" in str(e.value)
+        assert "points at nothing" in str(e.value)
+    finally:
+        config._schema.cache_clear()

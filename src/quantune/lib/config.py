@@ -41,9 +41,42 @@ def load_yaml(path: str | os.PathLike) -> Any:
         raise fail(where, f"invalid YAML ({getattr(e, 'problem', e)})", "fix the YAML syntax") from None
 
 
+def _local_defs(node) -> list[str]:
+    """The names of the `#/$defs/...` a schema fragment refers to, at any depth."""
+    if isinstance(node, list):
+        return [n for x in node for n in _local_defs(x)]
+    if not isinstance(node, dict):
+        return []
+    ref = node.get("$ref", "")
+    return ([ref.rsplit("/", 1)[1]] if isinstance(ref, str) and ref.startswith("#/$defs/") else []) + \
+        [n for k, v in node.items() if k != "$ref" for n in _local_defs(v)]
+
+
 @lru_cache(maxsize=None)
 def _schema(name: str) -> dict:
-    return load_yaml(SCHEMA_DIR / name)
+    """A schema file (relative to SCHEMA_DIR) made self-contained: a property whose `$ref` points into another file
+    (`lora_sft.schema.yaml#/properties/liger_kernel`: a key two stages share, written once) becomes what it points at,
+    its own keywords beside the `$ref` winning, and the `$defs` that needs come along; the validator, the defaults
+    and the web form then read one schema."""
+    schema = load_yaml(SCHEMA_DIR / name)
+    for key, prop in (schema.get("properties") or {}).items():
+        ref = prop.get("$ref", "") if isinstance(prop, dict) else ""
+        if not ref or ref.startswith("#"):
+            continue
+        where = f"{SCHEMA_DIR / name}: key {key}"
+        other_name, _, pointer = ref.partition("#")
+        other = _schema(str(Path(name).parent / other_name))
+        target: Any = other
+        for part in filter(None, pointer.split("/")):
+            if not isinstance(target, dict) or part not in target:
+                raise fail(where, f"$ref {ref!r} points at nothing", f"name a key of {other_name}")
+            target = target[part]
+        for local in _local_defs(target):  # what it takes from its own file's $defs comes along
+            mine = schema.setdefault("$defs", {})
+            if mine.setdefault(local, other["$defs"][local]) != other["$defs"][local]:
+                raise fail(where, f"$defs {local!r} differs from {other_name}'s", "remove one of them")
+        schema["properties"][key] = {**copy.deepcopy(target), **{k: v for k, v in prop.items() if k != "$ref"}}
+    return schema
 
 
 def shape_caps() -> list[str]:
