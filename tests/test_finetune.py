@@ -252,10 +252,10 @@ def test_torch_compile_auto_compiles_the_fast_mode_on_a_gpu_only(monkeypatch, tm
     """torch_compile: auto compiles the decoder blocks in the fast mode on a CUDA GPU and nowhere else, records what
     it turned on in the mode's changes, and then keeps liger-kernel to its fused linear cross-entropy (a stand-in
     liger package that patches 'glm')."""
-    from quantune.lib.trainer import LIGER_WITH_COMPILE, liger_kernel_config, with_kernels
+    from quantune.lib.trainer import LIGER_WITH_COMPILE, liger_kernel_config, with_auto_switches
 
     m = stub_liger(monkeypatch, tmp_path, {"glm"})
-    r, changes, note = with_kernels({"torch_compile": want, "liger_kernel": "auto", "speed": speed,
+    r, changes, note = with_auto_switches({"torch_compile": want, "liger_kernel": "auto", "speed": speed,
                                    "dataloader_num_workers": "auto"}, m, device, "r.yaml", {"padding": "packed"}, "")
     assert r["torch_compile"] is compiled
     workers = 2 if speed != "seed" and device == "cuda" else 0  # collation beside the step in fast and lean on a GPU

@@ -46,7 +46,8 @@ from .lib.prompts import ANSWER_FIELD, SFTCollator, build_split, template_of
 from .lib.trainer import (TokenCount, check_packing, compiled_modules, complete_checkpoints, counting_trainer,
                           fingerprint, fit_micro_batch, fits_step, fitted_step, keep_checkpoints_of,
                           liger_kernel_config, loader_arguments, packing_refusal, profiler, run_record,
-                          speed_changes, step_shape, step_timer, tokens_counting, total_optimizer_steps, with_kernels)
+                          speed_changes, step_shape, step_timer, tokens_counting, total_optimizer_steps,
+                          with_auto_switches)
 
 
 def _fmt_of(cfg: dict, recipe: dict) -> str:
@@ -163,7 +164,7 @@ def prepare(recipe_path: str, cfg: dict, run_recipe: dict | None = None) -> Job:
             raise fail(f"{where}: key quantization", "nf4 needs bitsandbytes, which is not installed",
                        "pip install bitsandbytes (envs/finetune.yaml pins it) or set quantization: none") from None
     check_target_modules(m, r, where)
-    r, changes, note = with_kernels(r, m, device, where, changes, note)
+    r, changes, note = with_auto_switches(r, m, device, where, changes, note)
     train_rows = load_split(ds, r["train_split"], r.get("max_train_samples"))
     eval_rows = load_split(ds, r["eval_split"], r.get("max_eval_samples"))
     if not train_rows:

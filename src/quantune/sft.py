@@ -45,7 +45,8 @@ from .lib.measure import matmul_tflops, train_flops_per_token
 from .lib.trainer import (TokenCount, check_packing, compiled_modules, complete_checkpoints, counting_trainer,
                           drop_incomplete_checkpoints, fingerprint, fit_micro_batch, fits_step, fitted_step,
                           keep_checkpoints_of, liger_kernel_config, loader_arguments, packing_refusal, profiler,
-                          speed_changes, step_shape, step_timer, total_optimizer_steps, use_blas_library, with_kernels)
+                          speed_changes, step_shape, step_timer, total_optimizer_steps, use_blas_library,
+                          with_auto_switches)
 
 # keys that change nothing a checkpoint holds: a checkpoint written under other values of them is resumed
 RESUME_IGNORES = ("logging_steps", "save_total_limit", "keep_checkpoints", "description", "early_stopping_patience",
@@ -84,8 +85,9 @@ def speed_settings(cfg: dict, recipe: dict, where: str) -> dict:
 
 def kernel_settings(recipe: dict, m: dict, device: str, where: str) -> dict:
     """The recipe with torch_compile, liger_kernel and dataloader_num_workers decided for this device
-    (lib.trainer.with_kernels): what auto turned on joins `speed_changes`, why liger stayed off joins `speed_note`."""
-    r, changes, note = with_kernels(recipe, m, device, where, recipe["speed_changes"], recipe["speed_note"])
+    (lib.trainer.with_auto_switches): what auto turned on joins `speed_changes`, why liger stayed off joins
+    `speed_note`."""
+    r, changes, note = with_auto_switches(recipe, m, device, where, recipe["speed_changes"], recipe["speed_note"])
     return {**r, "speed_changes": changes, "speed_note": note}
 
 

@@ -192,7 +192,7 @@ def speed_changes(r: dict, refusal) -> tuple[dict, str]:
     the recipe) says why not, and for fast the step's rows in one micro-batch with gradient checkpointing off, for
     lean checkpointing on and, where the rows are packed and the written accumulation is even, twice the written
     micro-batch at half the accumulation. The packed rows compute no padding, lean drops the NF4 model's fp32
-    upcast (lora_sft.speed_settings) and, with liger_kernel (with_kernels), the loss never holds the logits: on
+    upcast (lora_sft.speed_settings) and, with liger_kernel (with_auto_switches), the loss never holds the logits: on
     ChatGLM3-6B's shape lean's 32 x 2 peaked at 6.47 GiB against the seed configuration's 9.44 at 1.82x its real
     tokens/s (linear), 48 x 2 at 7.81 against 11.53 at 1.69x (cosine); without liger 9.17 and 11.83 GiB (one H100,
     bench/results/qlora_speed.md)."""
@@ -320,13 +320,13 @@ def loader_workers(r: dict, device: str) -> int:
 
 
 def loader_arguments(r: dict) -> dict:
-    """The Trainer's data-loader arguments for a recipe whose workers with_kernels decided: its worker processes,
+    """The Trainer's data-loader arguments for a recipe whose workers with_auto_switches decided: its worker processes,
     kept from epoch to epoch when there are any."""
     return {"dataloader_num_workers": r["dataloader_num_workers"],
             "dataloader_persistent_workers": r["dataloader_num_workers"] > 0}
 
 
-def with_kernels(r: dict, m: dict, device: str, where: str, changes: dict, note: str) -> tuple[dict, dict, str]:
+def with_auto_switches(r: dict, m: dict, device: str, where: str, changes: dict, note: str) -> tuple[dict, dict, str]:
     """The recipe with torch_compile (compile_setting), liger_kernel (liger_setting) and dataloader_num_workers
     (loader_workers) decided for this device, its mode's changes with what auto turned on, and its note with why
     liger stayed off."""
