@@ -294,7 +294,8 @@ def use_blas_library(want: str, device: str) -> str | None:
     """Set this process's library for CUDA matmuls (torch.backends.cuda.preferred_blas_library) as the recipe's
     `blas_library` asks (auto: torch's own choice, cuBLAS unless TORCH_BLAS_PREFER_CUBLASLT is set) and return the
     one in force, None without CUDA. Packed rows give every matmul a new token count at every step, and a matmul of
-    a shape cuBLAS has not seen cost the host 63 us against cuBLASLt's 40 (bench/results/sft_mm_check.json, H100)."""
+    a shape cuBLAS has not seen cost the host 63 us against cuBLASLt's 40 (bench/results/sft_mm_check.json, H100);
+    through the sft stage's fast mode cuBLASLt measured 0.99x cuBLAS (sft_speed_blas.md), so auto keeps torch's."""
     if device != "cuda":
         return None
     import torch
