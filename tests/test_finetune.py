@@ -256,7 +256,8 @@ def test_torch_compile_auto_compiles_the_fast_mode_on_a_gpu_only(monkeypatch, tm
 
     m = stub_liger(monkeypatch, tmp_path, {"glm"})
     r, changes, note = with_auto_switches({"torch_compile": want, "liger_kernel": "auto", "speed": speed,
-                                   "dataloader_num_workers": "auto"}, m, device, "r.yaml", {"padding": "packed"}, "")
+                                           "dataloader_num_workers": "auto"}, m, device, "r.yaml", {"padding": "packed"},
+                                          "")
     assert r["torch_compile"] is compiled
     workers = 2 if speed != "seed" and device == "cuda" else 0  # collation beside the step in fast and lean on a GPU
     assert r["dataloader_num_workers"] == workers and changes.get("dataloader_num_workers") == (workers or None)
@@ -514,7 +515,7 @@ def test_fast_mode_trials_measure_the_loss_the_run_computes(monkeypatch, liger):
     lora_sft.fit_fast_step(job, Model(), ds, lambda rows: {"input_ids": torch.ones(1, sum(len(x["input_ids"])
                                                                                           for x in rows))},
                            torch.bfloat16, steps=2)
-    assert seen == [(trainer.LIGER_WITH_COMPILE, True)] * 2 if liger else [(None, False)] * 2, seen
+    assert seen == ([(trainer.LIGER_WITH_COMPILE, True)] * 2 if liger else [(None, False)] * 2), seen
 
 
 def test_fast_mode_trials_run_the_real_model_and_leave_no_trace(monkeypatch):
