@@ -221,12 +221,13 @@ def fit_fast_step(job: Job, model, train_ds, collator, cdt, steps: int) -> dict:
     trials say its largest micro-batch fits this GPU (lib.trainer.fit_micro_batch; AdamW's fp32 moments and the
     gradients of the trainable weights set apart); else the fewest micro-batches that fit, the same rows per
     optimizer step; else the recipe's own micro-batch with checkpointing on (the lean mode's shape). Eager trials (a
-    compiled run needs less), with liger-kernel's loss where the run has it. Updates job.r and job.speed_changes; returns metrics' fast_memory_plan."""
+    compiled run needs less), with liger-kernel's loss where the run has it. Updates job.r and job.speed_changes;
+    returns metrics' fast_memory_plan."""
     r = job.r
     rows = r["per_device_train_batch_size"] * r["gradient_accumulation_steps"]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     split, plan = fit_micro_batch(model, train_ds, collator, cdt, rows, r["padding"] == "packed", steps,
-                                  12 * trainable, liger=r if r.get("liger_kernel") else None)
+                                  12 * trainable, recipe=r)
     job.r = fitted_step(r, job.written, job.speed_changes, split)
     if job.r["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -196,7 +196,7 @@ def fit_fast_step(recipe: dict, model, train_ds, coll, device) -> tuple[dict, di
     steps = total_optimizer_steps(recipe, len(train_ds))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     split, plan = fit_micro_batch(model, train_ds, coll, dtype, rows, recipe["padding"] == "packed", steps,
-                                  DS_STATE_BYTES * trainable, liger=recipe if recipe.get("liger_kernel") else None)
+                                  DS_STATE_BYTES * trainable, recipe=recipe)
     changes = dict(recipe["speed_changes"])
     fitted = fitted_step(recipe, recipe["speed_written"], changes, split)
     plan["chosen"] = step_shape(fitted)

@@ -461,26 +461,27 @@ def fits_step(r: dict) -> bool:
 
 
 def fit_micro_batch(model, train_ds, collator, dtype, rows: int, packed: bool, steps: int,
-                    state_bytes: float, liger: dict | None = None) -> tuple[tuple[int, int] | None, dict]:
+                    state_bytes: float, recipe: dict | None = None) -> tuple[tuple[int, int] | None, dict]:
     """The fast mode's step on this GPU: (micro-batch, accumulation) for an optimizer step's `rows` rows from two
     measured trials (activation_bytes of the run's longest row and of its TRIAL_ROWS longest: a fixed part and bytes
     per input position) and the memory this GPU has for activations (free to the driver plus what this process's
     allocator holds unused, less `state_bytes`, what training adds beside them (the optimizer's states, fp32
     copies), and 5% for fragmentation), planned by plan_fast_step; None where not even one row a micro-batch fits
     or the trial itself did not. Ranks of a distributed run plan from the largest trials and the least memory
-    among them, so they agree. `liger`: the recipe, where liger-kernel runs: the trials run with its kernels patched
-    in as the Trainer will (patch_liger), so that the loss's memory is that of the run, not that of a micro-batch's
-    whole logits. Returns it with metrics' fast_memory_plan (less its `chosen`)."""
+    among them, so they agree. `recipe`: the run's; where its liger_kernel is on, the trials run with liger's
+    kernels patched in as the Trainer will (patch_liger), so that the loss's memory is that of the run, not that of
+    a micro-batch's whole logits. Returns it with metrics' fast_memory_plan (less its `chosen`)."""
     import pyarrow.compute as pc
     import torch
 
-    if liger is not None:
-        patch_liger(model, liger)
+    liger = bool((recipe or {}).get("liger_kernel"))
+    if liger:
+        patch_liger(model, recipe)
     lengths = pc.list_value_length(train_ds.with_format("arrow")["input_ids"]).to_pylist()  # no rows copied out
     longest = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)[:min(TRIAL_ROWS, rows)]
     fixed = per_position = None
     try:
-        with liger_flce_chunks(liger is not None):
+        with liger_flce_chunks(liger):
             trials = [(int(micro_batch_positions([lengths[i] for i in rows_], packed)),
                        activation_bytes(model, collator([train_ds[i] for i in rows_]), dtype))
                       for rows_ in (longest[:1], longest)]
