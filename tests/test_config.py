@@ -153,6 +153,10 @@ def test_a_key_two_stages_share_is_written_once_and_read_whole(tmp_path, monkeyp
         "additionalProperties: false\n"
         "properties: {s: {$ref: 'a.schema.yaml#/properties/s', description: mine}, t: {type: integer}}\n")
     (tmp_path / "recipes" / "c.schema.yaml").write_text("properties: {s: {$ref: 'a.schema.yaml#/properties/x'}}\n")
+    (tmp_path / "recipes" / "d.schema.yaml").write_text("properties: {s: {$ref: 'a.schema.yaml#/properties/s'}}\n"
+                                                        "$defs: {split: {type: integer}}\n")
+    (tmp_path / "recipes" / "e.schema.yaml").write_text("properties: {s: {$ref: '#/$defs/gone'}}\n")
+    (tmp_path / "recipes" / "f.schema.yaml").write_text("properties: {s: {$ref: 'e.schema.yaml#/properties/s'}}\n")
     monkeypatch.setattr(config, "SCHEMA_DIR", tmp_path)
     config._schema.cache_clear()
     try:
@@ -166,5 +170,9 @@ def test_a_key_two_stages_share_is_written_once_and_read_whole(tmp_path, monkeyp
             config._schema("recipes/c.schema.yaml")
         assert str(e.value).count("\n") == 0 and "c.schema.yaml: key s" in str(e.value)
         assert "points at nothing" in str(e.value)
+        for bad, what in (("d", "$defs 'split' differs from a.schema.yaml's"), ("f", "e.schema.yaml has no $defs 'gone'")):
+            with pytest.raises(QuantuneError) as e:
+                config._schema(f"recipes/{bad}.schema.yaml")
+            assert str(e.value).count("\n") == 0 and f"{bad}.schema.yaml: key s: {what}" in str(e.value), str(e.value)
     finally:
         config._schema.cache_clear()

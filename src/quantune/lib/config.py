@@ -72,8 +72,10 @@ def _schema(name: str) -> dict:
                 raise fail(where, f"$ref {ref!r} points at nothing", f"name a key of {other_name}")
             target = target[part]
         for local in _local_defs(target):  # what it takes from its own file's $defs comes along
-            mine = schema.setdefault("$defs", {})
-            if mine.setdefault(local, other["$defs"][local]) != other["$defs"][local]:
+            theirs = (other.get("$defs") or {}).get(local)
+            if theirs is None:
+                raise fail(where, f"{other_name} has no $defs {local!r}", f"define it in {other_name}")
+            if schema.setdefault("$defs", {}).setdefault(local, theirs) != theirs:
                 raise fail(where, f"$defs {local!r} differs from {other_name}'s", "remove one of them")
         schema["properties"][key] = {**copy.deepcopy(target), **{k: v for k, v in prop.items() if k != "$ref"}}
     return schema
