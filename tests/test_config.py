@@ -170,7 +170,8 @@ def test_a_key_two_stages_share_is_written_once_and_read_whole(tmp_path, monkeyp
             config._schema("recipes/c.schema.yaml")
         assert str(e.value).count("\n") == 0 and "c.schema.yaml: key s" in str(e.value)
         assert "points at nothing" in str(e.value)
-        for bad, what in (("d", "$defs 'split' differs from a.schema.yaml's"), ("f", "e.schema.yaml has no $defs 'gone'")):
+        for bad, what in (("d", "$defs 'split' differs from a.schema.yaml's"),
+                          ("f", "e.schema.yaml has no $defs 'gone'")):
             with pytest.raises(QuantuneError) as e:
                 config._schema(f"recipes/{bad}.schema.yaml")
             assert str(e.value).count("\n") == 0 and f"{bad}.schema.yaml: key s: {what}" in str(e.value), str(e.value)
