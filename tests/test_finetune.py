@@ -501,6 +501,7 @@ def test_fast_mode_trials_measure_the_loss_the_run_computes(monkeypatch, liger):
         seen.append((model.patched, state["chunks"]))
         return 2**20 * batch["input_ids"].numel()
 
+    monkeypatch.setattr(trainer, "compiled_view", lambda m, on: m)  # the real one: the next test
     monkeypatch.setattr(trainer, "patch_liger", lambda m, r: setattr(m, "patched", trainer.liger_kernel_config(r)))
     monkeypatch.setattr(trainer, "liger_flce_chunks", chunks)
     monkeypatch.setattr(trainer, "activation_bytes", trial)
@@ -515,21 +516,26 @@ def test_fast_mode_trials_measure_the_loss_the_run_computes(monkeypatch, liger):
     lora_sft.fit_fast_step(job, Model(), ds, lambda rows: {"input_ids": torch.ones(1, sum(len(x["input_ids"])
                                                                                           for x in rows))},
                            torch.bfloat16, steps=2)
-    assert seen == ([(trainer.LIGER_WITH_COMPILE, True)] * 2 if liger else [(None, False)] * 2), seen
+    assert seen == ([(trainer.LIGER_WITH_COMPILE, True)] * 3 if liger else [(None, False)] * 3), seen  # + warm-up
 
 
-def test_fast_mode_trials_run_the_real_model_and_leave_no_trace(monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fast_mode_trials_run_the_real_model_and_leave_no_trace(monkeypatch, compiled):
     """fit_fast_step's two trial passes through a real LoRA model (the tiny GLM's architecture, packed rows through
     the run's collator, LoRA dropout drawing random numbers) with only the CUDA allocator's counters stood in (a
     peak of 0.25 GiB + 1 MB a position of the batch the model was called with): the bytes per position come out
-    of the two passes exactly, and the trials leave no gradient, no changed weight and no advanced random state."""
+    of the two passes exactly, and the trials leave no gradient, no changed weight and no advanced random state.
+    Where the run compiles (torch_compile), the trials go through its decoder blocks compiled as the run compiles
+    them (dynamo's AOT-eager backend here in place of inductor's code generation), after one warm-up pass that
+    compiles them, and the model itself stays uncompiled."""
     import datasets
     import torch
     from peft import LoraConfig, get_peft_model
+    from torch._dynamo.utils import counters
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from quantune import lora_sft
-    from quantune.lib import varlen
+    from quantune.lib import trainer, varlen
     from quantune.lib.config import load_config
 
     spec = dict(load_config()["tiny_world"]["families"]["glm"])
@@ -553,15 +559,22 @@ def test_fast_mode_trials_run_the_real_model_and_leave_no_trace(monkeypatch):
                      "max_memory_allocated": lambda *a: allocated + 2**28 + 1e6 * positions[-1]}.items():
         monkeypatch.setattr(torch.cuda, name, fn)
     fast = {"padding": "packed", "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
-            "gradient_checkpointing": False}
+            "gradient_checkpointing": False, "torch_compile": compiled}
     job = lora_sft.Job(r={"name": "t", **fast}, m={}, where="r.yaml", fmt="advertisegen", template=None,
                        seq2seq=False, device="cuda", train_rows=[], eval_rows=[], speed_changes=dict(fast),
                        written={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2})
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     rng = torch.get_rng_state()
+    monkeypatch.setattr(trainer, "DYNAMO", {**trainer.DYNAMO, "backend": "aot_eager"})
+    torch._dynamo.reset()
+    counters.clear()
     plan = lora_sft.fit_fast_step(job, model, ds, varlen.packed_collator(), torch.bfloat16, steps=3)
-    assert positions == [30, 30 + 25 + 21 + 18]  # the longest row, then the 4 longest end to end
+    # the longest row (first a warm-up pass where the blocks compile), then the 4 longest end to end
+    assert positions == [30] * compiled + [30, 30 + 25 + 21 + 18]
     assert plan["activation_mib_per_position"] == round(1e6 / 2**20, 4) and plan["chosen"] == "8 x 1, no checkpointing"
+    assert plan["trials"] == ("compiled" if compiled else "eager")
+    assert (counters["stats"]["unique_graphs"] > 0) is compiled, dict(counters["stats"])  # the blocks' graphs
+    assert trainer.compiled_modules(model) == 0
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
     assert torch.equal(torch.get_rng_state(), rng)  # dropout's draws undone: the run starts where it would have

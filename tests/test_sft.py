@@ -245,8 +245,9 @@ from quantune.lib.trainer import fitted_step, step_shape
 def chose_2_by_4(recipe, model, train_ds, coll, device):  # what the GPU's trials would choose, stood in
     changes = dict(recipe["speed_changes"])
     run = fitted_step(recipe, recipe["speed_written"], changes, (2, 4))
-    return {**run, "speed_changes": changes}, {"activation_mib_per_position": 1.0, "available_gib": 1.0,
-                                                "one_micro_batch_gib": 2.0, "chosen": step_shape(run)}
+    return {**run, "speed_changes": changes}, {"trials": "eager", "activation_mib_per_position": 1.0,
+                                                "available_gib": 1.0, "one_micro_batch_gib": 2.0,
+                                                "chosen": step_shape(run)}
 
 
 def recording(count):  # each micro-batch the Trainer trains on, with the DeepSpeed engine's accumulation then

@@ -220,9 +220,9 @@ def fit_fast_step(job: Job, model, train_ds, collator, cdt, steps: int) -> dict:
     """The fast mode on a GPU: its one micro-batch per optimizer step without checkpointing stays where measured
     trials say its largest micro-batch fits this GPU (lib.trainer.fit_micro_batch; AdamW's fp32 moments and the
     gradients of the trainable weights set apart); else the fewest micro-batches that fit, the same rows per
-    optimizer step; else the recipe's own micro-batch with checkpointing on (the lean mode's shape). Eager trials (a
-    compiled run needs less), with liger-kernel's loss where the run has it. Updates job.r and job.speed_changes;
-    returns metrics' fast_memory_plan."""
+    optimizer step; else the recipe's own micro-batch with checkpointing on (the lean mode's shape). The trials run the
+    model as the run will: compiled where it compiles, with liger-kernel's loss where it has it. Updates job.r and
+    job.speed_changes; returns metrics' fast_memory_plan."""
     r = job.r
     rows = r["per_device_train_batch_size"] * r["gradient_accumulation_steps"]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

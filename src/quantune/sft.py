@@ -184,8 +184,8 @@ def fit_fast_step(recipe: dict, model, train_ds, coll, device) -> tuple[dict, di
     set apart): its one micro-batch where it fits, else the fewest micro-batches that fit, the same rows per
     optimizer step, else the recipe's own micro-batch with checkpointing on. For the trials the model is moved and
     cast as DeepSpeed's engine would (to the rank's GPU, bf16 where the recipe trains in it), with liger-kernel's
-    kernels patched in where the run has them; eager trials: a compiled run needs less. Returns the
-    recipe as it will run (speed_changes updated) and metrics' fast_memory_plan."""
+    kernels patched in and the decoder blocks compiled where the run has them. Returns the recipe as it will run
+    (speed_changes updated) and metrics' fast_memory_plan."""
     import torch
 
     model.to(device)

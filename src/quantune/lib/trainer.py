@@ -151,8 +151,22 @@ def dynamo_plugin(on: bool):
     from accelerate.utils import TorchDynamoPlugin
 
     if on:
-        return TorchDynamoPlugin(backend="inductor", use_regional_compilation=True, dynamic=True)
+        return TorchDynamoPlugin(**DYNAMO, use_regional_compilation=True)
     return TorchDynamoPlugin(backend="no")
+
+
+DYNAMO = {"backend": "inductor", "dynamic": True}  # torch.compile's settings for a run's decoder blocks
+
+
+def compiled_view(model, on: bool):
+    """The model as a run with `torch_compile` on computes it (dynamo_plugin's regional compilation, its settings:
+    accelerate's compile_regions, a view whose repeated blocks are compiled, sharing the model's weights and
+    leaving the model itself as it was), or the model itself where the run does not compile."""
+    if not on:
+        return model
+    from accelerate.utils import compile_regions
+
+    return compile_regions(model, **DYNAMO)
 
 
 def compiled_modules(model) -> int:
@@ -470,20 +484,26 @@ def fit_micro_batch(model, train_ds, collator, dtype, rows: int, packed: bool, s
     or the trial itself did not. Ranks of a distributed run plan from the largest trials and the least memory
     among them, so they agree. `recipe`: the run's; where its liger_kernel is on, the trials run with liger's
     kernels patched in as the Trainer will (patch_liger), so that the loss's memory is that of the run, not that of
-    a micro-batch's whole logits. Returns it with metrics' fast_memory_plan (less its `chosen`)."""
+    a micro-batch's whole logits; where its torch_compile is on, through the decoder blocks compiled as the run
+    compiles them (compiled_view), which keep fewer activations than eager ones. Returns it with metrics'
+    fast_memory_plan (less its `chosen`)."""
     import pyarrow.compute as pc
     import torch
 
     liger = bool((recipe or {}).get("liger_kernel"))
     if liger:
         patch_liger(model, recipe)
+    compiled = bool((recipe or {}).get("torch_compile"))
+    net = compiled_view(model, compiled)
     lengths = pc.list_value_length(train_ds.with_format("arrow")["input_ids"]).to_pylist()  # no rows copied out
     longest = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)[:min(TRIAL_ROWS, rows)]
     fixed = per_position = None
     try:
         with liger_flce_chunks(liger):
+            if compiled:  # compiles the blocks first, so that no trial's peak holds what compiling them allocated
+                activation_bytes(net, collator([train_ds[i] for i in longest[:1]]), dtype)
             trials = [(int(micro_batch_positions([lengths[i] for i in rows_], packed)),
-                       activation_bytes(model, collator([train_ds[i] for i in rows_]), dtype))
+                       activation_bytes(net, collator([train_ds[i] for i in rows_]), dtype))
                       for rows_ in (longest[:1], longest)]
         (p1, b1), (p2, b2) = trials
         per_position = (b2 - b1) / (p2 - p1) if p2 > p1 and b2 > b1 else b2 / p2
@@ -496,7 +516,8 @@ def fit_micro_batch(model, train_ds, collator, dtype, rows: int, packed: bool, s
         fixed, per_position, available = agreed_trials(fixed, per_position, available)
     split = (plan_fast_step(lengths, rows, packed, steps, fixed, per_position, available)
              if per_position is not None else None)
-    plan = {"activation_mib_per_position": round(per_position / 2**20, 4) if per_position is not None else None,
+    plan = {"trials": "compiled" if compiled else "eager",
+            "activation_mib_per_position": round(per_position / 2**20, 4) if per_position is not None else None,
             "available_gib": round(available / 2**30, 2),
             "one_micro_batch_gib": round((fixed + largest_micro_batch(lengths, rows, packed, steps) * per_position)
                                          * FAST_MEMORY_MARGIN / 2**30, 2) if per_position is not None else None}
