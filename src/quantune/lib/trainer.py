@@ -142,6 +142,9 @@ def counting_trainer(count: TokenCount):
     return _CountingTrainer
 
 
+DYNAMO = {"backend": "inductor", "dynamic": True}  # torch.compile's settings for a run's decoder blocks
+
+
 def dynamo_plugin(on: bool):
     """accelerate's torch.compile settings for a run: with `torch_compile` each repeated decoder block is compiled
     on its own (regional compilation: the block's graph is compiled once and reused by every layer; under DeepSpeed
@@ -153,9 +156,6 @@ def dynamo_plugin(on: bool):
     if on:
         return TorchDynamoPlugin(**DYNAMO, use_regional_compilation=True)
     return TorchDynamoPlugin(backend="no")
-
-
-DYNAMO = {"backend": "inductor", "dynamic": True}  # torch.compile's settings for a run's decoder blocks
 
 
 def compiled_view(model, on: bool):
@@ -490,21 +490,21 @@ def fit_micro_batch(model, train_ds, collator, dtype, rows: int, packed: bool, s
     import pyarrow.compute as pc
     import torch
 
-    liger = bool((recipe or {}).get("liger_kernel"))
+    r = recipe or {}
+    liger, compiled = bool(r.get("liger_kernel")), bool(r.get("torch_compile"))
     if liger:
-        patch_liger(model, recipe)
-    compiled = bool((recipe or {}).get("torch_compile"))
+        patch_liger(model, r)
     net = compiled_view(model, compiled)
     lengths = pc.list_value_length(train_ds.with_format("arrow")["input_ids"]).to_pylist()  # no rows copied out
     longest = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)[:min(TRIAL_ROWS, rows)]
+    batches = [(int(micro_batch_positions([lengths[i] for i in rows_], packed)),
+                collator([train_ds[i] for i in rows_])) for rows_ in (longest[:1], longest)]
     fixed = per_position = None
     try:
         with liger_flce_chunks(liger):
             if compiled:  # compiles the blocks first, so that no trial's peak holds what compiling them allocated
-                activation_bytes(net, collator([train_ds[i] for i in longest[:1]]), dtype)
-            trials = [(int(micro_batch_positions([lengths[i] for i in rows_], packed)),
-                       activation_bytes(net, collator([train_ds[i] for i in rows_]), dtype))
-                      for rows_ in (longest[:1], longest)]
+                activation_bytes(net, batches[0][1], dtype)
+            trials = [(positions, activation_bytes(net, batch, dtype)) for positions, batch in batches]
         (p1, b1), (p2, b2) = trials
         per_position = (b2 - b1) / (p2 - p1) if p2 > p1 and b2 > b1 else b2 / p2
         fixed = max(b2 - per_position * p2, 0.0)
