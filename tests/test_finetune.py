@@ -541,8 +541,7 @@ def test_fast_mode_trials_run_the_real_model_and_leave_no_trace(monkeypatch, com
     spec = dict(load_config()["tiny_world"]["families"]["glm"])
     conf = AutoConfig.for_model(spec.pop("model_type"), vocab_size=512, pad_token_id=0, **spec)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(conf, attn_implementation="sdpa").float()
-    model.config.use_cache = False
+    model = AutoModelForCausalLM.from_config(conf, attn_implementation="sdpa").float()  # config.use_cache on
     varlen.use(model)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
     g = torch.Generator().manual_seed(1)
@@ -578,6 +577,12 @@ def test_fast_mode_trials_run_the_real_model_and_leave_no_trace(monkeypatch, com
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
     assert torch.equal(torch.get_rng_state(), rng)  # dropout's draws undone: the run starts where it would have
+    if compiled:  # the run's step (the Trainer's own compiled view, no KV cache, a new length) reuses their graphs
+        graphs = counters["stats"]["unique_graphs"]
+        model.config.use_cache = False
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            trainer.compiled_view(model, True)(**varlen.packed_collator()([ds[i] for i in (1, 2, 3)])).loss.backward()
+        assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
 
 
 @pytest.mark.parametrize("upcast", [True, False])

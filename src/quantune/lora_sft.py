@@ -280,6 +280,7 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
     warmup = math.ceil(steps * float(r["warmup_ratio"]))
     cdt = compute_dtype(r, device)
     collator = collator_for(job, tok)
+    model.config.use_cache = False  # training uses no KV cache (nor do the fast plan's trials)
     fast_plan = fit_fast_step(job, model, train_ds, collator, cdt, steps) if device == "cuda" and fits_step(r) else None
     r = job.r
     tb_dir = ckpt_root / "tb"
@@ -290,8 +291,6 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
     count = TokenCount()
     timer = step_timer(count)
     rec = run_record()
-    if r["padding"] == "packed":  # training needs no KV cache
-        model.config.use_cache = False
     prof = profiler(os.environ.get("QUANTUNE_PROFILE"))
     trainer = counting_trainer(count)(
         model=model, args=training_arguments(job, ckpt_root, steps, warmup, cdt), train_dataset=train_ds,

@@ -563,8 +563,9 @@ def agreed_trials(fixed: float | None, per_position: float | None, available: fl
 
 def activation_bytes(model, batch: dict, dtype) -> float:
     """A measured trial on the GPU: one forward and backward of `batch` (from the run's own collator) under autocast
-    to `dtype`, the CUDA allocator's peak above what was allocated before. The gradients it leaves are dropped and
-    the random states restored: the run computes what it would have without it."""
+    to `dtype`, with no KV cache as in training (a cache would also give each compiled block a graph the run cannot
+    reuse), the CUDA allocator's peak above what was allocated before. The gradients it leaves are dropped and the
+    random states restored: the run computes what it would have without it."""
     import torch
 
     cpu_rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state_all()
@@ -575,7 +576,7 @@ def activation_bytes(model, batch: dict, dtype) -> float:
     try:
         model.train()
         with torch.autocast(device.type, dtype=dtype):
-            loss = model(**{k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}).loss
+            loss = model(**{k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}, use_cache=False).loss
         loss.backward()
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated() - before)
