@@ -903,6 +903,40 @@ def test_gpu_idle_by_host_op_charges_each_gap_to_the_operators_running_meanwhile
     assert gpu_idle_by_host_op([step, loss]) == ""
 
 
+def test_trainer_reads_back_between_steps_nothing_it_only_logs():
+    """counting_trainer: a packed micro-batch's num_input_tokens_seen is counted on the host (its input ids on the
+    meta device here, where reading their values fails), every position but a rounded batch's filler (non_padding)
+    or every position (all); a padded batch's count, which needs its mask's values, and a count to gather from
+    several processes stay the Trainer's own; the gradient norm stays a tensor until the Trainer logs it, under
+    DeepSpeed too, where the Trainer itself reads it at every step."""
+    from types import SimpleNamespace
+
+    import torch
+    from accelerate.utils import DistributedType
+
+    from quantune.lib import trainer as tr
+    from quantune.lib.varlen import FILLER
+
+    t = object.__new__(tr.counting_trainer(tr.TokenCount()))
+    t.model, t.processing_class = SimpleNamespace(main_input_name="input_ids"), SimpleNamespace(pad_token_id=0)
+    t.accelerator = SimpleNamespace(num_processes=1, distributed_type=DistributedType.DEEPSPEED, gather=lambda x: x)
+    t.state = SimpleNamespace(num_input_tokens_seen=0)
+
+    def seen(mode, **batch):
+        t.args, before = SimpleNamespace(include_num_input_tokens_seen=mode, device="cpu"), t.state.num_input_tokens_seen
+        t._track_num_input_tokens(batch)
+        return t.state.num_input_tokens_seen - before
+
+    packed = {"input_ids": torch.empty(1, 80, dtype=torch.long, device="meta"), FILLER: 7}
+    assert (seen("non_padding", **packed), seen("all", **packed), seen("no", **packed)) == (73, 80, 0)
+    mask = torch.tensor([[1] * 30 + [0] * 10, [1] * 25 + [0] * 15])
+    assert seen("non_padding", input_ids=torch.zeros(2, 40, dtype=torch.long), attention_mask=mask) == 55
+    t.accelerator.num_processes = 2
+    assert seen("non_padding", input_ids=torch.ones(1, 80, dtype=torch.long), **{FILLER: 7}) == 80  # the Trainer's
+    norm = torch.empty((), device="meta")
+    assert t._get_grad_norm(None, norm) is norm and t._get_grad_norm(None, float("inf")) == float("inf")
+
+
 def test_step_timer_synchronises_only_where_a_stretch_of_steps_ends(monkeypatch):
     """lib.trainer.step_timer: the warm-up step apart; after it the GPU is synchronised (synced_clock) only when the
     Trainer will log, evaluate, save or stop, or at an epoch's end, so the host runs on between steps; the time

@@ -204,6 +204,7 @@ def training_arguments(job: Job, ckpt_root: Path, steps: int, warmup: int, cdt):
         save_steps=r["save_steps"], save_total_limit=r["save_total_limit"], seed=r["seed"], data_seed=r["seed"],
         report_to="none", remove_unused_columns=False, **loader_arguments(r), disable_tqdm=True,
         include_num_input_tokens_seen=True if r["padding"] == "packed" else tokens_counting(),  # packed: no pads
+        logging_nan_inf_filter=False,  # the filter reads every micro-batch's loss back from the GPU (counting_trainer)
         use_cpu=job.device == "cpu", use_liger_kernel=bool(r["liger_kernel"]),
         liger_kernel_config=liger_kernel_config(r),
         torch_compile=bool(r["torch_compile"]),

@@ -237,6 +237,7 @@ def training_args(recipe: dict, output_dir: str, use_cpu: bool, **overrides):
         logging_strategy="steps",
         logging_steps=recipe["logging_steps"],
         include_num_input_tokens_seen="non_padding",
+        logging_nan_inf_filter=False,  # the filter reads every micro-batch's loss back from the GPU (counting_trainer)
         report_to=[],
         disable_tqdm=True,
         dataloader_pin_memory=not use_cpu,

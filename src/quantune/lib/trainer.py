@@ -108,6 +108,19 @@ class TokenCount:
         return int(self._real)
 
 
+def host_tokens_seen(inputs, mode) -> int | None:
+    """A micro-batch's count for the Trainer's num_input_tokens_seen (`mode`: its include_num_input_tokens_seen)
+    where the host knows it without reading the batch back from the GPU: a packed batch (no attention mask, no
+    padding: each position but a rounded batch's filler holds a token, one equal to the pad id included) or every
+    position ("all"); None where the count needs the batch's values (an attention mask to sum)."""
+    ids = inputs.get("input_ids")
+    if ids is None or mode in ("no", False):
+        return None
+    if mode in ("all", True):
+        return int(ids.numel())
+    return None if "attention_mask" in inputs else int(ids.numel()) - int(inputs.get(FILLER, 0))
+
+
 def without_filler(inputs):
     """A batch without a rounded packed batch's FILLER length (lib.varlen.packed_collator), which is not a model
     input."""
@@ -118,7 +131,11 @@ def counting_trainer(count: TokenCount):
     """transformers' Trainer that adds each micro-batch it trains on to `count` (a rounded packed batch's filler as
     padding, taken out of the batch before the model), compiles as `torch_compile` says
     (dynamo_plugin), and trains with liger's fused linear cross-entropy at FLCE_CHUNK_MEM_CONST where
-    use_liger_kernel is on (liger_flce_chunks)."""
+    use_liger_kernel is on (liger_flce_chunks). Between optimizer steps it reads nothing back from the GPU that
+    the Trainer would read there only to log it (host_tokens_seen, the gradient norm kept a tensor; the stages turn
+    logging_nan_inf_filter off): each such read waits for the step's last kernels, so the host cannot run its
+    bookkeeping and the next batch's launches while the GPU finishes the optimizer step."""
+    import torch
     from transformers import Trainer
 
     class _CountingTrainer(Trainer):
@@ -129,6 +146,17 @@ def counting_trainer(count: TokenCount):
         def training_step(self, model, inputs, *args, **kwargs):
             count.add(inputs)
             return super().training_step(model, without_filler(inputs), *args, **kwargs)
+
+        def _track_num_input_tokens(self, inputs):
+            n = host_tokens_seen(inputs, self.args.include_num_input_tokens_seen)
+            if n is None or self.accelerator.num_processes > 1:  # the Trainer's count: on the device, gathered
+                return super()._track_num_input_tokens(inputs)
+            self.state.num_input_tokens_seen += n
+
+        def _get_grad_norm(self, model, grad_norm=None):
+            if torch.is_tensor(grad_norm):  # read when the Trainer logs it (under DeepSpeed it reads it every step)
+                return grad_norm
+            return super()._get_grad_norm(model, grad_norm)
 
         def prediction_step(self, model, inputs, *args, **kwargs):
             return super().prediction_step(model, without_filler(inputs), *args, **kwargs)
