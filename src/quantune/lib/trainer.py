@@ -97,11 +97,10 @@ class TokenCount:
         self.computed, self._real = 0, 0
 
     def add(self, inputs) -> None:
-        ids = inputs["input_ids"]
-        self.computed += int(ids.numel())
-        mask = inputs.get("attention_mask")
-        # summed where the mask lives: no wait for the GPU per micro-batch; read at step boundaries (step_timer)
-        self._real = self._real + (mask.sum() if mask is not None else ids.numel() - inputs.get(FILLER, 0))
+        self.computed += int(inputs["input_ids"].numel())
+        real = host_tokens_seen(inputs, "non_padding")
+        # a mask is summed where it lives: no wait for the GPU per micro-batch; read at step boundaries (step_timer)
+        self._real = self._real + (real if real is not None else inputs["attention_mask"].sum())
 
     @property
     def real(self) -> int:
@@ -112,13 +111,14 @@ def host_tokens_seen(inputs, mode) -> int | None:
     """A micro-batch's count for the Trainer's num_input_tokens_seen (`mode`: its include_num_input_tokens_seen)
     where the host knows it without reading the batch back from the GPU: a packed batch (no attention mask, no
     padding: each position but a rounded batch's filler holds a token, one equal to the pad id included) or every
-    position ("all"); None where the count needs the batch's values (an attention mask to sum)."""
+    position ("all"); None where the count needs the batch's values (an attention mask to sum). TokenCount's real
+    tokens by the same rule."""
     ids = inputs.get("input_ids")
     if ids is None or mode in ("no", False):
         return None
     if mode in ("all", True):
         return int(ids.numel())
-    return None if "attention_mask" in inputs else int(ids.numel()) - int(inputs.get(FILLER, 0))
+    return None if inputs.get("attention_mask") is not None else int(ids.numel()) - int(inputs.get(FILLER, 0))
 
 
 def without_filler(inputs):
