@@ -143,6 +143,32 @@ def test_describe_names_the_path_packed_rows_took(monkeypatch):
     assert varlen._ran == {"per_row"} and varlen.describe("cuda", torch.bfloat16) == varlen.PATHS["per_row"]
 
 
+def test_a_compiled_block_records_no_path_it_would_guard_on(monkeypatch):
+    """Inside a compiled decoder block the record of paths taken stays untouched: recorded there, dynamo would guard
+    on the set and compile the block again once it grows (here new graphs for the same call, a second time)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from quantune.lib import varlen
+
+    monkeypatch.setattr(varlen, "_ran", set())
+    model = _model("glm")
+    varlen.use(model)
+    block = torch.compile(model.model.layers[0], backend="aot_eager", dynamic=True)
+    batch = varlen.packed_collator()(_rows())
+    hidden = model.model.embed_tokens(batch["input_ids"]).detach()
+    kw = {k: batch[k] for k in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+    kw["position_embeddings"] = model.model.rotary_emb(hidden, batch["position_ids"])
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    with torch.no_grad():
+        for _ in range(2):
+            block(hidden, attention_mask=None, **kw)
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1] == graphs[0] and not varlen._ran, (graphs, varlen._ran)
+
+
 def test_fp32_inputs_under_autocast_take_the_flash_path_in_the_autocast_dtype(monkeypatch, request):
     """A QLoRA model's attention inputs are fp32 (its norms stay fp32) while the Trainer runs under bf16 autocast:
     they are cast to bf16 as SDPA itself is under autocast, so the flash kernel takes them (here a reference of its

@@ -453,7 +453,9 @@ def patch_liger(model, r: dict) -> None:
 # The fast mode computes an optimizer step's rows as one micro-batch without checkpointing where measured trials
 # say its largest micro-batch fits the GPU; predicted activation bytes are multiplied by this before the comparison
 FAST_MEMORY_MARGIN = 1.10
-TRIAL_ROWS = 4  # rows of the larger trial micro-batch: the longest of the run's rows (the smaller: the longest one)
+# rows of the two trial micro-batches, the run's longest: two at least, as in the run's micro-batches, whose packed
+# rows transformers gives a block-diagonal mask (one row gets none: in a compiled block, another graph)
+TRIAL_ROWS = (2, 4)
 
 
 def micro_batch_positions(lengths, packed: bool):
@@ -505,7 +507,7 @@ def fits_step(r: dict) -> bool:
 def fit_micro_batch(model, train_ds, collator, dtype, rows: int, packed: bool, steps: int,
                     state_bytes: float, recipe: dict | None = None) -> tuple[tuple[int, int] | None, dict]:
     """The fast mode's step on this GPU: (micro-batch, accumulation) for an optimizer step's `rows` rows from two
-    measured trials (activation_bytes of the run's longest row and of its TRIAL_ROWS longest: a fixed part and bytes
+    measured trials (activation_bytes of the run's TRIAL_ROWS longest rows, two and four: a fixed part and bytes
     per input position) and the memory this GPU has for activations (free to the driver plus what this process's
     allocator holds unused, less `state_bytes`, what training adds beside them (the optimizer's states, fp32
     copies), and 5% for fragmentation), planned by plan_fast_step; None where not even one row a micro-batch fits
@@ -524,9 +526,9 @@ def fit_micro_batch(model, train_ds, collator, dtype, rows: int, packed: bool, s
         patch_liger(model, r)
     net = compiled_view(model, compiled)
     lengths = pc.list_value_length(train_ds.with_format("arrow")["input_ids"]).to_pylist()  # no rows copied out
-    longest = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)[:min(TRIAL_ROWS, rows)]
+    longest = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)[:min(TRIAL_ROWS[-1], rows)]
     batches = [(int(micro_batch_positions([lengths[i] for i in rows_], packed)),
-                collator([train_ds[i] for i in rows_])) for rows_ in (longest[:1], longest)]
+                collator([train_ds[i] for i in rows_])) for rows_ in (longest[:TRIAL_ROWS[0]], longest)]
     fixed = per_position = None
     try:
         with liger_flce_chunks(liger):

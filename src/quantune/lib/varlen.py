@@ -118,7 +118,8 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
         q, k, v = (t.to(low) for t in (q, k, v))  # what autocast does to SDPA
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     path = "flash" if flash_runs(q.is_cuda, q.dtype) and not window else "per_row"
-    _ran.add(path)
+    if not torch.compiler.is_compiling():  # in a compiled block the set would be a guard: one more graph when it grows
+        _ran.add(path)
     out = (_flash if path == "flash" else _per_row)(q, k.contiguous(), v.contiguous(), cu_q.to(q.device, torch.int32),
                                                      cu_k.to(q.device, torch.int32), max_q, max_k, scale)
     return out[None], None
@@ -144,8 +145,9 @@ def use(model) -> str:
 
 
 def describe(device: str, dtype) -> str:
-    """A packed run's attention, for metrics.json: the paths its packed rows took in this process, or before any
-    did (a run resumed at its end), the path a `dtype` batch on `device` would take."""
+    """A packed run's attention, for metrics.json: the paths its packed rows took in this process outside compiled
+    blocks, or where none did (a run resumed at its end, compiled blocks), the path a `dtype` batch on `device`
+    would take."""
     if _ran:
         return " and ".join(PATHS[p] for p in sorted(_ran))
     return PATHS["flash" if flash_runs(device == "cuda", dtype) else "per_row"]
