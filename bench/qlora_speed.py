@@ -100,11 +100,16 @@ def run_one(name: str, variant: str, over: dict, cfg: dict, tmp: Path) -> dict:
 
 
 def reset_gpu() -> None:
-    """Free what a failed run left on the GPU and restart the peak counter, so the next variant measures its own."""
+    """Free what a failed run left on the GPU and restart the peak counter, so the next variant measures its own,
+    and drop dynamo's compiled graphs, so that it compiles as a process of its own would: the decoder blocks of every
+    run share one code object, whose graphs count towards dynamo's limit (8) across the runs of a process; past it a
+    block whose inputs match none of them runs eager (on an H200 the linear fast run, after the cosine one in the
+    same process, reached it in its trials)."""
     import gc
 
     import torch
 
+    torch._dynamo.reset()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -26,9 +26,11 @@ peak_gib, split (phase -> seconds), the result figures (GPTQ's mean layer loss, 
 model), gpu) and quant_speed.md: per method and model the project path's time and peak against llm-compressor's
 and how far its result is from it; one plot each of time and peak memory against parameters for both paths. On a
 GPU it also checks the fast path's Hessian update (GPTQ) and grid-search loss (AWQ) against llm-compressor's on one
-half-precision batch (quant_speed_checks.json). A run of some methods, models or paths replaces those rows and checks
-in what --out already holds and keeps the others (rows of the run's scale only). Run it where scripts/gpu_check.sh
-installed the quantize group's wheels (PYTHONPATH set); the shape world is built by the workflow's rules.
+half-precision batch (quant_speed_checks.json). A run of some methods, models or paths replaces those rows
+(another GPU's stay beside them, each ratio against its own GPU's llmcompressor row, each GPU its own line in the
+plots) and checks in what --out already holds and keeps the others (rows of the run's scale only). Run it where
+scripts/gpu_check.sh installed the quantize group's wheels (PYTHONPATH set); the shape world is built by the
+workflow's rules.
 """
 from __future__ import annotations
 
@@ -450,7 +452,10 @@ def write(rows: list[dict], check: dict | None, out: Path) -> None:
     (out / "quant_speed.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     (out / "quant_speed_checks.json").write_text(json.dumps(check or {}, indent=1) + "\n", encoding="utf-8")
     ok = [r for r in rows if "error" not in r]
-    gpu = ok[0]["gpu"] if ok else "-"
+    gpus = dict.fromkeys(r["gpu"] for r in ok)
+    gpu = ("GPUs: " + ", ".join(f"{g} ({sum(r['gpu'] == g for r in ok)} rows)" for g in gpus)
+           + "; a ratio is against the llmcompressor row of the same GPU") if len(gpus) > 1 else \
+        (next(iter(gpus)) if gpus else "-")
     md = ["# GPTQ and AWQ: llm-compressor's own call against the project's fast path (quantize stage)", "",
           "`python bench/quant_speed.py`: recipes gptq_opt67b and awq_opt67b with only `model` and `speed` changed "
           "(llmcompressor = `speed: seed`, project = `speed: fast`), each the stage's own run in a process of its "
@@ -461,8 +466,8 @@ def write(rows: list[dict], check: dict | None, out: Path) -> None:
         md += check_lines(check)
     table = []
     for r in ok:
-        base = next((b for b in ok if b["path"] == "llmcompressor" and (b["method"], b["model"]) == (r["method"],
-                                                                                                 r["model"])), None)
+        base = next((b for b in ok if b["path"] == "llmcompressor"
+                     and (b["method"], b["model"], b["gpu"]) == (r["method"], r["model"], r["gpu"])), None)
         ratio = f"{r['seconds'] / base['seconds']:.2f}x" if base and base["seconds"] else "-"
         same = "-"
         if base and r is not base:
@@ -472,24 +477,27 @@ def write(rows: list[dict], check: dict | None, out: Path) -> None:
             if key != "kl_vs_base" and base.get("kl_vs_base"):
                 same += f"; KL to the unquantized model {r['kl_vs_base'] / base['kl_vs_base']:.3f}x"
         table.append([r["method"], r["model"], r["path"], f"{r['params']:,}", r["seconds"], ratio, r["peak_gib"],
-                      r["calibration_batch_size"], same, r.get("gptq_rtn_fallback_layers", "-"), r.get("run", "-")])
+                      r["calibration_batch_size"], same, r.get("gptq_rtn_fallback_layers", "-"), r.get("run", "-")]
+                     + [short_gpu(r["gpu"])] * (len(gpus) > 1))
     md += markdown_table(["method", "model", "path", "parameters", "seconds", "time vs llmcompressor", "peak GiB",
                           "calibration batch", "result vs llmcompressor", "GPTQ layers rounded to nearest",
-                          "run (commit, UTC)"], table) + [""]
+                          "run (commit, UTC)"] + ["GPU"] * (len(gpus) > 1), table) + [""]
     for r in rows:
         if "error" in r:
             md += [f"- {r['method']} {r['model']} {r['path']}: failed: {r['error']}"]
     for method in dict.fromkeys(r["method"] for r in ok):
-        for model in dict.fromkeys(r["model"] for r in ok if r["method"] == method):
-            pair = [r for r in ok if (r["method"], r["model"]) == (method, model)]
+        for model, g in dict.fromkeys((r["model"], r["gpu"]) for r in ok if r["method"] == method):
+            pair = [r for r in ok if (r["method"], r["model"], r["gpu"]) == (method, model, g)]
             phases = list(dict.fromkeys(p for r in pair for p in r["split"]))
-            md += ["", f"## {method}, {model}: where the time goes", ""] + markdown_table(
+            on = f" ({short_gpu(g)})" if len(gpus) > 1 else ""
+            md += ["", f"## {method}, {model}{on}: where the time goes", ""] + markdown_table(
                 ["phase", "inside"] + [f"{r['path']} s" for r in pair],
                 [[p, next(r["split"][p]["inside"] for r in pair if p in r["split"]) or "-"]
                  + [r["split"].get(p, {}).get("seconds", "-") for r in pair] for p in phases])
         for key, label in (("seconds", "quantization seconds"), ("peak_gib", "peak GPU GiB")):
-            series = {p: [(r["params"] / 1e9, r[key]) for r in ok if r["method"] == method and r["path"] == p
-                          and r[key] is not None] for p in PATHS}
+            series = {p + (f" ({short_gpu(g)})" if len(gpus) > 1 else ""):
+                      [(r["params"] / 1e9, r[key]) for r in ok if r["method"] == method and r["path"] == p
+                       and r["gpu"] == g and r[key] is not None] for g in gpus for p in PATHS}
             png = plot(out / f"quant_speed_{method}_{key}.png", series, "parameters (billions)", label,
                        f"{method}: {label} against model size", marker="o", zero_y=True)
             if png:
@@ -548,9 +556,19 @@ def offload_check(layers: int = 8, repeats: int = 3) -> dict | None:
 
 
 def rank(row: dict) -> tuple:
-    """A row's place: by method, then model size (MODELS order, others last), then path (PATHS order)."""
-    return (row["method"], MODELS.index(row["model"]) if row["model"] in MODELS else len(MODELS),
+    """A row's place: by method, then model size (MODELS order, others last), then GPU, then path (PATHS order)."""
+    return (row["method"], MODELS.index(row["model"]) if row["model"] in MODELS else len(MODELS), row.get("gpu", ""),
             list(PATHS).index(row["path"]))
+
+
+def row_key(row: dict) -> tuple:
+    """What a later run's row replaces: the same method, model and path on the same GPU (another GPU's stay)."""
+    return row["method"], row["model"], row["path"], row.get("gpu")
+
+
+def short_gpu(name: str) -> str:
+    """A GPU's name for a plot's legend: NVIDIA H100 80GB HBM3 -> H100."""
+    return name.removeprefix("NVIDIA ").split()[0] if name else "?"
 
 
 def main(argv=None) -> int:
@@ -618,7 +636,7 @@ def main(argv=None) -> int:
                                      "error": err[-1] if err else f"exit {r.returncode}"})
                         sys.stderr.write(r.stderr[-4000:])
                     # after each run: a later failure keeps what finished
-                    write(merged(kept, rows, lambda r: (r["method"], r["model"], r["path"]), rank), check, a.out)
+                    write(merged(kept, rows, row_key, rank), check, a.out)
     return 0
 
 
