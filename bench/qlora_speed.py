@@ -20,7 +20,9 @@ micro-batch), then single switches on the seed configuration: upcast_off (kbit_u
 checkpointing off), max_length (every row padded to the length limits). A variant that fails
 (out of GPU memory) is a row with its one-line error; the next one still runs.
 Each run is the stage's `train` on a copy of the recipe in a temporary directory (scale shape: the shape caps'
-steps; logging and loss recording at every step). Writes qlora_speed.json (rows: setting, variant, overrides,
+steps; every step's loss recorded on the GPU and read at the end, the Trainer logging at the recipe's own steps:
+a log at every step would wait for each step's end, as users' runs do not; the bench's runs up to commit 9496ad6
+logged every step). Writes qlora_speed.json (rows: setting, variant, overrides,
 real_tokens_per_s, pad_fraction, seconds_per_step, peak_gib, loss at each step, gpu) and qlora_speed.md with the
 ratios to the first seed run and each variant's largest per-step loss difference from it against the two seed
 runs' difference.
@@ -69,7 +71,9 @@ def run_one(name: str, variant: str, over: dict, cfg: dict, tmp: Path) -> dict:
     from quantune.lora_sft import train
 
     r = yaml.safe_load((ROOT / "recipes" / f"{name}.yaml").read_text(encoding="utf-8"))
-    keys = {"logging_steps": 1, "record_losses": True, "save_steps": 10_000, "max_eval_samples": 8, **over}
+    # the recipe's own logging steps, as users run it: every step's loss is recorded without a log at every step,
+    # which would read each back from the GPU (record_losses: train_loss_by_step)
+    keys = {"record_losses": True, "save_steps": 10_000, "max_eval_samples": 8, **over}
     if cfg["scale"] == "tiny":  # the tiny block wins over the recipe's keys at tiny scale
         r.setdefault("tiny", {}).update(max_steps=12, **keys)
     else:  # scale shape: the shape caps bound the steps (shape_world.caps.max_steps)
@@ -81,7 +85,7 @@ def run_one(name: str, variant: str, over: dict, cfg: dict, tmp: Path) -> dict:
     t0 = time.perf_counter()
     m = train(str(path), str(d / "out"), cfg)  # QUANTUNE_PROFILE (--profile) set by main: profiled
     wall = time.perf_counter() - t0
-    losses = {int(k[len("loss_step"):]): v for k, v in m.items() if k.startswith("loss_step")}
+    losses = {int(k): v for k, v in m["train_loss_by_step"].items()}
     return {"setting": name, "variant": variant, "mode": m["speed"], "speed_changes": m["speed_changes"],
             "overrides": over, "scale": cfg["scale"],
             "batch": f"{m['batch_size']} x {m['gradient_accumulation_steps']}", "padding": m["padding"],

@@ -458,7 +458,7 @@ def test_fast_mode_fits_its_step_to_the_gpu_it_runs_on(monkeypatch, case):
             "trial_out_of_memory": {"padding": "packed"}}[case]
     assert job.speed_changes == want, job.speed_changes
     assert (plan["activation_mib_per_position"] is None) is (case == "trial_out_of_memory")
-    assert seen == ([600] if case == "trial_out_of_memory" else [600, 4 * 300])  # the 2 longest rows, then the 4 longest
+    assert seen == ([600] if case == "trial_out_of_memory" else [600, 4 * 300])  # the 2 longest rows, then 4
     if case != "trial_out_of_memory":  # the two trials' line: 1 MB a position
         assert plan["activation_mib_per_position"] == round(1e6 / 2**20, 4)
     import jsonschema  # what metrics.json will hold, as its schema declares it
@@ -739,11 +739,12 @@ def test_packed_training_follows_the_padded_run_step_for_step(tiny_world, result
     warmup's lr-0 step) the losses agree within 1e-5. After that Adam's first update, m/sqrt(v) ~ +-1 per element,
     turns summation-order differences in near-zero gradients into lr-sized steps, so the runs drift apart slowly:
     measured here at most 0.0076 against a loss drop of 0.38 over the 6 steps. Asserted: within 5% of the drop at
-    every step and on the eval loss."""
+    every step and on the eval loss. Every step's loss is record_losses' train_loss_by_step (read once at the end);
+    the Trainer's own logs (steps 1, 3 and 6) hold the mean of the steps since its last log."""
     runs = {}
     for padding in ("longest", "packed"):
         r = yaml.safe_load(STEPS100.read_text())
-        r["tiny"].update(max_steps=6, logging_steps=1, save_steps=100)
+        r["tiny"].update(max_steps=6, logging_steps=3, save_steps=100)  # logged: steps 1, 3 and 6
         r.update(padding=padding, record_losses=True, max_eval_samples=16)
         p = tmp_path / f"steps_{padding}.yaml"
         p.write_text(yaml.safe_dump(r, allow_unicode=True))
@@ -753,7 +754,10 @@ def test_packed_training_follows_the_padded_run_step_for_step(tiny_world, result
         runs[padding] = json.loads((tmp_path / p.stem / "metrics.json").read_text())
     pad, pack = runs["longest"], runs["packed"]
     assert pack["padding"] == "packed" and pack["global_step"] == pad["global_step"] == 6
-    losses = {p: [m[f"loss_step{i}"] for i in range(1, 7)] for p, m in runs.items()}
+    losses = {p: [m["train_loss_by_step"][str(i)] for i in range(1, 7)] for p, m in runs.items()}
+    for m, ls in zip(runs.values(), losses.values()):  # the Trainer logs the mean since its last log
+        assert [m[f"loss_step{i}"] for i in (1, 3, 6)] == pytest.approx([ls[0], sum(ls[1:3]) / 2, sum(ls[3:]) / 3],
+                                                                         abs=1e-6)
     assert max(abs(a - b) for a, b in zip(losses["packed"][:2], losses["longest"][:2])) <= 1e-5, losses
     drop = losses["longest"][0] - losses["longest"][-1]
     tol = 0.05 * drop
@@ -943,6 +947,32 @@ def test_trainer_reads_back_between_steps_nothing_it_only_logs():
     assert seen("non_padding", input_ids=torch.ones(1, 80, dtype=torch.long), **{FILLER: 7}) == 80  # the Trainer's
     norm = torch.empty((), device="meta")
     assert t._get_grad_norm(None, norm) is norm and t._get_grad_norm(None, float("inf")) == float("inf")
+
+
+def test_step_losses_sum_each_steps_micro_batches_on_the_device_and_read_them_once():
+    """lib.trainer.StepLosses (record_losses): a step's micro-batch losses are summed where they live (meta tensors
+    here, whose values cannot be read) and closed at the step's end without a read; read() takes every closed step
+    back in one transfer, through `reduce` where given (a distributed run's mean); a step with no micro-batch adds
+    nothing. Through the stage: test_packed_training_follows_the_padded_run_step_for_step."""
+    import torch
+
+    from quantune.lib.trainer import StepLosses
+
+    meta = StepLosses()
+    for step in (1, 2):
+        for _ in range(3):
+            meta.add(torch.empty((), device="meta"))
+        meta.close(step)
+    assert [s for s, _ in meta._closed] == [1, 2] and meta.by_step == {}
+    losses = StepLosses()
+    for step, micro in ((1, [0.5, 0.25]), (2, [1.0]), (3, [])):
+        for v in micro:
+            losses.add(torch.tensor(v, requires_grad=True) * 1)
+        losses.close(step)
+    assert losses.read() == {1: 0.75, 2: 1.0}
+    losses.add(torch.tensor(2.0))
+    losses.close(4)
+    assert losses.read(lambda t: t / 2) == {1: 0.75, 2: 1.0, 4: 1.0}
 
 
 def test_step_timer_synchronises_only_where_a_stretch_of_steps_ends(monkeypatch):

@@ -43,8 +43,8 @@ from .lib.lora import peft_trainable_line
 from .lib.models import pick_device, set_cpu_threads
 from .lib.plots import plot_losses
 from .lib.prompts import ANSWER_FIELD, SFTCollator, build_split, template_of
-from .lib.trainer import (TokenCount, check_packing, compiled_modules, complete_checkpoints, counting_trainer,
-                          fingerprint, fit_micro_batch, fits_step, fitted_step, keep_checkpoints_of,
+from .lib.trainer import (StepLosses, TokenCount, check_packing, compiled_modules, complete_checkpoints,
+                          counting_trainer, fingerprint, fit_micro_batch, fits_step, fitted_step, keep_checkpoints_of,
                           liger_kernel_config, loader_arguments, packing_refusal, profiler, run_record,
                           speed_changes, step_shape, step_timer, tokens_counting, total_optimizer_steps,
                           with_auto_switches)
@@ -290,10 +290,11 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
                 + (f"; {job.speed_note}" if job.speed_note else "")
                 + (f"; this GPU's step: {fast_plan['chosen']}" if fast_plan else ""))
     count = TokenCount()
+    losses = StepLosses() if r.get("record_losses") else None
     timer = step_timer(count)
     rec = run_record()
     prof = profiler(os.environ.get("QUANTUNE_PROFILE"))
-    trainer = counting_trainer(count)(
+    trainer = counting_trainer(count, losses)(
         model=model, args=training_arguments(job, ckpt_root, steps, warmup, cdt), train_dataset=train_ds,
         eval_dataset=eval_ds, data_collator=collator,
         callbacks=[trainer_callback(writer), rec, timer] + ([prof] if prof else []))
@@ -310,6 +311,8 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
     ev = trainer.evaluate() if eval_ds is not None else {}
     eval_s = time.time() - t_eval
     metrics = run_metrics(job, trainer, rec, dict(result.metrics), ev, ev0)
+    if losses is not None:
+        metrics["train_loss_by_step"] = {str(k): v for k, v in sorted(losses.by_step.items())}
     if fast_plan:
         metrics["fast_memory_plan"] = fast_plan
     if count.computed:  # this run's input positions: all computed, and those holding a real token

@@ -107,6 +107,37 @@ class TokenCount:
         return int(self._real)
 
 
+class StepLosses:
+    """Every optimizer step's training loss as the Trainer logs it with logging_steps 1 (the sum of the step's
+    micro-batch losses that training_step returns), kept on the device and read once, when training ends
+    (counting_trainer): a log at every step would read each one back, waiting for the step's last kernels. `by_step`:
+    global step -> loss, for the steps this process trained (a resumed run's from its checkpoint on)."""
+
+    def __init__(self):
+        self._open = None  # the step being trained: its micro-batches' losses summed on the device
+        self._closed: list = []  # (global step, loss tensor), not yet read
+        self.by_step: dict[int, float] = {}
+
+    def add(self, loss) -> None:
+        self._open = loss.detach() if self._open is None else self._open + loss.detach()
+
+    def close(self, step: int) -> None:
+        if self._open is not None:
+            self._closed.append((step, self._open))
+            self._open = None
+
+    def read(self, reduce=None) -> dict[int, float]:
+        """The recorded losses, read back in one transfer (`reduce`: over a distributed run's processes)."""
+        import torch
+
+        if self._closed:
+            t = torch.stack([loss.float().reshape(()) for _, loss in self._closed])
+            t = reduce(t) if reduce is not None else t
+            self.by_step.update(zip((step for step, _ in self._closed), t.tolist()))
+            self._closed = []
+        return self.by_step
+
+
 def host_tokens_seen(inputs, mode) -> int | None:
     """A micro-batch's count for the Trainer's num_input_tokens_seen (`mode`: its include_num_input_tokens_seen)
     where the host knows it without reading the batch back from the GPU: a packed batch (no attention mask, no
@@ -127,9 +158,10 @@ def without_filler(inputs):
     return {k: v for k, v in inputs.items() if k != FILLER} if FILLER in inputs else inputs
 
 
-def counting_trainer(count: TokenCount):
+def counting_trainer(count: TokenCount, losses: StepLosses | None = None):
     """transformers' Trainer that adds each micro-batch it trains on to `count` (a rounded packed batch's filler as
-    padding, taken out of the batch before the model), compiles as `torch_compile` says
+    padding, taken out of the batch before the model) and, with `losses`, each optimizer step's loss to it (read when
+    training ends, the mean over processes), compiles as `torch_compile` says
     (dynamo_plugin), and trains with liger's fused linear cross-entropy at FLCE_CHUNK_MEM_CONST where
     use_liger_kernel is on (liger_flce_chunks). Between optimizer steps it reads nothing back from the GPU that
     the Trainer would read there only to log it (host_tokens_seen, the gradient norm kept a tensor; the stages turn
@@ -141,11 +173,23 @@ def counting_trainer(count: TokenCount):
     class _CountingTrainer(Trainer):
         def train(self, *args, **kwargs):
             with liger_flce_chunks(bool(self.args.use_liger_kernel)):
-                return super().train(*args, **kwargs)
+                out = super().train(*args, **kwargs)
+            if losses is not None:
+                many = self.accelerator.num_processes > 1
+                losses.read((lambda t: self.accelerator.reduce(t, "mean")) if many else None)
+            return out
 
         def training_step(self, model, inputs, *args, **kwargs):
             count.add(inputs)
-            return super().training_step(model, without_filler(inputs), *args, **kwargs)
+            loss = super().training_step(model, without_filler(inputs), *args, **kwargs)
+            if losses is not None:
+                losses.add(loss)
+            return loss
+
+        def _maybe_log_save_evaluate(self, *args, **kwargs):  # once an optimizer step, after it, before any log
+            if losses is not None:
+                losses.close(self.state.global_step)
+            return super()._maybe_log_save_evaluate(*args, **kwargs)
 
         def _track_num_input_tokens(self, inputs):
             n = host_tokens_seen(inputs, self.args.include_num_input_tokens_seen)
