@@ -179,6 +179,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.without_seed and not a.profile:
         p.error("--without-seed: only with --profile (every ratio is against the seed run)")
+    a.out = a.out.resolve()
+    os.chdir(ROOT)  # the stage runs in-process and reads the workflow's results paths from the repository root
     cfg = load_config(overrides={"scale": a.scale, **dict(kv.split("=", 1) for kv in a.set)})
     rows = []
     (ROOT / "results").mkdir(exist_ok=True)
