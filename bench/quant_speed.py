@@ -453,8 +453,13 @@ def write(rows: list[dict], check: dict | None, out: Path) -> None:
     (out / "quant_speed_checks.json").write_text(json.dumps(check or {}, indent=1) + "\n", encoding="utf-8")
     ok = [r for r in rows if "error" not in r]
     gpus = dict.fromkeys(r["gpu"] for r in ok)
+    several = len(gpus) > 1  # then the table, its sections and the plots' lines name each row's GPU
+
+    def on(g: str) -> str:
+        return f" ({short_gpu(g)})" if several else ""
+
     gpu = ("GPUs: " + ", ".join(f"{g} ({sum(r['gpu'] == g for r in ok)} rows)" for g in gpus)
-           + "; a ratio is against the llmcompressor row of the same GPU") if len(gpus) > 1 else \
+           + "; a ratio is against the llmcompressor row of the same GPU") if several else \
         (next(iter(gpus)) if gpus else "-")
     md = ["# GPTQ and AWQ: llm-compressor's own call against the project's fast path (quantize stage)", "",
           "`python bench/quant_speed.py`: recipes gptq_opt67b and awq_opt67b with only `model` and `speed` changed "
@@ -478,10 +483,10 @@ def write(rows: list[dict], check: dict | None, out: Path) -> None:
                 same += f"; KL to the unquantized model {r['kl_vs_base'] / base['kl_vs_base']:.3f}x"
         table.append([r["method"], r["model"], r["path"], f"{r['params']:,}", r["seconds"], ratio, r["peak_gib"],
                       r["calibration_batch_size"], same, r.get("gptq_rtn_fallback_layers", "-"), r.get("run", "-")]
-                     + [short_gpu(r["gpu"])] * (len(gpus) > 1))
+                     + [short_gpu(r["gpu"])] * several)
     md += markdown_table(["method", "model", "path", "parameters", "seconds", "time vs llmcompressor", "peak GiB",
                           "calibration batch", "result vs llmcompressor", "GPTQ layers rounded to nearest",
-                          "run (commit, UTC)"] + ["GPU"] * (len(gpus) > 1), table) + [""]
+                          "run (commit, UTC)"] + ["GPU"] * several, table) + [""]
     for r in rows:
         if "error" in r:
             md += [f"- {r['method']} {r['model']} {r['path']}: failed: {r['error']}"]
@@ -489,13 +494,12 @@ def write(rows: list[dict], check: dict | None, out: Path) -> None:
         for model, g in dict.fromkeys((r["model"], r["gpu"]) for r in ok if r["method"] == method):
             pair = [r for r in ok if (r["method"], r["model"], r["gpu"]) == (method, model, g)]
             phases = list(dict.fromkeys(p for r in pair for p in r["split"]))
-            on = f" ({short_gpu(g)})" if len(gpus) > 1 else ""
-            md += ["", f"## {method}, {model}{on}: where the time goes", ""] + markdown_table(
+            md += ["", f"## {method}, {model}{on(g)}: where the time goes", ""] + markdown_table(
                 ["phase", "inside"] + [f"{r['path']} s" for r in pair],
                 [[p, next(r["split"][p]["inside"] for r in pair if p in r["split"]) or "-"]
                  + [r["split"].get(p, {}).get("seconds", "-") for r in pair] for p in phases])
         for key, label in (("seconds", "quantization seconds"), ("peak_gib", "peak GPU GiB")):
-            series = {p + (f" ({short_gpu(g)})" if len(gpus) > 1 else ""):
+            series = {p + on(g):
                       [(r["params"] / 1e9, r[key]) for r in ok if r["method"] == method and r["path"] == p
                        and r["gpu"] == g and r[key] is not None] for g in gpus for p in PATHS}
             png = plot(out / f"quant_speed_{method}_{key}.png", series, "parameters (billions)", label,
