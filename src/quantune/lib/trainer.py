@@ -279,9 +279,9 @@ def speed_changes(r: dict, refusal) -> tuple[dict, str]:
     lean checkpointing on and, where the rows are packed and the written accumulation is even, twice the written
     micro-batch at half the accumulation. The packed rows compute no padding, lean drops the NF4 model's fp32
     upcast (lora_sft.speed_settings) and, with liger_kernel (with_auto_switches), the loss never holds the logits: on
-    ChatGLM3-6B's shape lean's 32 x 2 peaked at 6.47 GiB against the seed configuration's 9.44 at 1.82x its real
-    tokens/s (linear), 48 x 2 at 7.81 against 11.53 at 1.69x (cosine); without liger 9.17 and 11.83 GiB (one H100,
-    bench/results/qlora_speed.md)."""
+    ChatGLM3-6B's shape lean's 32 x 2 peaked at 6.47 GiB against the seed configuration's 9.44 at 1.89x its real
+    tokens/s (linear), 48 x 2 at 7.81 against 11.53 at 1.65x (cosine; one H100, bench/results/qlora_speed.md);
+    without liger 9.17 and 11.83 GiB (`git show 9317a17:bench/results/qlora_speed.md`)."""
     if r["speed"] == "seed":
         return {}, ""
     refusal = refusal() if r["padding"] != "packed" else None  # a packed recipe's check_packing has passed
