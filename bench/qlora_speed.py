@@ -103,17 +103,23 @@ def run_one(name: str, variant: str, over: dict, cfg: dict, tmp: Path) -> dict:
             "device": m["device"], "gpu": gpu_name(), "run": run_stamp()}
 
 
-def reset_gpu() -> None:
+def reset_gpu(fp32_precision: str) -> None:
     """Free what a failed run left on the GPU and restart the peak counter, so the next variant measures its own,
     and drop dynamo's compiled graphs, so that it compiles as a process of its own would: the decoder blocks of every
     run share one code object, whose graphs count towards dynamo's limit (8) across the runs of a process; past it a
     block whose inputs match none of them runs eager (on an H200 the linear fast run, after the cosine one in the
-    same process, reached it in its trials)."""
+    same process, reached it in its trials). Puts back the process's fp32 matmul precision as it was before the
+    first run (`fp32_precision`): transformers turns TF32 on for the whole process as it builds a compiling run's
+    arguments, once a process (its enable_tf32 is cached), so every later run would compute and compile under it
+    where a process of its own would not (in the run of c681ddd, every run after cosine's fast one)."""
     import gc
 
     import torch
+    from transformers import training_args
 
     torch._dynamo.reset()
+    torch.backends.fp32_precision = fp32_precision
+    training_args.enable_tf32.cache_clear()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -162,6 +168,8 @@ def write(rows: list[dict], out: Path) -> None:
 
 
 def main(argv=None) -> int:
+    import torch
+
     from quantune.lib.common import QuantuneError, out_of_memory_line
     from quantune.lib.config import load_config, load_recipe
 
@@ -183,6 +191,7 @@ def main(argv=None) -> int:
     os.chdir(ROOT)  # the stage runs in-process and reads the workflow's results paths from the repository root
     cfg = load_config(overrides={"scale": a.scale, **dict(kv.split("=", 1) for kv in a.set)})
     rows = []
+    fp32_precision = torch.backends.fp32_precision  # this process's, before any run: reset_gpu puts it back
     (ROOT / "results").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="qlora-speed-", dir=ROOT / "results") as tmp:
         for s in a.settings:
@@ -205,7 +214,7 @@ def main(argv=None) -> int:
                     line = str(e) if isinstance(e, QuantuneError) else out_of_memory_line(f"{name} {v}", e)
                     rows.append({"setting": name, "variant": v, "overrides": over, "error": line})
                 finally:
-                    reset_gpu()
+                    reset_gpu(fp32_precision)
                 write(rows, a.out)  # after each run: a later failure keeps what finished
     return 0
 

@@ -519,25 +519,17 @@ def test_fast_mode_trials_measure_the_loss_the_run_computes(monkeypatch, liger):
     assert seen == ([(trainer.LIGER_WITH_COMPILE, True)] * 3 if liger else [(None, False)] * 3), seen  # + warm-up
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_fast_mode_trials_run_the_real_model_and_leave_no_trace(monkeypatch, compiled):
-    """fit_fast_step's two trial passes through a real LoRA model (the tiny GLM's architecture, packed rows through
-    the run's collator, LoRA dropout drawing random numbers) with only the CUDA allocator's counters stood in (a
-    peak of 0.25 GiB + 1 MB a position of the batch the model was called with): the bytes per position come out
-    of the two passes exactly, and the trials leave no gradient, no changed weight and no advanced random state.
-    Where the run compiles (torch_compile), the trials go through its decoder blocks compiled as the run compiles
-    them (dynamo's AOT-eager backend here in place of inductor's code generation), after one warm-up pass that
-    compiles them, and the model itself stays uncompiled; they compile no graph that the run's own steps would not:
-    none for a one-row micro-batch (transformers gives it no mask, the run's packed micro-batches a block-diagonal
-    one), so that dynamo's limit of graphs a block is not spent before the run."""
+def trial_model(monkeypatch):
+    """What the fast plan's trial tests run: a LoRA model of the tiny GLM's architecture (packed attention, LoRA
+    dropout drawing random numbers), 8 rows of random tokens, and the CUDA allocator's counters stood in (a peak of
+    0.25 GiB + 1 MB a position of the batch the model was called with). Returns (model, rows, positions: the input
+    sizes the model has been called with)."""
     import datasets
     import torch
     from peft import LoraConfig, get_peft_model
-    from torch._dynamo.utils import counters
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from quantune import lora_sft
-    from quantune.lib import trainer, varlen
+    from quantune.lib import varlen
     from quantune.lib.config import load_config
 
     spec = dict(load_config()["tiny_world"]["families"]["glm"])
@@ -559,6 +551,27 @@ def test_fast_mode_trials_run_the_real_model_and_leave_no_trace(monkeypatch, com
                      "memory_reserved": lambda *a: allocated, "mem_get_info": lambda *a: (70 * 2**30, 80 * 2**30),
                      "max_memory_allocated": lambda *a: allocated + 2**28 + 1e6 * positions[-1]}.items():
         monkeypatch.setattr(torch.cuda, name, fn)
+    return model, ds, positions
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fast_mode_trials_run_the_real_model_and_leave_no_trace(monkeypatch, compiled):
+    """fit_fast_step's two trial passes through a real LoRA model (the tiny GLM's architecture, packed rows through
+    the run's collator, LoRA dropout drawing random numbers) with only the CUDA allocator's counters stood in (a
+    peak of 0.25 GiB + 1 MB a position of the batch the model was called with): the bytes per position come out
+    of the two passes exactly, and the trials leave no gradient, no changed weight and no advanced random state.
+    Where the run compiles (torch_compile), the trials go through its decoder blocks compiled as the run compiles
+    them (dynamo's AOT-eager backend here in place of inductor's code generation), after one warm-up pass that
+    compiles them, and the model itself stays uncompiled; they compile no graph that the run's own steps would not:
+    none for a one-row micro-batch (transformers gives it no mask, the run's packed micro-batches a block-diagonal
+    one), so that dynamo's limit of graphs a block is not spent before the run."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from quantune import lora_sft
+    from quantune.lib import trainer, varlen
+
+    model, ds, positions = trial_model(monkeypatch)
     fast = {"padding": "packed", "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
             "gradient_checkpointing": False, "torch_compile": compiled}
     job = lora_sft.Job(r={"name": "t", **fast}, m={}, where="r.yaml", fmt="advertisegen", template=None,
@@ -592,6 +605,48 @@ def test_fast_mode_trials_run_the_real_model_and_leave_no_trace(monkeypatch, com
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 trainer.compiled_view(model, True)(**varlen.packed_collator()([ds[i] for i in rows])).loss.backward()
         assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
+
+
+def test_the_runs_arguments_come_before_the_fast_plans_trials(monkeypatch, tmp_path, request):
+    """transformers turns TF32 on for the whole process as it builds a compiling run's TrainingArguments (a GPU with
+    TF32 and bf16 stood in here), and dynamo guards every compiled graph on that state: lora_sft builds the run's
+    arguments before the fast plan's trials (arguments_and_fast_step), so the run's step reuses the graphs the
+    trials compiled instead of compiling every decoder block again; then builds them again for the fitted step."""
+    import torch
+    import transformers.training_args as ta
+    from torch._dynamo.utils import counters
+
+    from quantune import lora_sft
+    from quantune.lib import trainer, varlen
+
+    model, ds, positions = trial_model(monkeypatch)
+    monkeypatch.setattr(ta, "is_torch_tf32_available", lambda: True)
+    monkeypatch.setattr(ta, "is_torch_bf16_gpu_available", lambda: True)
+    monkeypatch.setattr(torch.backends, "fp32_precision", torch.backends.fp32_precision)  # restored afterwards
+    ta.enable_tf32.cache_clear()  # transformers sets TF32 once a process
+    request.addfinalizer(ta.enable_tf32.cache_clear)
+    monkeypatch.setattr(trainer, "DYNAMO", {**trainer.DYNAMO, "backend": "aot_eager"})
+    fast = {"padding": "packed", "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
+            "gradient_checkpointing": False, "torch_compile": True}
+    r = {"name": "t", "speed": "fast", **fast, "liger_kernel": False, "learning_rate": 1e-3,
+         "lr_scheduler_type": "linear", "weight_decay": 0.0, "optim": "adamw_torch", "logging_steps": 1,
+         "save_steps": 10, "save_total_limit": 1, "seed": 8, "dataloader_num_workers": 0, "max_steps": 3}
+    job = lora_sft.Job(r=r, m={}, where="r.yaml", fmt="advertisegen", template=None, seq2seq=False, device="cuda",
+                       train_rows=[], eval_rows=[], speed_changes=dict(fast),
+                       written={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2})
+    model.config.use_cache = False  # as lora_sft.train turns it off before
+    torch._dynamo.reset()
+    counters.clear()
+    args, plan = lora_sft.arguments_and_fast_step(job, model, ds, varlen.packed_collator(), torch.bfloat16, 3,
+                                                  tmp_path, 0)
+    assert torch.backends.fp32_precision == "tf32" and args.bf16 and args.torch_compile
+    assert plan["trials"] == "compiled" and positions == [30 + 25, 30 + 25, 30 + 25 + 21 + 18]
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (8, 1)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trainer.compiled_view(model, True)(**varlen.packed_collator()([ds[i] for i in (1, 2, 3)])).loss.backward()
+    assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
 
 
 @pytest.mark.parametrize("upcast", [True, False])

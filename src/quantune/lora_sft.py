@@ -237,6 +237,20 @@ def fit_fast_step(job: Job, model, train_ds, collator, cdt, steps: int) -> dict:
     return plan
 
 
+def arguments_and_fast_step(job: Job, model, train_ds, collator, cdt, steps: int, ckpt_root: Path,
+                            warmup: int) -> tuple[Any, dict | None]:
+    """The run's TrainingArguments and, for the fast mode on a GPU, its step fitted to the GPU (fit_fast_step's
+    fast_memory_plan; else None). The arguments come first, as in the sft stage: transformers turns TF32 on for the
+    whole process as it builds a compiling run's arguments, and dynamo guards every compiled graph on that state,
+    so trials compiled before it would leave the run's first step to compile every decoder block again (and two of
+    dynamo's 8 graphs a block spent). Built again after a fit, whose step changes the batch keys."""
+    args = training_arguments(job, ckpt_root, steps, warmup, cdt)
+    if job.device != "cuda" or not fits_step(job.r):
+        return args, None
+    plan = fit_fast_step(job, model, train_ds, collator, cdt, steps)
+    return training_arguments(job, ckpt_root, steps, warmup, cdt), plan
+
+
 def collator_for(job: Job, tok):
     r = job.r
     if r["padding"] == "packed":  # one row of the batch's rows end to end, each attending to itself only
@@ -282,7 +296,7 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
     cdt = compute_dtype(r, device)
     collator = collator_for(job, tok)
     model.config.use_cache = False  # training uses no KV cache (nor do the fast plan's trials)
-    fast_plan = fit_fast_step(job, model, train_ds, collator, cdt, steps) if device == "cuda" and fits_step(r) else None
+    args, fast_plan = arguments_and_fast_step(job, model, train_ds, collator, cdt, steps, ckpt_root, warmup)
     r = job.r
     tb_dir = ckpt_root / "tb"
     writer = TBWriter(tb_dir, r["name"])
@@ -295,8 +309,7 @@ def train(recipe_path: str, out: str, cfg: dict, run_recipe: dict | None = None,
     rec = run_record()
     prof = profiler(os.environ.get("QUANTUNE_PROFILE"))
     trainer = counting_trainer(count, losses)(
-        model=model, args=training_arguments(job, ckpt_root, steps, warmup, cdt), train_dataset=train_ds,
-        eval_dataset=eval_ds, data_collator=collator,
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
         callbacks=[trainer_callback(writer), rec, timer] + ([prof] if prof else []))
     if resume:
         print(f"resuming {r['name']} from {resume}")
