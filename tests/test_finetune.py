@@ -611,7 +611,10 @@ def test_the_runs_arguments_come_before_the_fast_plans_trials(monkeypatch, tmp_p
     """transformers turns TF32 on for the whole process as it builds a compiling run's TrainingArguments (a GPU with
     TF32 and bf16 stood in here), and dynamo guards every compiled graph on that state: lora_sft builds the run's
     arguments before the fast plan's trials (arguments_and_fast_step), so the run's step reuses the graphs the
-    trials compiled instead of compiling every decoder block again; then builds them again for the fitted step."""
+    trials compiled instead of compiling every decoder block again; then builds them again for the fitted step.
+    transformers' enable_tf32 sets torch's fp32_precision; here it sets the legacy flag instead (the same guarded
+    state), which the test puts back: once a process has used both, torch refuses to read the legacy flag, which
+    lib.quant_backends.tf32_matmul reads in later tests."""
     import torch
     import transformers.training_args as ta
     from torch._dynamo.utils import counters
@@ -622,9 +625,9 @@ def test_the_runs_arguments_come_before_the_fast_plans_trials(monkeypatch, tmp_p
     model, ds, positions = trial_model(monkeypatch)
     monkeypatch.setattr(ta, "is_torch_tf32_available", lambda: True)
     monkeypatch.setattr(ta, "is_torch_bf16_gpu_available", lambda: True)
-    monkeypatch.setattr(torch.backends, "fp32_precision", torch.backends.fp32_precision)  # restored afterwards
-    ta.enable_tf32.cache_clear()  # transformers sets TF32 once a process
-    request.addfinalizer(ta.enable_tf32.cache_clear)
+    matmul, before = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32
+    request.addfinalizer(lambda: setattr(matmul, "allow_tf32", before))  # not monkeypatch: a module-level property
+    monkeypatch.setattr(ta, "enable_tf32", lambda enable: setattr(matmul, "allow_tf32", enable))
     monkeypatch.setattr(trainer, "DYNAMO", {**trainer.DYNAMO, "backend": "aot_eager"})
     fast = {"padding": "packed", "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
             "gradient_checkpointing": False, "torch_compile": True}
@@ -639,7 +642,7 @@ def test_the_runs_arguments_come_before_the_fast_plans_trials(monkeypatch, tmp_p
     counters.clear()
     args, plan = lora_sft.arguments_and_fast_step(job, model, ds, varlen.packed_collator(), torch.bfloat16, 3,
                                                   tmp_path, 0)
-    assert torch.backends.fp32_precision == "tf32" and args.bf16 and args.torch_compile
+    assert matmul.allow_tf32 and not before and args.bf16 and args.torch_compile
     assert plan["trials"] == "compiled" and positions == [30 + 25, 30 + 25, 30 + 25 + 21 + 18]
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (8, 1)
     graphs = counters["stats"]["unique_graphs"]
