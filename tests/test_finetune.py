@@ -554,6 +554,29 @@ def trial_model(monkeypatch):
     return model, ds, positions
 
 
+def fast_job(compiled: bool, **recipe):
+    """A lora_sft Job of the fast mode's shape on a GPU: the written 4 x 2 as 8 packed rows in one micro-batch,
+    without checkpointing (`recipe`: further keys)."""
+    from quantune import lora_sft
+
+    fast = {"padding": "packed", "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
+            "gradient_checkpointing": False, "torch_compile": compiled}
+    return lora_sft.Job(r={"name": "t", **fast, **recipe}, m={}, where="r.yaml", fmt="advertisegen", template=None,
+                        seq2seq=False, device="cuda", train_rows=[], eval_rows=[], speed_changes=dict(fast),
+                        written={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2})
+
+
+def compiled_micro_batch(model, ds, rows) -> None:
+    """One micro-batch of `rows` as the Trainer's compiled run computes it: its compiled view of the model, the
+    packed collator, bf16 autocast."""
+    import torch
+
+    from quantune.lib import trainer, varlen
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trainer.compiled_view(model, True)(**varlen.packed_collator()([ds[i] for i in rows])).loss.backward()
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_fast_mode_trials_run_the_real_model_and_leave_no_trace(monkeypatch, compiled):
     """fit_fast_step's two trial passes through a real LoRA model (the tiny GLM's architecture, packed rows through
@@ -572,11 +595,7 @@ def test_fast_mode_trials_run_the_real_model_and_leave_no_trace(monkeypatch, com
     from quantune.lib import trainer, varlen
 
     model, ds, positions = trial_model(monkeypatch)
-    fast = {"padding": "packed", "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
-            "gradient_checkpointing": False, "torch_compile": compiled}
-    job = lora_sft.Job(r={"name": "t", **fast}, m={}, where="r.yaml", fmt="advertisegen", template=None,
-                       seq2seq=False, device="cuda", train_rows=[], eval_rows=[], speed_changes=dict(fast),
-                       written={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2})
+    job = fast_job(compiled)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     rng = torch.get_rng_state()
     monkeypatch.setattr(trainer, "DYNAMO", {**trainer.DYNAMO, "backend": "aot_eager"})
@@ -595,15 +614,13 @@ def test_fast_mode_trials_run_the_real_model_and_leave_no_trace(monkeypatch, com
     if compiled:  # the run's step (the Trainer's own compiled view, no KV cache, a new length) reuses their graphs
         graphs = counters["stats"]["unique_graphs"]
         model.config.use_cache = False
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            trainer.compiled_view(model, True)(**varlen.packed_collator()([ds[i] for i in (1, 2, 3)])).loss.backward()
+        compiled_micro_batch(model, ds, (1, 2, 3))
         assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
         torch._dynamo.reset()  # the run's steps alone compile as many graphs as the trials did
         counters.clear()  # 2 rows, then 5 (3 rows give 4 row boundaries, as many as the tiny GLM's heads: dynamo
         # would then specialise that size, one more graph)
         for rows in ((1, 2), (0, 4, 5, 6, 7)):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                trainer.compiled_view(model, True)(**varlen.packed_collator()([ds[i] for i in rows])).loss.backward()
+            compiled_micro_batch(model, ds, rows)
         assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
 
 
@@ -629,14 +646,9 @@ def test_the_runs_arguments_come_before_the_fast_plans_trials(monkeypatch, tmp_p
     request.addfinalizer(lambda: setattr(matmul, "allow_tf32", before))  # not monkeypatch: a module-level property
     monkeypatch.setattr(ta, "enable_tf32", lambda enable: setattr(matmul, "allow_tf32", enable))
     monkeypatch.setattr(trainer, "DYNAMO", {**trainer.DYNAMO, "backend": "aot_eager"})
-    fast = {"padding": "packed", "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
-            "gradient_checkpointing": False, "torch_compile": True}
-    r = {"name": "t", "speed": "fast", **fast, "liger_kernel": False, "learning_rate": 1e-3,
-         "lr_scheduler_type": "linear", "weight_decay": 0.0, "optim": "adamw_torch", "logging_steps": 1,
-         "save_steps": 10, "save_total_limit": 1, "seed": 8, "dataloader_num_workers": 0, "max_steps": 3}
-    job = lora_sft.Job(r=r, m={}, where="r.yaml", fmt="advertisegen", template=None, seq2seq=False, device="cuda",
-                       train_rows=[], eval_rows=[], speed_changes=dict(fast),
-                       written={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2})
+    job = fast_job(True, speed="fast", liger_kernel=False, learning_rate=1e-3, lr_scheduler_type="linear",
+                   weight_decay=0.0, optim="adamw_torch", logging_steps=1, save_steps=10, save_total_limit=1, seed=8,
+                   dataloader_num_workers=0, max_steps=3)
     model.config.use_cache = False  # as lora_sft.train turns it off before
     torch._dynamo.reset()
     counters.clear()
@@ -647,8 +659,7 @@ def test_the_runs_arguments_come_before_the_fast_plans_trials(monkeypatch, tmp_p
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (8, 1)
     graphs = counters["stats"]["unique_graphs"]
     assert graphs > 0
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        trainer.compiled_view(model, True)(**varlen.packed_collator()([ds[i] for i in (1, 2, 3)])).loss.backward()
+    compiled_micro_batch(model, ds, (1, 2, 3))
     assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
 
 
